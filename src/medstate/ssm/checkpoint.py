@@ -1,0 +1,131 @@
+"""Checkpoint I/O for local directories (no network).
+
+Reads
+  * Hugging Face layout: config.json with model_type "mamba" or "mamba2", and model.safetensors,
+    model.safetensors.index.json (shards), pytorch_model.bin or pytorch_model.bin.index.json;
+  * mamba_ssm native layout: config.json with d_model, n_layer, ssm_cfg, pad_vocab_size_multiple, and
+    pytorch_model.bin (e.g. state-spaces/mamba2-130m).
+Writes the Hugging Face layout (config.json + model.safetensors) that transformers loads back.
+Pickled weights are only read with torch.load(weights_only=True): no arbitrary objects are unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medstate.errors import MedstateError
+from medstate.ssm.config import SSMConfig
+from medstate.ssm.model import MambaLM
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def read_config(directory: Path) -> SSMConfig:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise MedstateError(f"{directory} has no config.json; expected a Hugging Face or mamba_ssm checkpoint directory")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise MedstateError(f"{config_path} is not valid JSON ({err})") from None
+    if "model_type" in data:
+        return SSMConfig.from_hf_dict(data)
+    if {"d_model", "n_layer"} <= data.keys():
+        return SSMConfig.from_mamba_ssm_dict(data)
+    raise MedstateError(f"{config_path}: neither a Hugging Face config (model_type) nor a mamba_ssm config (d_model)")
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+        raise MedstateError(f"cannot read weights from {path}: {err}") from None
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            index = json.loads(path.read_text())
+            shards = sorted(set(index.get("weight_map", {}).values()))
+            if not shards:
+                raise MedstateError(f"{path} lists no shards in weight_map")
+            weights: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                if not (directory / shard).is_file():
+                    raise MedstateError(f"{path} refers to missing shard {shard}")
+                weights.update(_load_file(directory / shard))
+            return weights
+        return _load_file(path)
+    raise MedstateError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF base-model and mamba_ssm names onto MambaLM's (HF MambaForCausalLM) names."""
+    renamed = {}
+    has_prefix = any(k.startswith("backbone.") for k in weights)
+    for key, value in weights.items():
+        if not has_prefix and not key.startswith("lm_head."):
+            key = "backbone." + key
+        key = key.replace("backbone.embedding.", "backbone.embeddings.")
+        renamed[key] = value
+    return renamed
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> MambaLM:
+    """Load a local Mamba / Mamba-2 checkpoint directory into a `MambaLM` (eval mode)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MedstateError(f"checkpoint directory {directory} does not exist")
+    config = read_config(directory)
+    weights = _canonical_names(read_weights(directory))
+    embedding = weights.get("backbone.embeddings.weight")
+    if embedding is None:
+        raise MedstateError(f"{directory}: weights have no embedding matrix (backbone.embeddings.weight)")
+    config.vocab_size = embedding.shape[0]
+    if config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        raise MedstateError(f"{directory}: untied embeddings but no lm_head.weight in the weights")
+    with torch.device("meta"):
+        model = MambaLM(config)
+    incompatible = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in incompatible.missing_keys if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or incompatible.unexpected_keys:
+        raise MedstateError(
+            f"{directory}: weights do not match the config (missing {missing[:5]}, "
+            f"unexpected {incompatible.unexpected_keys[:5]})"
+        )
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_pretrained(model: MambaLM, directory: str | Path) -> Path:
+    """Write config.json + model.safetensors in the Hugging Face layout."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
