@@ -20,6 +20,10 @@ from medstate.ssm.ops.ssd import ssd_scan, ssd_step
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (conv window, ssm state)
 
+# The chunk length only changes how the SSD sum is grouped, not its value. On the CPU, 128 balances the
+# [Q, Q] intra-chunk work against the per-chunk states (measured in benchmarks/backbone.py).
+CPU_SSD_CHUNK = 128
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float = 1e-5) -> None:
@@ -90,21 +94,20 @@ class Mamba1Mixer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerState]:
-        x, gate = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [B, I, T] each
+        x, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, T, I] each
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         window = None if state is None else state[0]
         conv = cuda.causal_conv1d(x, weight, bias, window, seq_idx)
         x, window = conv if conv is not None else causal_conv1d(x, weight, bias, window, seq_idx)
-        low_rank, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self._dt(low_rank).transpose(1, 2)
+        low_rank, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self._dt(low_rank)
         A = -torch.exp(self.A_log.float())
-        B, C = B.transpose(1, 2), C.transpose(1, 2)
         h0 = None if state is None else state[1]
         reset = None if seq_idx is None else sequence_starts(seq_idx)
         scanned = cuda.selective_scan(x, dt, A, B, C, h0, reset)
         y, ssm_state = scanned if scanned is not None else selective_scan(x, dt, A, B, C, h0, reset)
-        y = (y + x.float() * self.D.float()[:, None]) * F.silu(gate.float())
-        return self.out_proj(y.transpose(1, 2).to(hidden.dtype)), (window, ssm_state)
+        y = (y + x.float() * self.D.float()) * F.silu(gate.float())
+        return self.out_proj(y.to(hidden.dtype)), (window, ssm_state)
 
     def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         x, gate = self.in_proj(hidden).chunk(2, dim=-1)
@@ -157,9 +160,9 @@ class Mamba2Mixer(nn.Module):
         gate, xbc, raw_dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         window = None if state is None else state[0]
-        conv = cuda.causal_conv1d(xbc.transpose(1, 2), weight, bias, window, seq_idx)
-        xbc_t, window = conv if conv is not None else causal_conv1d(xbc.transpose(1, 2), weight, bias, window, seq_idx)
-        x, B, C = self._split_conv_output(xbc_t.transpose(1, 2))
+        conv = cuda.causal_conv1d(xbc, weight, bias, window, seq_idx)
+        xbc, window = conv if conv is not None else causal_conv1d(xbc, weight, bias, window, seq_idx)
+        x, B, C = self._split_conv_output(xbc)
         x = x.reshape(batch, steps, self.n_heads, self.head_dim)
         B = B.reshape(batch, steps, self.n_groups, self.d_state)
         C = C.reshape(batch, steps, self.n_groups, self.d_state)
@@ -167,7 +170,9 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         h0 = None if state is None else state[1]
         scanned = cuda.ssd_scan(x, dt, A, B, C, self.chunk_size, h0, seq_idx)
-        y, ssm_state = scanned if scanned is not None else ssd_scan(x, dt, A, B, C, self.chunk_size, h0, seq_idx)
+        if scanned is None:
+            scanned = ssd_scan(x, dt, A, B, C, min(self.chunk_size, CPU_SSD_CHUNK), h0, seq_idx)
+        y, ssm_state = scanned
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(batch, steps, self.d_inner), gate)
         return self.out_proj(y.to(hidden.dtype)), (window, ssm_state)

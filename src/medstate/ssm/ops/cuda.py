@@ -32,12 +32,15 @@ def usable(x: torch.Tensor) -> SimpleNamespace | None:
 
 
 def causal_conv1d(x, weight, bias, window, seq_idx):
-    """Fused conv + SiLU for a fresh sequence (no carried window). Returns (y, new window) or None."""
+    """Fused conv + SiLU for a fresh sequence (no carried window); x [B, T, C].
+    Returns (y [B, T, C], new window [B, C, K-1]) or None."""
     fused = usable(x)
     if fused is None or window is not None:
         return None
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-    y = fused.causal_conv1d_fn(x, weight, bias, seq_idx=seq, activation="silu")
+    x = x.transpose(1, 2)
+    # the kernel's seq_idx path wants channel-last memory, i.e. a [B, C, T] view of a [B, T, C] tensor
+    y = fused.causal_conv1d_fn(x, weight, bias, seq_idx=seq, activation="silu").transpose(1, 2)
     width = weight.shape[1]
     tail = torch.nn.functional.pad(x, (max(0, width - 1 - x.shape[-1]), 0))[:, :, -(width - 1) :]
     if seq_idx is not None:
@@ -52,8 +55,11 @@ def selective_scan(x, dt, A, B, C, initial_state, reset):
     fused = usable(x)
     if fused is None or initial_state is not None or reset is not None:
         return None
-    y, last = fused.selective_scan_fn(x, dt, A, B, C, return_last_state=True)
-    return y.float(), last.float()
+    y, last = fused.selective_scan_fn(
+        x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
+        B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), return_last_state=True,
+    )
+    return y.transpose(1, 2).float(), last.float()
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, initial_state, seq_idx):

@@ -40,27 +40,27 @@ def _chunk_length(batch: int, channels: int, n_state: int) -> int:
 
 
 def _to_blocks(t: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """[B, D, L] → [L2, B, D, L1] contiguous (time t = block * L2 + step)."""
-    b, d, _ = t.shape
-    return t.reshape(b, d, n_blocks, BLOCK).permute(3, 0, 1, 2).contiguous()
+    """[B, L, D] → [L2, B, D, L1] contiguous (time t = block * L2 + step)."""
+    b, _, d = t.shape
+    return t.reshape(b, n_blocks, BLOCK, d).permute(2, 0, 3, 1).contiguous()
 
 
 def _from_blocks(t: torch.Tensor) -> torch.Tensor:
-    """[L2, B, D, L1] → [B, D, L]."""
+    """[L2, B, D, L1] → [B, L, D]."""
     steps, b, d, n_blocks = t.shape
-    return t.permute(1, 2, 3, 0).reshape(b, d, n_blocks * steps)
+    return t.permute(1, 3, 0, 2).reshape(b, n_blocks * steps, d)
 
 
 def _state_blocks(t: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """B or C [B, N, L] → [L2, B, 1, L1, N]."""
-    b, n, _ = t.shape
-    return t.reshape(b, n, n_blocks, BLOCK).permute(3, 0, 2, 1).unsqueeze(2).contiguous()
+    """B or C [B, L, N] → [L2, B, 1, L1, N]."""
+    b, _, n = t.shape
+    return t.reshape(b, n_blocks, BLOCK, n).permute(2, 0, 1, 3).unsqueeze(2).contiguous()
 
 
 def _state_from_blocks(t: torch.Tensor) -> torch.Tensor:
-    """[L2, B, L1, N] → [B, N, L]."""
+    """[L2, B, L1, N] → [B, L, N]."""
     steps, b, n_blocks, n = t.shape
-    return t.permute(1, 3, 2, 0).reshape(b, n, n_blocks * steps)
+    return t.permute(1, 2, 0, 3).reshape(b, n_blocks * steps, n)
 
 
 def _scan_blocks(decay: torch.Tensor, states: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -102,10 +102,10 @@ class _ChunkInputs:
     def __init__(self, x, dt, A, B, C, keep, start, stop):
         n_blocks = (stop - start) // BLOCK
         self.n_blocks = n_blocks
-        self.x = _to_blocks(x[:, :, start:stop], n_blocks)
-        self.dt = _to_blocks(dt[:, :, start:stop], n_blocks)
-        self.B = _state_blocks(B[:, :, start:stop], n_blocks)
-        self.C = _state_blocks(C[:, :, start:stop], n_blocks)
+        self.x = _to_blocks(x[:, start:stop], n_blocks)
+        self.dt = _to_blocks(dt[:, start:stop], n_blocks)
+        self.B = _state_blocks(B[:, start:stop], n_blocks)
+        self.C = _state_blocks(C[:, start:stop], n_blocks)
         self.decay = torch.exp(self.dt.unsqueeze(-1) * A[:, None, :])
         if keep is not None:
             kept = keep[:, start:stop].reshape(keep.shape[0], n_blocks, BLOCK).permute(2, 0, 1)
@@ -117,19 +117,19 @@ class _ChunkInputs:
 
 
 def _pad_time(t: torch.Tensor, steps: int) -> torch.Tensor:
-    return t if t.shape[-1] == steps else torch.nn.functional.pad(t, (0, steps - t.shape[-1]))
+    return t if t.shape[1] == steps else torch.nn.functional.pad(t, (0, 0, 0, steps - t.shape[1]))
 
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, h0, keep):
-        batch, channels, steps = x.shape
+        batch, steps, channels = x.shape
         padded = -(-steps // BLOCK) * BLOCK
         x, dt, B, C = (_pad_time(t, padded) for t in (x, dt, B, C))
         if keep is not None:
             keep = torch.nn.functional.pad(keep, (0, padded - steps), value=1.0)
         chunk = _chunk_length(batch, channels, A.shape[1])
-        y = x.new_empty(batch, channels, padded)
+        y = x.new_empty(batch, padded, channels)
         starts = list(range(0, padded, chunk))
         chunk_states = x.new_empty(len(starts), batch, channels, A.shape[1])
         state = h0
@@ -139,17 +139,17 @@ class _SelectiveScan(torch.autograd.Function):
             chunk_states[i] = state
             states = part.inputs()
             state = _scan_blocks(part.decay, states, state)
-            y[:, :, start:stop] = _from_blocks((states * part.C).sum(-1))
+            y[:, start:stop] = _from_blocks((states * part.C).sum(-1))
         ctx.save_for_backward(x, dt, A, B, C, keep, chunk_states)
         ctx.steps, ctx.chunk = steps, chunk
-        return y[:, :, :steps], state
+        return y[:, :steps], state
 
     @staticmethod
     def backward(ctx, grad_y, grad_final):
         x, dt, A, B, C, keep, chunk_states = ctx.saved_tensors
         steps, chunk = ctx.steps, ctx.chunk
-        padded = x.shape[-1]
-        grad_y = _pad_time(grad_y if grad_y is not None else x.new_zeros(x.shape[0], x.shape[1], steps), padded)
+        padded = x.shape[1]
+        grad_y = _pad_time(grad_y if grad_y is not None else x.new_zeros(x.shape[0], steps, x.shape[2]), padded)
         grad_x, grad_dt = torch.empty_like(x), torch.empty_like(dt)
         grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A = torch.zeros_like(A)
@@ -162,7 +162,7 @@ class _SelectiveScan(torch.autograd.Function):
             h0 = chunk_states[i]
             states = part.inputs()
             _scan_blocks(part.decay, states, h0)
-            dy = _to_blocks(grad_y[:, :, start:stop], part.n_blocks)
+            dy = _to_blocks(grad_y[:, start:stop], part.n_blocks)
             adjoint = dy.unsqueeze(-1) * part.C
             adjoint[-1, :, :, -1] += incoming
             decay_next = torch.empty_like(part.decay)
@@ -179,15 +179,15 @@ class _SelectiveScan(torch.autograd.Function):
             del previous
             g_b = (adjoint * part.B).sum(-1)
             grad_dt_blocks = (grad_log_decay * A[:, None, :]).sum(-1) + part.x * g_b
-            grad_x[:, :, start:stop] = _from_blocks(part.dt * g_b)
-            grad_dt[:, :, start:stop] = _from_blocks(grad_dt_blocks)
-            grad_B[:, :, start:stop] = _state_from_blocks((adjoint * part.dtx.unsqueeze(-1)).sum(2))
-            grad_C[:, :, start:stop] = _state_from_blocks((states * dy.unsqueeze(-1)).sum(2))
+            grad_x[:, start:stop] = _from_blocks(part.dt * g_b)
+            grad_dt[:, start:stop] = _from_blocks(grad_dt_blocks)
+            grad_B[:, start:stop] = _state_from_blocks((adjoint * part.dtx.unsqueeze(-1)).sum(2))
+            grad_C[:, start:stop] = _state_from_blocks((states * dy.unsqueeze(-1)).sum(2))
             grad_A += (grad_log_decay * part.dt.unsqueeze(-1)).sum((0, 1, 3))
             incoming = part.decay[0, :, :, 0] * adjoint[0, :, :, 0]
         grad_h0 = incoming if ctx.needs_input_grad[5] else None
         s = steps
-        return grad_x[..., :s], grad_dt[..., :s], grad_A, grad_B[..., :s], grad_C[..., :s], grad_h0, None
+        return grad_x[:, :s], grad_dt[:, :s], grad_A, grad_B[:, :s], grad_C[:, :s], grad_h0, None
 
 
 def selective_scan(
@@ -201,13 +201,13 @@ def selective_scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective scan without the D skip and gate.
 
-    x, dt: [B, D, T] (dt positive, i.e. after softplus); A: [D, N] (negative); B, C: [B, N, T];
+    x, dt: [B, T, D] (dt positive, i.e. after softplus); A: [D, N] (negative); B, C: [B, T, N];
     initial_state: [B, D, N] or None (zeros); reset: [B, T] bool, True where the state is cleared before the
     step (the first token of a packed sequence). Returns (y [B, D, T], final state [B, D, N]), computed in
     float32 (float64 if x is float64) whatever the input dtype.
     """
     dtype = _compute_dtype(x)
-    batch, channels, _ = x.shape
+    batch, _, channels = x.shape
     if initial_state is None:
         initial_state = x.new_zeros(batch, channels, A.shape[1], dtype=dtype)
     keep = None if reset is None else (~reset).to(dtype)
@@ -220,16 +220,16 @@ def selective_scan(
 
 def selective_scan_ref(x, dt, A, B, C, initial_state=None, reset=None):
     """Reference twin: the recurrence one step at a time (slow; autograd through the loop)."""
-    batch, channels, steps = x.shape
+    batch, steps, channels = x.shape
     h = initial_state if initial_state is not None else x.new_zeros(batch, channels, A.shape[1])
     outputs = []
     for t in range(steps):
-        decay = torch.exp(dt[:, :, t, None] * A)
+        decay = torch.exp(dt[:, t, :, None] * A)
         if reset is not None:
             decay = decay * (~reset[:, t]).to(x.dtype)[:, None, None]
-        h = decay * h + (dt[:, :, t] * x[:, :, t])[:, :, None] * B[:, None, :, t]
-        outputs.append((h * C[:, None, :, t]).sum(-1))
-    return torch.stack(outputs, dim=-1), h
+        h = decay * h + (dt[:, t] * x[:, t])[:, :, None] * B[:, t, None, :]
+        outputs.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(outputs, dim=1), h
 
 
 def selective_scan_step(x, dt, A, B, C, state):
