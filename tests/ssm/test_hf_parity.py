@@ -21,7 +21,12 @@ def _perturb(model):
 
 def hf_mamba1(tie=True):
     config = transformers.MambaConfig(
-        vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
+        vocab_size=97,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
         tie_word_embeddings=tie,
     )
     return _perturb(transformers.MambaForCausalLM(config))
@@ -29,8 +34,17 @@ def hf_mamba1(tie=True):
 
 def hf_mamba2(n_groups=2, tie=True, chunk_size=16):
     config = transformers.Mamba2Config(
-        vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4,
-        num_heads=8, head_dim=8, n_groups=n_groups, chunk_size=chunk_size, tie_word_embeddings=tie,
+        vocab_size=97,
+        hidden_size=32,
+        state_size=8,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        num_heads=8,
+        head_dim=8,
+        n_groups=n_groups,
+        chunk_size=chunk_size,
+        tie_word_embeddings=tie,
     )
     return _perturb(transformers.Mamba2ForCausalLM(config))
 
@@ -97,13 +111,30 @@ def test_mamba_ssm_native_layout(tmp_path, version):
     native = tmp_path / "native"
     native.mkdir()
     torch.save(state, native / "pytorch_model.bin")
-    ssm_cfg = {"layer": "Mamba1", "d_state": 8} if version == 1 else {
-        "layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 16,
-    }
+    ssm_cfg = (
+        {"layer": "Mamba1", "d_state": 8}
+        if version == 1
+        else {
+            "layer": "Mamba2",
+            "d_state": 8,
+            "headdim": 8,
+            "ngroups": 2,
+            "chunk_size": 16,
+        }
+    )
     config = {
-        "d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 90, "ssm_cfg": ssm_cfg,
-        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-        "fused_add_norm": True, "pad_vocab_size_multiple": 97, "tie_embeddings": True,
+        "d_model": 32,
+        "d_intermediate": 0,
+        "n_layer": 2,
+        "vocab_size": 90,
+        "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [],
+        "attn_cfg": {},
+        "rms_norm": True,
+        "residual_in_fp32": True,
+        "fused_add_norm": True,
+        "pad_vocab_size_multiple": 97,
+        "tie_embeddings": True,
     }
     (native / "config.json").write_text(json.dumps(config))
     ours = load_pretrained(native)

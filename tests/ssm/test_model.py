@@ -9,8 +9,15 @@ from medstate.ssm import MambaLM, SSMConfig, SSMState, load_pretrained
 
 def tiny(version: int, **overrides) -> MambaLM:
     config = SSMConfig(
-        version=version, vocab_size=61, d_model=32, n_layer=2, d_state=8, head_dim=8, n_groups=2,
-        chunk_size=16, **overrides,
+        version=version,
+        vocab_size=61,
+        d_model=32,
+        n_layer=2,
+        d_state=8,
+        head_dim=8,
+        n_groups=2,
+        chunk_size=16,
+        **overrides,
     )
     return MambaLM(config).eval()
 
@@ -212,7 +219,7 @@ def test_load_errors_are_user_errors(tmp_path):
     with pytest.raises(MedstateError, match="does not exist"):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MedstateError, match="no config.json"):
+    with pytest.raises(MedstateError, match=r"no config\.json"):
         load_pretrained(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text('{"model_type": "mamba2", "vocab_size": 10,')
     with pytest.raises(MedstateError, match="not valid JSON"):

@@ -33,7 +33,7 @@ WEIGHT_FILES = (
 def read_config(directory: Path) -> SSMConfig:
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise MedstateError(f"{directory} has no config.json; expected a Hugging Face or mamba_ssm checkpoint directory")
+        raise MedstateError(f"{directory} has no config.json; expected a Hugging Face or mamba_ssm checkpoint")
     try:
         data = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

@@ -56,9 +56,7 @@ class SSMConfig:
             self.dt_rank = math.ceil(self.d_model / 16)
         if self.version == 2:
             if self.d_inner % self.head_dim:
-                raise MedstateError(
-                    f"d_model*expand = {self.d_inner} is not a multiple of head_dim {self.head_dim}"
-                )
+                raise MedstateError(f"d_model*expand = {self.d_inner} is not a multiple of head_dim {self.head_dim}")
             if self.n_heads % self.n_groups:
                 raise MedstateError(f"n_heads {self.n_heads} is not a multiple of n_groups {self.n_groups}")
 

@@ -136,8 +136,12 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
         self.in_proj = nn.Linear(config.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
-            padding=config.d_conv - 1, bias=config.use_conv_bias,
+            self.conv_dim,
+            self.conv_dim,
+            config.d_conv,
+            groups=self.conv_dim,
+            padding=config.d_conv - 1,
+            bias=config.use_conv_bias,
         )
         self.dt_bias = nn.Parameter(_init_dt_bias(self.n_heads, config))
         self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
@@ -185,7 +189,9 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(batch, self.n_heads, self.head_dim).float()
         A = -torch.exp(self.A_log.float())
         y, ssm_state = ssd_step(
-            x, self._dt(raw_dt), A,
+            x,
+            self._dt(raw_dt),
+            A,
             B.reshape(batch, self.n_groups, self.d_state).float(),
             C.reshape(batch, self.n_groups, self.d_state).float(),
             state[1],

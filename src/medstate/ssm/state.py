@@ -46,9 +46,7 @@ class SSMState:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SSMState:
         """Move to a device; `dtype` applies to the conv windows only (the SSM state stays float32)."""
-        return SSMState(
-            [c.to(device=device, dtype=dtype) for c in self.conv], [s.to(device=device) for s in self.ssm]
-        )
+        return SSMState([c.to(device=device, dtype=dtype) for c in self.conv], [s.to(device=device) for s in self.ssm])
 
     def clone(self) -> SSMState:
         return SSMState([c.clone() for c in self.conv], [s.clone() for s in self.ssm])

@@ -56,8 +56,12 @@ def selective_scan(x, dt, A, B, C, initial_state, reset):
     if fused is None or initial_state is not None or reset is not None:
         return None
     y, last = fused.selective_scan_fn(
-        x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
-        B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), return_last_state=True,
+        x.transpose(1, 2).contiguous(),
+        dt.transpose(1, 2).contiguous(),
+        A,
+        B.transpose(1, 2).contiguous(),
+        C.transpose(1, 2).contiguous(),
+        return_last_state=True,
     )
     return y.transpose(1, 2).float(), last.float()
 
@@ -69,7 +73,15 @@ def ssd_scan(x, dt, A, B, C, chunk_size, initial_state, seq_idx):
         return None
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     y, last = fused.mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size,
-        initial_states=initial_state, seq_idx=seq, dt_limit=(0.0, math.inf), return_final_states=True,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        initial_states=initial_state,
+        seq_idx=seq,
+        dt_limit=(0.0, math.inf),
+        return_final_states=True,
     )
     return y.float(), last.float()

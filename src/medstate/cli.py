@@ -1,0 +1,142 @@
+"""The `medstate` command. Sub-commands mirror the packages (`medstate ssm …` ↔ `medstate.ssm`).
+
+Errors a user can cause (bad path, malformed file) print one line and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from medstate import __version__
+from medstate.errors import MedstateError
+
+console = Console()
+
+
+class _Group(TyperGroup):
+    """Turns a MedstateError raised anywhere below into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MedstateError as err:
+            typer.echo(f"medstate: error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Group, help="Mamba (selective state-space) foundation models for medicine.", no_args_is_help=True
+)
+ssm_app = typer.Typer(help="The state-space engine: checkpoints, generation, a demo.", no_args_is_help=True)
+app.add_typer(ssm_app, name="ssm")
+
+
+@app.command()
+def version() -> None:
+    """Print the medstate version."""
+    console.print(__version__)
+
+
+def _summary(title: str, rows: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        table.add_row(str(key), f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@ssm_app.command("info")
+def ssm_info(checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory (HF or mamba_ssm layout)")]) -> None:
+    """Describe a local checkpoint: architecture, parameter count, layout."""
+    from medstate.ssm.checkpoint import load_pretrained
+
+    model = load_pretrained(checkpoint)
+    config = model.config
+    rows = {"mixer": f"Mamba-{config.version}", "parameters": sum(p.numel() for p in model.parameters())}
+    rows.update({k: v for k, v in config.to_hf_dict().items() if k not in ("architectures",)})
+    _summary(str(checkpoint), rows)
+
+
+@ssm_app.command("convert")
+def ssm_convert(
+    source: Annotated[Path, typer.Argument(help="checkpoint directory (HF or mamba_ssm native layout)")],
+    destination: Annotated[Path, typer.Argument(help="output directory (HF layout, safetensors)")],
+) -> None:
+    """Rewrite a checkpoint in the Hugging Face layout with safetensors (loads in transformers)."""
+    from medstate.ssm.checkpoint import load_pretrained
+
+    model = load_pretrained(source)
+    model.save_pretrained(destination)
+    _summary("converted", {"from": source, "to": destination, "parameters": sum(p.numel() for p in model.parameters())})
+
+
+@ssm_app.command("generate")
+def ssm_generate(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory")],
+    ids: Annotated[str, typer.Option(help="prompt token ids, comma separated")] = "",
+    prompt: Annotated[str, typer.Option(help="prompt text (needs --tokenizer)")] = "",
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json for --prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: int = 0,
+) -> None:
+    """Continue a prompt: one prefill, then one constant-cost step per token."""
+    import torch
+
+    from medstate.ssm.checkpoint import load_pretrained
+
+    encoder = None
+    if prompt:
+        if tokenizer is None:
+            raise MedstateError("--prompt needs --tokenizer PATH/tokenizer.json (or pass --ids)")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise MedstateError("--prompt needs the 'tokenizers' package (pip install tokenizers)") from None
+        if not tokenizer.is_file():
+            raise MedstateError(f"tokenizer file {tokenizer} does not exist")
+        encoder = Tokenizer.from_file(str(tokenizer))
+        prompt_ids = encoder.encode(prompt).ids
+    else:
+        try:
+            prompt_ids = [int(tok) for tok in ids.split(",") if tok.strip()]
+        except ValueError:
+            raise MedstateError(f"--ids must be comma-separated integers, got {ids!r}") from None
+    if not prompt_ids:
+        raise MedstateError("give a prompt with --ids 1,2,3 or --prompt TEXT --tokenizer FILE")
+    model = load_pretrained(checkpoint)
+    if max(prompt_ids) >= model.config.vocab_size or min(prompt_ids) < 0:
+        raise MedstateError(f"prompt ids must lie in [0, {model.config.vocab_size})")
+    output = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=model.config.eos_token_id if encoder is not None else None,
+        generator=torch.Generator().manual_seed(seed),
+    )[0, len(prompt_ids) :].tolist()
+    console.print(encoder.decode(output) if encoder is not None else ",".join(map(str, output)))
+
+
+@ssm_app.command("demo")
+def ssm_demo(
+    out: Annotated[Path, typer.Option(help="run directory")] = Path("runs/demo-ssm"),
+    steps: Annotated[int, typer.Option(min=1, help="training steps")] = 150,
+) -> None:
+    """Train a small Mamba-2 on synthetic sequences, save/reload it, stream a 16k-token history."""
+    from medstate.ssm.demo import DemoConfig, run_demo
+
+    metrics = run_demo(out, DemoConfig(train_steps=steps))
+    _summary(f"ssm demo → {out}", metrics)
+    console.print(json.dumps({"metrics": str(out / "metrics.json")}))
+
+
+if __name__ == "__main__":
+    app()
