@@ -24,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 
+# exp(-80) ~ 2e-35 is still a normal float32: below it a decay is zero for every practical purpose, and
+# clamping keeps exp() off its slow denormal path.
+MIN_LOG_DECAY = -80.0
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -52,42 +57,42 @@ def ssd_scan(
     mm_dtype = torch.get_autocast_dtype(x.device.type) if autocast_on else dtype
 
     with torch.autocast(x.device.type, enabled=False):
-        dt = F.pad(dt.to(dtype), (0, 0, 0, pad))
-        xdt = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) * dt.unsqueeze(-1)
-        # [b, c, Q, G, Hg, P]
-        xdt = xdt.reshape(batch, n_chunks, q, n_groups, heads_per_group, head_dim)
-        Bc = F.pad(B.to(dtype), (0, 0, 0, 0, 0, pad)).reshape(batch, n_chunks, q, n_groups, n_state)
-        Cc = F.pad(C.to(dtype), (0, 0, 0, 0, 0, pad)).reshape(batch, n_chunks, q, n_groups, n_state)
+        dt, x, B, C = dt.to(dtype), x.to(dtype), B.to(dtype), C.to(dtype)
+        if pad:
+            dt, x, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (dt, x, B, C))
+        xdt = (x * dt.unsqueeze(-1)).reshape(batch, n_chunks, q, n_groups, heads_per_group, head_dim)
+        Bc = B.reshape(batch, n_chunks, q, n_groups, n_state)
+        Cc = C.reshape(batch, n_chunks, q, n_groups, n_state)
         # log decays, [b, c, G, Hg, Q]
         log_decay = (dt * A.to(dtype)).reshape(batch, n_chunks, q, n_groups, heads_per_group).permute(0, 1, 3, 4, 2)
         cum = torch.cumsum(log_decay, dim=-1)
 
+        # 1. intra-chunk output. The causal (and same-sequence) mask is applied to the per-group scores, not
+        # to the per-head decays: cheaper, and the decays can then be clamped instead of set to -inf
+        # (exp of -inf and of denormal-producing arguments is several times slower on the CPU).
         causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
         if seq_idx is not None:
             # padding continues the row's last sequence (dt = 0 there: no input, no decay)
-            seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)
+            seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1) if pad else seq_idx
             seq_c = seq.reshape(batch, n_chunks, q)
-            mask = (seq_c.unsqueeze(-1) == seq_c.unsqueeze(-2)) & causal  # [b, c, Q, Q]
-            mask = mask[:, :, None, None]
+            mask = ((seq_c.unsqueeze(-1) == seq_c.unsqueeze(-2)) & causal)[:, :, None]  # [b, c, 1, Q, Q]
         else:
             mask = causal
-        segment = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~mask, -torch.inf)
-        decay_matrix = torch.exp(segment)  # [b, c, G, Hg, Q, Q]
-
-        # 1. intra-chunk output
-        scores = torch.einsum("bcign,bcjgn->bcgij", Cc.to(mm_dtype), Bc.to(mm_dtype)).to(dtype)
-        weights = (scores.unsqueeze(3) * decay_matrix).to(mm_dtype)
+        scores = torch.einsum("bcign,bcjgn->bcgij", Cc.to(mm_dtype), Bc.to(mm_dtype)).to(dtype) * mask
+        # cum is non-increasing, so cum_i - cum_j <= 0 wherever the mask keeps a score
+        decay_matrix = torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp(MIN_LOG_DECAY, 0.0))
+        weights = (scores.unsqueeze(3) * decay_matrix).to(mm_dtype)  # [b, c, G, Hg, Q, Q]
         y = torch.einsum("bcghij,bcjghp->bcighp", weights, xdt.to(mm_dtype)).to(dtype)
 
         # 2. each chunk's end state
-        to_end = torch.exp(cum[..., -1:] - cum)  # [b, c, G, Hg, Q]
+        to_end = torch.exp((cum[..., -1:] - cum).clamp_min(MIN_LOG_DECAY))  # [b, c, G, Hg, Q]
         if seq_idx is not None:
             to_end = to_end * (seq_c == seq_c[:, :, -1:])[:, :, None, None].to(dtype)
         weighted_x = (xdt * to_end.permute(0, 1, 4, 2, 3).unsqueeze(-1)).to(mm_dtype)
         chunk_states = torch.einsum("bcjgn,bcjghp->bcghpn", Bc.to(mm_dtype), weighted_x).to(dtype)
 
         # 3. pass states from chunk to chunk (sequential over chunks: T / Q steps)
-        chunk_decay = torch.exp(cum[..., -1])  # [b, c, G, Hg]
+        chunk_decay = torch.exp(cum[..., -1].clamp_min(MIN_LOG_DECAY))  # [b, c, G, Hg]
         if seq_idx is not None:
             before = torch.cat([seq_c[:, :1, :1], seq_c[:, :-1, -1:]], dim=1)  # seq running before each chunk
             survives = (seq_c[:, :, -1:] == before).to(dtype)  # [b, c, 1]
@@ -98,13 +103,14 @@ def ssd_scan(
             else xdt.new_zeros(batch, n_groups, heads_per_group, head_dim, n_state)
         )
         start_states = []
-        for c in range(n_chunks):
+        # unbind once: indexing [:, c] in the loop would make autograd zero-fill a full-size gradient per chunk
+        for decay_c, states_c in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
             start_states.append(state)
-            state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]
+            state = torch.addcmul(states_c, decay_c[..., None, None], state)
         starts = torch.stack(start_states, dim=1)  # [b, c, G, Hg, P, N]
 
         # 4. read the chunk's start state
-        from_start = torch.exp(cum)  # [b, c, G, Hg, Q]
+        from_start = torch.exp(cum.clamp_min(MIN_LOG_DECAY))  # [b, c, G, Hg, Q]
         if seq_idx is not None:
             from_start = from_start * (seq_c == before)[:, :, None, None].to(dtype)
         y_carry = torch.einsum("bcign,bcghpn->bcighp", Cc.to(mm_dtype), starts.to(mm_dtype)).to(dtype)
