@@ -118,7 +118,9 @@ class MambaLM(nn.Module):
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            # shift the labels, not the logits: slicing [B, T, V] logits would copy them
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return LMOutput(logits, hidden, new_state, loss)
 
     @torch.no_grad()

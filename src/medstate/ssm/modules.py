@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from medstate.ssm.config import SSMConfig
 from medstate.ssm.ops import cuda
@@ -62,6 +63,15 @@ def sequence_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def _maybe_recompute(mixer: nn.Module, projected: torch.Tensor, state, seq_idx):
+    """Run mixer.mix, under activation recomputation when training with `mixer.recompute` set: only the
+    in_proj output is kept for backward, and the cheap conv / scan / norm are recomputed there (the GEMMs
+    are not). This cuts the activation memory of a layer several-fold for a small extra cost."""
+    if mixer.recompute and torch.is_grad_enabled() and projected.requires_grad:
+        return checkpoint(mixer.mix, projected, state, seq_idx, use_reentrant=False)
+    return mixer.mix(projected, state, seq_idx)
+
+
 def _init_dt_bias(size: int, config: SSMConfig) -> torch.Tensor:
     """Inverse softplus of time steps drawn log-uniformly in [dt_min, dt_max] (Gu & Dao 2023, section 3.6)."""
     log_dt = torch.rand(size) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
@@ -74,6 +84,7 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         d_inner, d_state, rank = config.d_inner, config.d_state, config.dt_rank
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, rank
+        self.recompute = True
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.use_conv_bias
@@ -94,7 +105,12 @@ class Mamba1Mixer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerState]:
-        x, gate = self.in_proj(hidden).chunk(2, dim=-1)  # [B, T, I] each
+        mixed, window, ssm_state = _maybe_recompute(self, self.in_proj(hidden), state, seq_idx)
+        return self.out_proj(mixed.to(hidden.dtype)), (window, ssm_state)
+
+    def mix(self, projected: torch.Tensor, state: LayerState | None, seq_idx: torch.Tensor | None):
+        """in_proj output → (out_proj input, conv window, ssm state): conv, selective scan, D skip, gate."""
+        x, gate = projected.chunk(2, dim=-1)  # [B, T, I] each
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         window = None if state is None else state[0]
         conv = cuda.causal_conv1d(x, weight, bias, window, seq_idx)
@@ -106,8 +122,7 @@ class Mamba1Mixer(nn.Module):
         reset = None if seq_idx is None else sequence_starts(seq_idx)
         scanned = cuda.selective_scan(x, dt, A, B, C, h0, reset)
         y, ssm_state = scanned if scanned is not None else selective_scan(x, dt, A, B, C, h0, reset)
-        y = (y + x.float() * self.D.float()) * F.silu(gate.float())
-        return self.out_proj(y.to(hidden.dtype)), (window, ssm_state)
+        return (y + x.float() * self.D.float()) * F.silu(gate.float()), window, ssm_state
 
     def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         x, gate = self.in_proj(hidden).chunk(2, dim=-1)
@@ -130,6 +145,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.d_inner, self.d_state = config.d_inner, config.d_state
+        self.recompute = True
         self.n_heads, self.head_dim, self.n_groups = config.n_heads, config.head_dim, config.n_groups
         self.chunk_size = config.chunk_size
         self.dt_limit = config.dt_limit
@@ -160,8 +176,13 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerState]:
-        batch, steps, _ = hidden.shape
-        gate, xbc, raw_dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        mixed, window, ssm_state = _maybe_recompute(self, self.in_proj(hidden), state, seq_idx)
+        return self.out_proj(mixed.to(hidden.dtype)), (window, ssm_state)
+
+    def mix(self, projected: torch.Tensor, state: LayerState | None, seq_idx: torch.Tensor | None):
+        """in_proj output → (out_proj input, conv window, ssm state): conv, SSD scan, D skip, gated norm."""
+        batch, steps, _ = projected.shape
+        gate, xbc, raw_dt = projected.split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         weight, bias = self.conv1d.weight[:, 0], self.conv1d.bias
         window = None if state is None else state[0]
         conv = cuda.causal_conv1d(xbc, weight, bias, window, seq_idx)
@@ -178,8 +199,7 @@ class Mamba2Mixer(nn.Module):
             scanned = ssd_scan(x, dt, A, B, C, min(self.chunk_size, CPU_SSD_CHUNK), h0, seq_idx)
         y, ssm_state = scanned
         y = y + x.float() * self.D.float()[:, None]
-        y = self.norm(y.reshape(batch, steps, self.d_inner), gate)
-        return self.out_proj(y.to(hidden.dtype)), (window, ssm_state)
+        return self.norm(y.reshape(batch, steps, self.d_inner), gate), window, ssm_state
 
     def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         batch = hidden.shape[0]
