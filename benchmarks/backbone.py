@@ -378,7 +378,8 @@ def markdown(report: dict) -> str:
             if "error" in result:
                 return result["error"]
             if "times" in result:
-                text = f"{median(result):.3f} s (median of {len(result['times'])}), peak RSS {result['peak_rss_gb']:.2f} GB"
+                text = f"{median(result):.3f} s (median of {len(result['times'])})"
+                text += f", peak RSS {result['peak_rss_gb']:.2f} GB"
                 if "mfu_vs_fp32_gemm" in result:
                     text += f", {result['tokens_per_s']:.0f} tok/s, MFU {100 * result['mfu_vs_fp32_gemm']:.0f}%"
                 return text
