@@ -231,3 +231,29 @@ def test_load_errors_are_user_errors(tmp_path):
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(MedstateError, match="cannot read weights"):
         load_pretrained(tmp_path / "ok")
+
+
+def test_sharded_safetensors_checkpoint(model, tmp_path):
+    """model.safetensors.index.json + shards, as transformers writes large checkpoints."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp_path / "single")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    out = tmp_path / "sharded"
+    out.mkdir()
+    (out / "config.json").write_text((tmp_path / "single" / "config.json").read_text())
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, shard))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(out)(ids).logits, model(ids).logits)
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(MedstateError, match="missing shard"):
+        load_pretrained(out)

@@ -67,9 +67,11 @@ def _scan_blocks(decay: torch.Tensor, states: torch.Tensor, h0: torch.Tensor) ->
     """In place: states[j] becomes h at that step, h_t = decay_t * h_{t-1} + input_t, h_{-1} = h0.
 
     decay, states: [L2, B, D, L1, N]; h0: [B, D, N]. Returns the final state [B, D, N]."""
+    prod = torch.empty_like(decay)  # running decay product within each block (torch.cumprod is slow here)
+    prod[0] = decay[0]
     for j in range(1, BLOCK):
         states[j].addcmul_(decay[j], states[j - 1])
-    prod = torch.cumprod(decay, dim=0)
+        torch.mul(prod[j - 1], decay[j], out=prod[j])
     last_prod = prod[-1].permute(2, 0, 1, 3).contiguous()  # [L1, B, D, N]
     last_state = states[-1].permute(2, 0, 1, 3).contiguous()
     carry = torch.empty_like(last_state)
@@ -83,9 +85,11 @@ def _scan_blocks(decay: torch.Tensor, states: torch.Tensor, h0: torch.Tensor) ->
 
 def _scan_blocks_reverse(decay_next: torch.Tensor, adjoint: torch.Tensor) -> None:
     """In place: adjoint[t] becomes g_t = input_t + decay_next_t * g_{t+1}, with nothing after the end."""
+    suffix = torch.empty_like(decay_next)  # suffix[j] = prod_{i >= j} decay_next[i] within the block
+    suffix[-1] = decay_next[-1]
     for j in range(BLOCK - 2, -1, -1):
         adjoint[j].addcmul_(decay_next[j], adjoint[j + 1])
-    suffix = torch.cumprod(decay_next.flip(0), dim=0).flip(0)
+        torch.mul(suffix[j + 1], decay_next[j], out=suffix[j])
     first_prod = suffix[0].permute(2, 0, 1, 3).contiguous()
     first_adj = adjoint[0].permute(2, 0, 1, 3).contiguous()
     carry = torch.zeros_like(first_adj)
