@@ -257,3 +257,19 @@ def test_sharded_safetensors_checkpoint(model, tmp_path):
     (out / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(MedstateError, match="missing shard"):
         load_pretrained(out)
+
+
+def test_fused_loss_equals_full_logits_loss(model):
+    ids = torch.randint(0, 61, (3, 37))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    full = model(ids, labels=labels)
+    full.loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fused = model(ids, labels=labels, return_logits=False)
+    assert fused.logits is None
+    assert torch.allclose(fused.loss, full.loss, atol=1e-6)
+    fused.loss.backward()
+    for w, p in zip(want, model.parameters()):
+        assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)

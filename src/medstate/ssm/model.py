@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medstate.errors import MedstateError
 from medstate.ssm.config import SSMConfig
+from medstate.ssm.loss import fused_linear_cross_entropy
 from medstate.ssm.modules import MambaBlock, RMSNorm
 from medstate.ssm.state import SSMState
 
@@ -108,19 +109,25 @@ class MambaLM(nn.Module):
         seq_idx: torch.Tensor | None = None,
         return_state: bool = False,
         labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """Whole sequences [B, T], optionally continuing from `state`.
 
         seq_idx [B, T] (non-decreasing per row) packs several sequences into one row: no information crosses
         a change of seq_idx. labels [B, T] gives the next-token loss (labels are shifted here; -100 = ignore;
-        set the first label of each packed sequence to -100)."""
+        set the first label of each packed sequence to -100). With labels and return_logits=False the loss is
+        fused with the vocabulary projection in chunks (same value and gradients, a fraction of the memory)
+        and no logits are returned."""
         hidden, new_state = self.backbone(input_ids, inputs_embeds, state, seq_idx, return_state)
+        targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+        if labels is not None and not return_logits:
+            loss = fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets)
+            return LMOutput(None, hidden, new_state, loss)
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         loss = None
-        if labels is not None:
-            # shift the labels, not the logits: slicing [B, T, V] logits would copy them
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        if targets is not None:
+            # the labels are shifted, not the logits: slicing [B, T, V] logits would copy them
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=-100)
         return LMOutput(logits, hidden, new_state, loss)
 
     @torch.no_grad()

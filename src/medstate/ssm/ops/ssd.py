@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # exp(-80) ~ 2e-35 is still a normal float32: below it a decay is zero for every practical purpose, and
 # clamping keeps exp() off its slow denormal path.
 MIN_LOG_DECAY = -80.0
