@@ -126,7 +126,7 @@ def decode(spec: dict) -> dict:
     if spec["impl"] == "medstate":
         for history in spec["histories"]:
             ids = torch.randint(0, vocab, (1, history), generator=generator)
-            state = model.prefill(ids, segment_length=4096, return_hidden_states=False).state
+            state = model.prefill(ids, return_hidden_states=False).state
 
             def steps(state=state, token=ids[:, -1]):
                 with torch.no_grad():
@@ -156,7 +156,7 @@ def long_context(spec: dict) -> dict:
     if spec["impl"] == "medstate":
         model = _load("medstate", spec["checkpoint"])
         start = time.perf_counter()
-        hidden = model.prefill(ids, segment_length=4096).hidden_states
+        hidden = model.prefill(ids).hidden_states
     else:
         model = GPT2SizedTransformer().eval()
         start = time.perf_counter()

@@ -273,3 +273,16 @@ def test_fused_loss_equals_full_logits_loss(model):
     fused.loss.backward()
     for w, p in zip(want, model.parameters()):
         assert torch.allclose(p.grad, w, atol=1e-6, rtol=1e-4)
+
+
+def test_mixer_recomputation_gives_same_gradients(model):
+    ids = torch.randint(0, 61, (2, 33))
+    grads = []
+    for recompute in (False, True):
+        for layer in model.backbone.layers:
+            layer.mixer.recompute = recompute
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)

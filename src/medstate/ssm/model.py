@@ -137,7 +137,7 @@ class MambaLM(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         state: SSMState | None = None,
-        segment_length: int = 4096,
+        segment_length: int = 1024,
         return_hidden_states: bool = True,
     ) -> LMOutput:
         """Consume a long history segment by segment (memory bounded by one segment) and return the state.

@@ -65,8 +65,7 @@ def sequence_starts(seq_idx: torch.Tensor) -> torch.Tensor:
 
 def _maybe_recompute(mixer: nn.Module, projected: torch.Tensor, state, seq_idx):
     """Run mixer.mix, under activation recomputation when training with `mixer.recompute` set: only the
-    in_proj output is kept for backward, and the cheap conv / scan / norm are recomputed there (the GEMMs
-    are not). This cuts the activation memory of a layer several-fold for a small extra cost."""
+    in_proj output is kept for backward, and the conv / scan / norm are recomputed there (the GEMMs are not)."""
     if mixer.recompute and torch.is_grad_enabled() and projected.requires_grad:
         return checkpoint(mixer.mix, projected, state, seq_idx, use_reentrant=False)
     return mixer.mix(projected, state, seq_idx)
@@ -84,7 +83,8 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         d_inner, d_state, rank = config.d_inner, config.d_state, config.dt_rank
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, rank
-        self.recompute = True
+        # the scan already keeps only its inputs for backward; recomputing the rest costs ~15% for little memory
+        self.recompute = False
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.use_conv_bias
@@ -145,6 +145,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.d_inner, self.d_state = config.d_inner, config.d_state
+        # SSD intermediates dominate training memory (6.3 -> 3.7 GB peak at 130M x 1,024 tokens), at ~no speed cost
         self.recompute = True
         self.n_heads, self.head_dim, self.n_groups = config.n_heads, config.head_dim, config.n_groups
         self.chunk_size = config.chunk_size
