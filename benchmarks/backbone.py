@@ -76,6 +76,7 @@ def _build_checkpoint(directory: Path, version: int, **shape) -> None:
     from medstate.ssm import SSMConfig
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     config = SSMConfig(version=version, **shape)
     hf_config = config.to_hf_dict()
     if "time_step_limit" in hf_config:  # the JSON spelling of infinity is for files, not the constructor
