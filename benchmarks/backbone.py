@@ -56,9 +56,9 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
 # ----- workers (run in their own process) --------------------------------------------------------------
 
 
-def gemm_peak(spec: dict) -> dict:
+def gemm_peak(spec: dict | None = None, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         a = torch.randn(4096, 768, dtype=dtype)
         b = torch.randn(768, 3352, dtype=dtype)
         times = timed(lambda a=a, b=b: a @ b, 7)
@@ -119,7 +119,8 @@ def train_step(spec: dict) -> dict:
             model(ids, labels=ids).loss.backward()
 
     times = timed(step, spec["repeats"])
-    return {"times": times, "peak_rss_gb": peak_rss_gb(), "rss_before_gb": baseline}
+    peak = peak_rss_gb()
+    return {"times": times, "peak_rss_gb": peak, "rss_before_gb": baseline, **gemm_peak(dtypes=(torch.float32,))}
 
 
 def forward(spec: dict) -> dict:
@@ -132,7 +133,8 @@ def forward(spec: dict) -> dict:
             model(ids)
 
     times = timed(run, spec["repeats"])
-    return {"times": times, "peak_rss_gb": peak_rss_gb()}
+    peak = peak_rss_gb()
+    return {"times": times, "peak_rss_gb": peak, **gemm_peak(dtypes=(torch.float32,))}
 
 
 def decode(spec: dict) -> dict:
@@ -266,11 +268,13 @@ def model_flops_forward(tokens: int, shape: dict) -> float:
 
 
 def add_mfu(row: dict, flops: float, tokens: int, peak_gflops: float) -> None:
-    """Model-FLOP utilisation against the fp32 GEMM peak measured in this run (1.0 = the GEMM floor)."""
+    """Model-FLOP utilisation against the fp32 GEMM peak measured by the same worker right after its timings
+    (the machine's speed drifts within a run; 1.0 = the GEMM floor)."""
     for impl in ("medstate", "hf"):
         t = median(row[impl]) if "times" in row.get(impl, {}) else None
         if t:
-            row[impl]["mfu_vs_fp32_gemm"] = flops / t / 1e9 / peak_gflops
+            peak = row[impl].get("gflops", {}).get("float32", peak_gflops)
+            row[impl]["mfu_vs_fp32_gemm"] = flops / t / 1e9 / peak
             row[impl]["tokens_per_s"] = tokens / t
 
 
@@ -405,7 +409,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Backbone benchmark: medstate vs Hugging Face transformers (same weights, same run)",
         "",
-        f"torch {report['torch']}, {report['threads']} threads; GEMM peak measured in this run (GFLOP/s): "
+        f"torch {report['torch']}, {report['threads']} threads; GEMM peak at the start of the run (GFLOP/s; MFU "
+        "uses the peak each worker measures right after its own timings): "
         + ", ".join(f"{k} {v:.0f}" for k, v in report["gemm_gflops"].items()),
         "",
         "| case | medstate | HF transformers | ratio |",
