@@ -14,7 +14,17 @@ from medstate.ssm import MambaLM, SSMConfig
 runner = CliRunner()
 
 
-COMMANDS = [[], ["ssm"], ["ssm", "info"], ["ssm", "convert"], ["ssm", "generate"], ["ssm", "demo"], ["version"]]
+COMMANDS = [
+    [],
+    ["ssm"],
+    ["ssm", "info"],
+    ["ssm", "convert"],
+    ["ssm", "generate"],
+    ["ssm", "demo"],
+    ["version"],
+    ["data"],
+    ["data", "describe"],
+]
 
 
 @pytest.mark.parametrize("args", COMMANDS)

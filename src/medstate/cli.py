@@ -36,6 +36,8 @@ app = typer.Typer(
 )
 ssm_app = typer.Typer(help="The state-space engine: checkpoints, generation, a demo.", no_args_is_help=True)
 app.add_typer(ssm_app, name="ssm")
+data_app = typer.Typer(help="Clinical event data: MEDS datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 @app.command()
@@ -136,6 +138,35 @@ def ssm_demo(
     metrics = run_demo(out, DemoConfig(train_steps=steps))
     _summary(f"ssm demo → {out}", metrics)
     console.print(json.dumps({"metrics": str(out / "metrics.json")}))
+
+
+@data_app.command("describe")
+def data_describe(
+    dataset: Annotated[Path, typer.Argument(help="MEDS dataset directory (data/ and metadata/)")],
+    top: Annotated[int, typer.Option(min=1, help="code families to list")] = 10,
+) -> None:
+    """Subjects, events, time span, split sizes and the most frequent code families of a MEDS dataset."""
+    from medstate.data import describe
+
+    summary = describe(dataset, top=top)
+    _summary(
+        str(dataset),
+        {
+            "subjects": summary.subjects,
+            "events": summary.events,
+            "time span": f"{summary.first_time} → {summary.last_time}",
+            **{
+                f"split {k or '(none)'}": f"{summary.subjects_per_split[k]} subjects, {v} events"
+                for k, v in sorted(summary.events_per_split.items())
+            },
+        },
+    )
+    table = Table(title="top code families")
+    table.add_column("family")
+    table.add_column("events", justify="right")
+    for family, count in summary.top_code_families:
+        table.add_row(family, str(count))
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""MEDS datasets read as they are: the official MIMIC-IV demo shards, older layouts, and bad input."""
+
+from datetime import datetime
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from medstate import MedstateError
+from medstate.cli import app
+from medstate.data import MEDS_SCHEMA, describe, scan_meds
+
+
+def test_official_mimic_demo_meds(shared_data):
+    root = shared_data / "mimic-iv-demo-meds-0.0.1"
+    summary = describe(root)
+    # counts from the dataset's SOURCE.md (held_out: 10 subjects / 42,554 events; tuning: 10 / 69,620)
+    assert summary.events_per_split == {"held_out": 42554, "tuning": 69620}
+    assert summary.subjects_per_split == {"held_out": 10, "tuning": 10}
+    assert summary.subjects == 20 and summary.events == 112174
+    assert summary.top_code_families[0][0] == "LAB"
+    events = scan_meds(root).collect()
+    assert {k: events.schema[k] for k in MEDS_SCHEMA} == MEDS_SCHEMA
+    assert "hadm_id" in events.columns  # extra columns are kept
+
+
+def _write(root, frame):
+    (root / "data" / "train").mkdir(parents=True)
+    frame.write_parquet(root / "data" / "train" / "0.parquet")
+
+
+def test_older_layout_is_normalised(tmp_path):
+    _write(
+        tmp_path,
+        pl.DataFrame(
+            {
+                "patient_id": [1, 1, 2],
+                "timestamp": [None, datetime(2020, 1, 1), datetime(2021, 5, 2)],
+                "code": ["GENDER//F", "DIAGNOSIS//ICD//10//I10", "MEDS_BIRTH"],
+                "numeric_value": [None, None, 1.5],
+            }
+        ),
+    )
+    events = scan_meds(tmp_path).collect()
+    assert events.columns[:5] == list(MEDS_SCHEMA)
+    assert events["text_value"].null_count() == 3
+    assert events["split"].to_list() == ["train"] * 3
+    summary = describe(tmp_path)
+    assert (summary.subjects, summary.events) == (2, 3)
+    assert summary.first_time == datetime(2020, 1, 1) and summary.last_time == datetime(2021, 5, 2)
+
+
+def test_bad_input_is_a_user_error(tmp_path):
+    with pytest.raises(MedstateError, match="does not exist"):
+        describe(tmp_path / "missing")
+    with pytest.raises(MedstateError, match=r"no data/\*\*/\*\.parquet"):
+        describe(tmp_path)
+    _write(tmp_path, pl.DataFrame({"subject_id": [1], "time": [datetime(2020, 1, 1)]}))
+    with pytest.raises(MedstateError, match="lacks the MEDS column"):
+        describe(tmp_path)
+    result = CliRunner().invoke(app, ["data", "describe", str(tmp_path)])
+    assert result.exit_code == 2 and "lacks the MEDS column" in result.output
+
+
+def test_cli_describe(shared_data):
+    result = CliRunner().invoke(app, ["data", "describe", str(shared_data / "mimic-iv-demo-meds-0.0.1")])
+    assert result.exit_code == 0, result.output
+    assert "112174" in result.output and "LAB" in result.output
