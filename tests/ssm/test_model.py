@@ -286,3 +286,17 @@ def test_mixer_recomputation_gives_same_gradients(model):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_load_in_bfloat16_keeps_state_recurrence_in_float32(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    low = load_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert low.backbone.embeddings.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        out = low(ids, return_state=True)
+        ref = model(ids).logits
+    assert all(s.dtype == torch.float32 for s in out.state.ssm)
+    assert (out.logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    step = low.step(ids[:, -1], out.state)
+    assert step.logits.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in step.state.ssm)
