@@ -21,6 +21,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        weight_f32 = weight.float() if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = (hidden[rows] @ weight.T).float()
@@ -33,7 +34,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs = torch.exp(logits.sub_(log_norm[:, None]))  # softmax, reusing the logits buffer
                 probs[torch.arange(probs.shape[0], device=probs.device), safe_targets] -= 1.0
                 probs.mul_((keep / count)[:, None])
-                grad_hidden[rows] = (probs @ weight.float()).to(hidden.dtype)
+                grad_hidden[rows] = (probs @ weight_f32).to(hidden.dtype)
                 grad_weight.addmm_(probs.T, hidden[rows].float())
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))

@@ -63,12 +63,21 @@ def sequence_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def _maybe_recompute(mixer: nn.Module, projected: torch.Tensor, state, seq_idx):
-    """Run mixer.mix, under activation recomputation when training with `mixer.recompute` set: only the
-    in_proj output is kept for backward, and the conv / scan / norm are recomputed there (the GEMMs are not)."""
-    if mixer.recompute and torch.is_grad_enabled() and projected.requires_grad:
-        return checkpoint(mixer.mix, projected, state, seq_idx, use_reentrant=False)
-    return mixer.mix(projected, state, seq_idx)
+class _Mixer(nn.Module):
+    """in_proj → mix (conv, scan, skip, gating) → out_proj. With `recompute` set, training keeps only the
+    in_proj output for backward and recomputes the mix there (the GEMMs are not recomputed)."""
+
+    recompute = False
+
+    def forward(
+        self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerState]:
+        projected = self.in_proj(hidden)
+        if self.recompute and torch.is_grad_enabled() and projected.requires_grad:
+            mixed, window, ssm_state = checkpoint(self.mix, projected, state, seq_idx, use_reentrant=False)
+        else:
+            mixed, window, ssm_state = self.mix(projected, state, seq_idx)
+        return self.out_proj(mixed.to(hidden.dtype)), (window, ssm_state)
 
 
 def _init_dt_bias(size: int, config: SSMConfig) -> torch.Tensor:
@@ -78,13 +87,13 @@ def _init_dt_bias(size: int, config: SSMConfig) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(_Mixer):
+    # recompute stays off: the scan already keeps only its inputs for backward, and recomputing the rest
+    # costs ~15% for little memory
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         d_inner, d_state, rank = config.d_inner, config.d_state, config.dt_rank
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, rank
-        # the scan already keeps only its inputs for backward; recomputing the rest costs ~15% for little memory
-        self.recompute = False
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1, bias=config.use_conv_bias
@@ -101,12 +110,6 @@ class Mamba1Mixer(nn.Module):
 
     def _dt(self, low_rank: torch.Tensor) -> torch.Tensor:
         return F.softplus(F.linear(low_rank, self.dt_proj.weight).float() + self.dt_proj.bias.float())
-
-    def forward(
-        self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LayerState]:
-        mixed, window, ssm_state = _maybe_recompute(self, self.in_proj(hidden), state, seq_idx)
-        return self.out_proj(mixed.to(hidden.dtype)), (window, ssm_state)
 
     def mix(self, projected: torch.Tensor, state: LayerState | None, seq_idx: torch.Tensor | None):
         """in_proj output → (out_proj input, conv window, ssm state): conv, selective scan, D skip, gate."""
@@ -141,7 +144,7 @@ class Mamba1Mixer(nn.Module):
         )
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(_Mixer):
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.d_inner, self.d_state = config.d_inner, config.d_state
@@ -173,12 +176,6 @@ class Mamba2Mixer(nn.Module):
 
     def _split_conv_output(self, xbc: torch.Tensor):
         return xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
-
-    def forward(
-        self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LayerState]:
-        mixed, window, ssm_state = _maybe_recompute(self, self.in_proj(hidden), state, seq_idx)
-        return self.out_proj(mixed.to(hidden.dtype)), (window, ssm_state)
 
     def mix(self, projected: torch.Tensor, state: LayerState | None, seq_idx: torch.Tensor | None):
         """in_proj output → (out_proj input, conv window, ssm state): conv, SSD scan, D skip, gated norm."""

@@ -70,7 +70,7 @@ def causal_conv1d(
     K-1 inputs of each row's last sequence (inputs of earlier sequences are zeroed), so continuing from it
     never leaks across a packed boundary."""
     width = weight.shape[1]
-    batch, steps, channels = x.shape
+    batch, _, channels = x.shape
     if window is None:
         window = x.new_zeros(batch, channels, width - 1)
     padded = torch.cat([window.to(x.dtype).transpose(1, 2), x], dim=1)
@@ -78,11 +78,24 @@ def causal_conv1d(
     if seq_idx is not None:
         masks = same_sequence_masks(seq_idx, width).unsqueeze(-1).to(x.dtype)  # [K, B, T, 1]
     y = _CausalConv.apply(padded, weight, bias, masks, activation)
-    new_window = padded[:, steps:].transpose(1, 2)
-    if seq_idx is not None and width > 1:
-        tail_seq = torch.cat([seq_idx[:, :1].expand(-1, width - 1), seq_idx], dim=1)[:, -(width - 1) :]
-        new_window = new_window * (tail_seq == seq_idx[:, -1:]).unsqueeze(1).to(x.dtype)
-    return y, new_window
+    return y, carried_window(x, window, seq_idx, width)
+
+
+def carried_window(
+    x: torch.Tensor, window: torch.Tensor | None, seq_idx: torch.Tensor | None, width: int
+) -> torch.Tensor:
+    """The K-1 inputs [B, C, K-1] to carry into the next call: the old window (zeros if None) followed by
+    x [B, T, C], cut to the last K-1 positions, with positions outside each row's last sequence zeroed."""
+    batch, steps, channels = x.shape
+    history = window.to(x.dtype) if window is not None else x.new_zeros(batch, channels, width - 1)
+    recent = x[:, max(0, steps - (width - 1)) :].transpose(1, 2)
+    full = torch.cat([history, recent], dim=2)
+    tail = full[:, :, full.shape[2] - (width - 1) :]
+    if seq_idx is None or width == 1:
+        return tail
+    seq = torch.cat([seq_idx[:, :1].expand(-1, width - 1), seq_idx], dim=1)
+    tail_seq = seq[:, seq.shape[1] - (width - 1) :]
+    return tail * (tail_seq == seq_idx[:, -1:]).unsqueeze(1).to(x.dtype)
 
 
 def causal_conv1d_ref(x, weight, bias=None, window=None, seq_idx=None, activation=True):

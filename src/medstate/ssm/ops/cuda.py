@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from medstate.ssm.ops.conv import carried_window
+
 
 @functools.cache
 def kernels() -> SimpleNamespace | None:
@@ -41,12 +43,7 @@ def causal_conv1d(x, weight, bias, window, seq_idx):
     x = x.transpose(1, 2)
     # the kernel's seq_idx path wants channel-last memory, i.e. a [B, C, T] view of a [B, T, C] tensor
     y = fused.causal_conv1d_fn(x, weight, bias, seq_idx=seq, activation="silu").transpose(1, 2)
-    width = weight.shape[1]
-    tail = torch.nn.functional.pad(x, (max(0, width - 1 - x.shape[-1]), 0))[:, :, -(width - 1) :]
-    if seq_idx is not None:
-        seq_tail = torch.nn.functional.pad(seq_idx, (max(0, width - 1 - x.shape[-1]), 0), value=-1)
-        tail = tail * (seq_tail[:, -(width - 1) :] == seq_idx[:, -1:]).unsqueeze(1).to(x.dtype)
-    return y, tail
+    return y, carried_window(x.transpose(1, 2), None, seq_idx, weight.shape[1])
 
 
 def selective_scan(x, dt, A, B, C, initial_state, reset):
