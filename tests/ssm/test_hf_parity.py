@@ -19,32 +19,17 @@ def _perturb(model):
     return model.eval()
 
 
+TINY = {"vocab_size": 97, "hidden_size": 32, "state_size": 8, "num_hidden_layers": 2, "expand": 2, "conv_kernel": 4}
+
+
 def hf_mamba1(tie=True):
-    config = transformers.MambaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        state_size=8,
-        num_hidden_layers=2,
-        expand=2,
-        conv_kernel=4,
-        tie_word_embeddings=tie,
-    )
+    config = transformers.MambaConfig(**TINY, tie_word_embeddings=tie)
     return _perturb(transformers.MambaForCausalLM(config))
 
 
 def hf_mamba2(n_groups=2, tie=True, chunk_size=16):
     config = transformers.Mamba2Config(
-        vocab_size=97,
-        hidden_size=32,
-        state_size=8,
-        num_hidden_layers=2,
-        expand=2,
-        conv_kernel=4,
-        num_heads=8,
-        head_dim=8,
-        n_groups=n_groups,
-        chunk_size=chunk_size,
-        tie_word_embeddings=tie,
+        **TINY, num_heads=8, head_dim=8, n_groups=n_groups, chunk_size=chunk_size, tie_word_embeddings=tie
     )
     return _perturb(transformers.Mamba2ForCausalLM(config))
 

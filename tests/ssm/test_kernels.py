@@ -32,6 +32,26 @@ def _assert_close_all(got, want, tol=1e-10):
         assert torch.allclose(g, w, atol=tol, rtol=tol), (g - w).abs().max()
 
 
+def _assert_matches_reference(fast, reference, inputs, extra, h0):
+    """fast(*inputs, h0, extra) equals reference(...) in outputs and in the gradients of every input."""
+    y, last = fast(*inputs, h0, extra)
+    y_ref, last_ref = reference(*inputs, h0, extra)
+    _assert_close_all([y, last], [y_ref, last_ref])
+    weights = [torch.randn_like(y), torch.randn_like(last)]
+    wrt = list(inputs) + ([h0] if h0 is not None else [])
+    _assert_close_all(_grads([y, last], weights, wrt), _grads([y_ref, last_ref], weights, wrt), 1e-9)
+
+
+def _assert_steps_match(step, scan_out, x, dt, A, B, C, h0):
+    """Stepping one token at a time from h0 reproduces the scan's outputs and final state."""
+    y, last = scan_out
+    state = h0
+    for t in range(x.shape[1]):
+        y_t, state = step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        assert torch.allclose(y_t, y[:, t], atol=1e-5)
+    assert torch.allclose(state, last, atol=1e-5)
+
+
 def _mamba1_inputs(batch=2, steps=100, channels=8, n_state=4):
     x = torch.randn(batch, steps, channels, dtype=F64, requires_grad=True)
     dt = (torch.rand(batch, steps, channels, dtype=F64) * 0.5).requires_grad_()
@@ -54,22 +74,12 @@ def test_selective_scan_matches_recurrence(monkeypatch, with_state, packed, seve
     if packed:
         reset = torch.zeros(2, 100, dtype=torch.bool)
         reset[0, 37] = reset[1, 16] = reset[1, 64] = reset[1, 99] = True
-    y, last = selective_scan(x, dt, A, B, C, h0, reset)
-    y_ref, last_ref = selective_scan_ref(x, dt, A, B, C, h0, reset)
-    _assert_close_all([y, last], [y_ref, last_ref])
-    weights = [torch.randn_like(y), torch.randn_like(last)]
-    inputs = [x, dt, A, B, C] + ([h0] if with_state else [])
-    _assert_close_all(_grads([y, last], weights, inputs), _grads([y_ref, last_ref], weights, inputs), 1e-9)
+    _assert_matches_reference(selective_scan, selective_scan_ref, (x, dt, A, B, C), reset, h0)
 
 
 def test_selective_scan_float32_and_step():
     x, dt, A, B, C, h0 = (t.detach().float() for t in _mamba1_inputs(steps=40))
-    y, last = selective_scan(x, dt, A, B, C, h0)
-    state = h0
-    for t in range(40):
-        y_t, state = selective_scan_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
-        assert torch.allclose(y_t, y[:, t], atol=1e-5)
-    assert torch.allclose(state, last, atol=1e-5)
+    _assert_steps_match(selective_scan_step, selective_scan(x, dt, A, B, C, h0), x, dt, A, B, C, h0)
 
 
 def _ssd_inputs(batch=2, steps=100, heads=4, head_dim=3, groups=2, n_state=5):
@@ -95,22 +105,16 @@ def test_ssd_matches_recurrence(chunk, with_state, packed):
         seq_idx[1, 16:] = 1
         seq_idx[1, 64:] = 2
         seq_idx[1, 99:] = 3
-    y, last = ssd_scan(x, dt, A, B, C, chunk, h0, seq_idx)
-    y_ref, last_ref = ssd_scan_ref(x, dt, A, B, C, h0, seq_idx)
-    _assert_close_all([y, last], [y_ref, last_ref])
-    weights = [torch.randn_like(y), torch.randn_like(last)]
-    inputs = [x, dt, A, B, C] + ([h0] if with_state else [])
-    _assert_close_all(_grads([y, last], weights, inputs), _grads([y_ref, last_ref], weights, inputs), 1e-9)
+
+    def chunked(x, dt, A, B, C, h0, seq_idx):
+        return ssd_scan(x, dt, A, B, C, chunk, h0, seq_idx)
+
+    _assert_matches_reference(chunked, ssd_scan_ref, (x, dt, A, B, C), seq_idx, h0)
 
 
 def test_ssd_step_matches_scan():
     x, dt, A, B, C, h0 = (t.detach().float() for t in _ssd_inputs(steps=30))
-    y, last = ssd_scan(x, dt, A, B, C, 16, h0)
-    state = h0
-    for t in range(30):
-        y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
-        assert torch.allclose(y_t, y[:, t], atol=1e-5)
-    assert torch.allclose(state, last, atol=1e-5)
+    _assert_steps_match(ssd_step, ssd_scan(x, dt, A, B, C, 16, h0), x, dt, A, B, C, h0)
 
 
 @pytest.mark.parametrize("packed", [False, True])
