@@ -60,6 +60,14 @@ def test_bad_input_is_a_user_error(tmp_path):
         describe(tmp_path)
     result = CliRunner().invoke(app, ["data", "describe", str(tmp_path)])
     assert result.exit_code == 2 and "lacks the MEDS column" in result.output
+    pl.DataFrame({"subject_id": ["x"], "time": ["not a date"], "code": ["A"]}).write_parquet(
+        tmp_path / "data" / "train" / "0.parquet"
+    )
+    with pytest.raises(MedstateError, match=r"0\.parquet: column 'subject_id' is String, expected an integer"):
+        describe(tmp_path)
+    (tmp_path / "data" / "train" / "0.parquet").write_bytes(b"not parquet")
+    with pytest.raises(MedstateError, match=r"0\.parquet is not a readable parquet file"):
+        describe(tmp_path)
 
 
 def test_cli_describe(shared_data):

@@ -42,12 +42,18 @@ def scan_meds(root: str | Path) -> pl.LazyFrame:
     frames = []
     for path in data_files(root):
         frame = pl.scan_parquet(path)
-        names = frame.collect_schema().names()
+        try:
+            schema = frame.collect_schema()
+        except pl.exceptions.PolarsError as err:
+            raise MedstateError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+        names = schema.names()
         frame = frame.rename({old: new for old, new in _RENAMES.items() if old in names and new not in names})
-        names = frame.collect_schema().names()
+        schema = frame.collect_schema()
+        names = schema.names()
         missing = [c for c in ("subject_id", "time", "code") if c not in names]
         if missing:
             raise MedstateError(f"{path} lacks the MEDS column(s) {missing}")
+        _check_types(path, schema)
         if "numeric_value" not in names:
             frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
         if "text_value" not in names:
@@ -58,6 +64,21 @@ def scan_meds(root: str | Path) -> pl.LazyFrame:
         )
         frames.append(frame)
     return pl.concat(frames, how="diagonal_relaxed")
+
+
+_TYPE_CHECKS = {
+    "subject_id": (lambda t: t.is_integer(), "an integer"),
+    "time": (lambda t: t.is_temporal() or t == pl.Null, "a datetime"),
+    "code": (lambda t: t in (pl.String, pl.Categorical) or t == pl.Null, "a string"),
+    "numeric_value": (lambda t: t.is_numeric() or t == pl.Null, "a number"),
+    "text_value": (lambda t: t in (pl.String, pl.Categorical) or t == pl.Null, "a string"),
+}
+
+
+def _check_types(path: Path, schema: pl.Schema) -> None:
+    for column, (accepts, wanted) in _TYPE_CHECKS.items():
+        if column in schema and not accepts(schema[column]):
+            raise MedstateError(f"{path}: column {column!r} is {schema[column]}, expected {wanted}")
 
 
 @dataclass
