@@ -22,7 +22,7 @@ from medstate.ssm.ops.ssd import ssd_scan, ssd_step
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (conv window, ssm state)
 
 # The chunk length only changes how the SSD sum is grouped, not its value. On the CPU, 64 balances the
-# [Q, Q] intra-chunk work against the per-chunk states (64 and 128 measured best at 1k-4k tokens).
+# [Q, Q] intra-chunk work against the per-chunk states.
 CPU_SSD_CHUNK = 64
 
 
@@ -89,7 +89,7 @@ def _init_dt_bias(size: int, config: SSMConfig) -> torch.Tensor:
 
 class Mamba1Mixer(_Mixer):
     # recompute stays off: the scan already keeps only its inputs for backward, and recomputing the rest
-    # costs ~15% for little memory
+    # costs time for little memory
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         d_inner, d_state, rank = config.d_inner, config.d_state, config.dt_rank
@@ -148,7 +148,7 @@ class Mamba2Mixer(_Mixer):
     def __init__(self, config: SSMConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.d_inner, self.d_state = config.d_inner, config.d_state
-        # SSD intermediates dominate training memory (6.3 -> 3.7 GB peak at 130M x 1,024 tokens), at ~no speed cost
+        # SSD intermediates dominate training memory; recomputing them costs little next to the GEMMs
         self.recompute = True
         self.n_heads, self.head_dim, self.n_groups = config.n_heads, config.head_dim, config.n_groups
         self.chunk_size = config.chunk_size
