@@ -39,31 +39,33 @@ def scan_meds(root: str | Path) -> pl.LazyFrame:
     """All events of a MEDS dataset as one lazy frame in the canonical schema (extra columns kept), with a
     `split` column taken from each shard's directory under data/ (e.g. train, tuning, held_out)."""
     root = Path(root)
-    frames = []
-    for path in data_files(root):
-        frame = pl.scan_parquet(path)
-        try:
-            schema = frame.collect_schema()
-        except pl.exceptions.PolarsError as err:
-            raise MedstateError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
-        names = schema.names()
-        frame = frame.rename({old: new for old, new in _RENAMES.items() if old in names and new not in names})
+    return pl.concat([scan_meds_file(root, path) for path in data_files(root)], how="diagonal_relaxed")
+
+
+def scan_meds_file(root: Path, path: Path) -> pl.LazyFrame:
+    """One shard, normalised: old column names renamed, missing value columns added, MEDS types enforced."""
+    frame = pl.scan_parquet(path)
+    try:
         schema = frame.collect_schema()
-        names = schema.names()
-        missing = [c for c in ("subject_id", "time", "code") if c not in names]
-        if missing:
-            raise MedstateError(f"{path} lacks the MEDS column(s) {missing}")
-        _check_types(path, schema)
-        if "numeric_value" not in names:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
-        if "text_value" not in names:
-            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("text_value"))
-        split = path.relative_to(root / "data").parts[0] if len(path.relative_to(root / "data").parts) > 1 else ""
-        frame = frame.with_columns(
-            *(pl.col(name).cast(dtype) for name, dtype in MEDS_SCHEMA.items()), pl.lit(split).alias("split")
-        )
-        frames.append(frame)
-    return pl.concat(frames, how="diagonal_relaxed")
+    except pl.exceptions.PolarsError as err:
+        raise MedstateError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
+    names = schema.names()
+    frame = frame.rename({old: new for old, new in _RENAMES.items() if old in names and new not in names})
+    schema = frame.collect_schema()
+    names = schema.names()
+    missing = [c for c in ("subject_id", "time", "code") if c not in names]
+    if missing:
+        raise MedstateError(f"{path} lacks the MEDS column(s) {missing}")
+    _check_types(path, schema)
+    if "numeric_value" not in names:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
+    if "text_value" not in names:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("text_value"))
+    parts = path.relative_to(root / "data").parts
+    split = parts[0] if len(parts) > 1 else ""
+    return frame.with_columns(
+        *(pl.col(name).cast(dtype) for name, dtype in MEDS_SCHEMA.items()), pl.lit(split).alias("split")
+    )
 
 
 _TYPE_CHECKS = {

@@ -1,0 +1,541 @@
+"""MIMIC-IV v2.x CSV tables → MEDS events, following the conventions of the official MIMIC-IV MEDS ETL.
+
+Each table is described as data (`TABLES`): which events a row yields, how each event's code is assembled from
+literal parts and columns (`$column`; a missing part becomes `UNK`), which column gives its time, value and extra
+columns. Tables stream in batches (`csv_stream`), so memory stays bounded by the batch and the admissions lookup.
+Beyond the official ETL's tables, `prescriptions` (MEDICATION//PRESCRIPTION//<drug>) and `procedureevents`
+(PROCEDURE//START|END//<itemid>) are read too, as the issue asks; pass `tables=` to choose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from medstate.data.csv_stream import csv_columns, stream_csv
+from medstate.data.report import ConversionReport
+from medstate.errors import MedstateError
+
+MISSING_PART = "UNK"
+TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+
+EXTRA_COLUMNS: dict[str, pl.DataType] = {
+    "hadm_id": pl.Int64,
+    "icustay_id": pl.Int64,
+    "unit": pl.String,
+    "priority": pl.String,
+    "insurance": pl.String,
+    "language": pl.String,
+    "marital_status": pl.String,
+    "race": pl.String,
+    "drg_severity": pl.Int64,
+    "drg_mortality": pl.Int64,
+    "emar_id": pl.String,
+    "emar_seq": pl.Int64,
+    "route": pl.String,
+    "frequency": pl.String,
+    "doses_per_24_hrs": pl.Float64,
+    "poe_id": pl.String,
+    "order_id": pl.Int64,
+    "link_order_id": pl.Int64,
+    "ordercategorydescription": pl.String,
+    "statusdescription": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event per row: `code` parts are literals or `$column`; `time` names a column (None: a static fact)."""
+
+    code: tuple[str, ...]
+    time: str | None
+    numeric: str | None = None
+    text: str | None = None
+    extras: dict[str, str] = field(default_factory=dict)  # output column -> source column
+    optional: bool = False  # a row without this event's time simply has no such event (e.g. no ED stay)
+
+    def columns(self) -> set[str]:
+        parts = {p[1:] for p in self.code if p.startswith("$")}
+        return parts | {c for c in (self.time, self.numeric, self.text) if c} | set(self.extras.values())
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    path: str  # relative to the MIMIC-IV root, without .csv/.csv.gz
+    events: tuple[EventSpec, ...]
+    # columns added from admissions (joined on hadm_id) or computed before the events are cut
+    derive: Callable[[pl.DataFrame, Admissions], pl.DataFrame] | None = None
+    derived_columns: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.path.split("/")[-1]
+
+    def source_columns(self) -> list[str]:
+        needed = set().union(*(e.columns() for e in self.events)) - self.derived_columns
+        return sorted(needed | {"subject_id"} | _DERIVE_INPUTS.get(self.path, set()))
+
+
+class Admissions:
+    """hadm_id → discharge time, and subject → in-hospital death time, used by other tables (small: one row per stay)."""
+
+    def __init__(self, frame: pl.DataFrame):
+        self.discharge = frame.select(
+            pl.col("hadm_id").cast(pl.Int64, strict=False), _parse_time("dischtime").alias("hadm_discharge_time")
+        ).drop_nulls("hadm_id")
+        self.death = (
+            frame.select(pl.col("subject_id").cast(pl.Int64, strict=False), _parse_time("deathtime").alias("deathtime"))
+            .drop_nulls()
+            .group_by("subject_id")
+            .agg(pl.col("deathtime").max())
+        )
+
+
+def _with_discharge_time(frame: pl.DataFrame, admissions: Admissions) -> pl.DataFrame:
+    frame = frame.with_columns(pl.col("hadm_id").cast(pl.Int64, strict=False).alias("_hadm"))
+    joined = frame.join(
+        admissions.discharge.rename({"hadm_id": "_hadm"}), on="_hadm", how="left", maintain_order="left"
+    )
+    return joined.drop("_hadm").with_columns(pl.col("hadm_discharge_time").dt.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _drg(frame: pl.DataFrame, admissions: Admissions) -> pl.DataFrame:
+    """DRG codes are numbers in the official ETL ("021" → "21"); non-numeric codes stay as they are."""
+    number = pl.col("drg_code").str.strip_chars().cast(pl.Int64, strict=False).cast(pl.String)
+    return _with_discharge_time(
+        frame.with_columns(pl.coalesce(number, pl.col("drg_code")).alias("drg_code")), admissions
+    )
+
+
+def _birth_and_death(frame: pl.DataFrame, admissions: Admissions) -> pl.DataFrame:
+    """Birth: 1 January of anchor_year − anchor_age. Death: the in-hospital deathtime if any, else dod."""
+    birth_year = pl.col("anchor_year").cast(pl.Int64, strict=False) - pl.col("anchor_age").cast(pl.Int64, strict=False)
+    frame = frame.with_columns(
+        pl.col("subject_id").cast(pl.Int64, strict=False).alias("_subject"),
+        pl.format("{}-01-01", birth_year.cast(pl.String).str.zfill(4)).alias("year_of_birth"),
+    )
+    death = admissions.death.rename({"subject_id": "_subject"})
+    frame = frame.join(death, on="_subject", how="left", maintain_order="left")
+    death_time = pl.coalesce(pl.col("deathtime").dt.strftime("%Y-%m-%d %H:%M:%S"), pl.col("dod"))
+    return frame.with_columns(death_time.alias("death_time")).drop("_subject", "deathtime")
+
+
+_DERIVE_INPUTS = {
+    "hosp/patients": {"anchor_year", "anchor_age", "dod"},
+    "hosp/diagnoses_icd": {"hadm_id"},
+    "hosp/drgcodes": {"hadm_id"},
+}
+
+
+def _event(code, time, **kwargs) -> EventSpec:
+    return EventSpec(code=tuple(code), time=time, **kwargs)
+
+
+_HADM = {"hadm_id": "hadm_id"}
+_STAY = {"hadm_id": "hadm_id", "icustay_id": "stay_id"}
+
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec(
+        "hosp/patients",
+        (
+            _event(["GENDER", "$gender"], None),
+            _event(["MEDS_BIRTH"], "year_of_birth"),
+            _event(["MEDS_DEATH"], "death_time", optional=True),
+        ),
+        derive=_birth_and_death,
+        derived_columns=frozenset({"year_of_birth", "death_time"}),
+    ),
+    TableSpec(
+        "hosp/admissions",
+        (
+            _event(["ED_REGISTRATION"], "edregtime", extras=_HADM, optional=True),
+            _event(["ED_OUT"], "edouttime", extras=_HADM, optional=True),
+            _event(
+                ["HOSPITAL_ADMISSION", "$admission_type", "$admission_location"],
+                "admittime",
+                extras={**_HADM, **{c: c for c in ("insurance", "language", "marital_status", "race")}},
+            ),
+            _event(["HOSPITAL_DISCHARGE", "$discharge_location"], "dischtime", extras=_HADM),
+        ),
+    ),
+    TableSpec(
+        "hosp/diagnoses_icd",
+        (_event(["DIAGNOSIS", "ICD", "$icd_version", "$icd_code"], "hadm_discharge_time", extras=_HADM),),
+        derive=_with_discharge_time,
+        derived_columns=frozenset({"hadm_discharge_time"}),
+    ),
+    TableSpec(
+        "hosp/drgcodes",
+        (
+            _event(
+                ["DRG", "$drg_type", "$drg_code", "$description"],
+                "hadm_discharge_time",
+                extras={**_HADM, "drg_severity": "drg_severity", "drg_mortality": "drg_mortality"},
+            ),
+        ),
+        derive=_drg,
+        derived_columns=frozenset({"hadm_discharge_time"}),
+    ),
+    TableSpec("hosp/transfers", (_event(["TRANSFER_TO", "$eventtype", "$careunit"], "intime", extras=_HADM),)),
+    TableSpec(
+        "hosp/procedures_icd", (_event(["PROCEDURE", "ICD", "$icd_version", "$icd_code"], "chartdate", extras=_HADM),)
+    ),
+    TableSpec("hosp/hcpcsevents", (_event(["HCPCS", "$short_description"], "chartdate", extras=_HADM),)),
+    TableSpec(
+        "hosp/labevents",
+        (
+            _event(
+                ["LAB", "$itemid", "$valueuom"],
+                "charttime",
+                numeric="valuenum",
+                text="value",
+                extras={**_HADM, "priority": "priority"},
+            ),
+        ),
+    ),
+    TableSpec("hosp/omr", (_event(["$result_name"], "chartdate", text="result_value"),)),
+    TableSpec(
+        "hosp/emar",
+        (
+            _event(
+                ["MEDICATION", "$medication", "$event_txt"],
+                "charttime",
+                extras={**_HADM, "emar_id": "emar_id", "emar_seq": "emar_seq"},
+            ),
+        ),
+    ),
+    TableSpec(
+        "hosp/pharmacy",
+        (
+            _event(
+                ["MEDICATION", "START", "$medication"],
+                "starttime",
+                extras={
+                    **_HADM,
+                    **{c: c for c in ("route", "frequency", "doses_per_24_hrs", "poe_id")},
+                },
+            ),
+            _event(
+                ["MEDICATION", "STOP", "$medication"], "stoptime", extras={**_HADM, "poe_id": "poe_id"}, optional=True
+            ),
+        ),
+    ),
+    TableSpec(
+        "hosp/prescriptions",
+        (
+            _event(
+                ["MEDICATION", "PRESCRIPTION", "$drug"],
+                "starttime",
+                numeric="dose_val_rx",
+                extras={**_HADM, "unit": "dose_unit_rx", "route": "route", "poe_id": "poe_id"},
+            ),
+        ),
+    ),
+    TableSpec(
+        "icu/icustays",
+        (
+            _event(["ICU_ADMISSION", "$first_careunit"], "intime", extras=_STAY),
+            _event(["ICU_DISCHARGE", "$last_careunit"], "outtime", extras=_STAY, optional=True),
+        ),
+    ),
+    TableSpec(
+        "icu/inputevents",
+        (
+            _event(
+                ["INFUSION_START", "$itemid"],
+                "starttime",
+                numeric="rate",
+                extras={
+                    **_STAY,
+                    "unit": "rateuom",
+                    "order_id": "orderid",
+                    "link_order_id": "linkorderid",
+                    "ordercategorydescription": "ordercategorydescription",
+                    "statusdescription": "statusdescription",
+                },
+            ),
+            _event(
+                ["INFUSION_END", "$itemid"],
+                "endtime",
+                numeric="amount",
+                extras={
+                    **_STAY,
+                    "unit": "amountuom",
+                    "order_id": "orderid",
+                    "link_order_id": "linkorderid",
+                    "ordercategorydescription": "ordercategorydescription",
+                    "statusdescription": "statusdescription",
+                },
+                optional=True,
+            ),
+            _event(["SUBJECT_WEIGHT_AT_INFUSION", "KG"], "starttime", numeric="patientweight", extras=_STAY),
+        ),
+    ),
+    TableSpec(
+        "icu/outputevents",
+        (_event(["SUBJECT_FLUID_OUTPUT", "$itemid", "$valueuom"], "charttime", numeric="value", extras=_STAY),),
+    ),
+    TableSpec(
+        "icu/procedureevents",
+        (
+            _event(["PROCEDURE", "START", "$itemid"], "starttime", extras=_STAY),
+            _event(["PROCEDURE", "END", "$itemid"], "endtime", extras=_STAY, optional=True),
+        ),
+    ),
+    TableSpec(
+        "icu/chartevents",
+        (
+            _event(
+                ["LAB", "$itemid", "$valueuom"],
+                "charttime",
+                numeric="valuenum",
+                text="value",
+                extras=_STAY,
+            ),
+        ),
+    ),
+)
+TABLE_NAMES = tuple(t.name for t in TABLES)
+
+
+def find_table(root: Path, path: str) -> Path | None:
+    for suffix in (".csv.gz", ".csv"):
+        candidate = root / f"{path}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def input_bytes(root: Path, tables: tuple[TableSpec, ...] = TABLES) -> int:
+    return sum(p.stat().st_size for t in tables if (p := find_table(Path(root), t.path)))
+
+
+def select_tables(names: list[str] | None) -> tuple[TableSpec, ...]:
+    if not names:
+        return TABLES
+    unknown = sorted(set(names) - set(TABLE_NAMES))
+    if unknown:
+        raise MedstateError(f"unknown MIMIC-IV table(s) {unknown}; known: {', '.join(TABLE_NAMES)}")
+    return tuple(t for t in TABLES if t.name in names)
+
+
+def read_mimic(
+    root: str | Path,
+    report: ConversionReport,
+    tables: tuple[TableSpec, ...] = TABLES,
+    on_batch: Callable[[int], None] | None = None,
+):
+    """Yield (source, events) per batch: events are MEDS columns plus the table's extra columns.
+
+    `on_batch(rows)` is called after each batch (for progress)."""
+    root = Path(root)
+    present = {t.path: find_table(root, t.path) for t in tables}
+    if not any(present.values()):
+        raise MedstateError(
+            f"no MIMIC-IV tables under {root} (expected e.g. hosp/patients.csv.gz and icu/icustays.csv.gz)"
+        )
+    admissions = _load_admissions(root, report)
+    for table in tables:
+        path = present[table.path]
+        if path is None:
+            report.note(f"{table.path}: not present, skipped")
+            continue
+        if not _has_columns(path, table, report):
+            continue
+        for batch in stream_csv(path, table.source_columns(), table.name, report):
+            report.read(table.name, batch.frame.height)
+            yield from _events_of_batch(table, batch.frame, batch.first_line, path, admissions, report)
+            if on_batch:
+                on_batch(batch.frame.height)
+
+
+def _load_admissions(root: Path, report: ConversionReport) -> Admissions:
+    path = find_table(root, "hosp/admissions")
+    columns = ["subject_id", "hadm_id", "dischtime", "deathtime"]
+    if path is None or not set(columns) <= set(csv_columns(path)):
+        report.note("hosp/admissions absent or incomplete: diagnoses and DRGs get no time, deaths use dod only")
+        return Admissions(pl.DataFrame({c: [] for c in columns}, schema=dict.fromkeys(columns, pl.String)))
+    silent = ConversionReport(strict=False)  # problems in admissions are counted when the table itself is read
+    frames = [b.frame for b in stream_csv(path, columns, "admissions", silent)]
+    return Admissions(pl.concat(frames) if frames else pl.DataFrame(schema=dict.fromkeys(columns, pl.String)))
+
+
+def _has_columns(path: Path, table: TableSpec, report: ConversionReport) -> bool:
+    try:
+        header = csv_columns(path)
+    except (OSError, ValueError) as err:
+        report.problem(table.name, "unreadable file", f"{path}: {str(err).splitlines()[0]}")
+        return False
+    missing = [c for c in table.source_columns() if c not in header]
+    if missing:
+        rows = sum(b.frame.height for b in stream_csv(path, [header[0]], table.name, ConversionReport()))
+        report.read(table.name, rows)
+        report.problem(
+            table.name, f"table skipped: missing column(s) {missing}", f"{path}: missing column(s) {missing}", n=rows
+        )
+        return False
+    return True
+
+
+def _parse_time(column: str) -> pl.Expr:
+    text = pl.col(column).str.strip_chars()
+    return pl.coalesce(*(text.str.strptime(pl.Datetime("us"), fmt, strict=False) for fmt in TIME_FORMATS))
+
+
+def _code_part(part: str) -> pl.Expr:
+    if not part.startswith("$"):
+        return pl.lit(part)
+    # verbatim, like the official ETL (a lone space stays a space); only an empty field becomes UNK
+    return pl.col(part[1:]).fill_null(MISSING_PART)
+
+
+def _events_of_batch(
+    table: TableSpec, frame: pl.DataFrame, first_line: int, path: Path, admissions: Admissions, report: ConversionReport
+):
+    source = table.name
+    frame = frame.with_row_index("_row")
+    subject = pl.col("subject_id").str.strip_chars().cast(pl.Int64, strict=False)
+    bad_subject = subject.is_null()
+    _count(report, source, frame, bad_subject, "subject_id missing or not an integer", first_line, path, "subject_id")
+    frame = frame.filter(~bad_subject).with_columns(subject.alias("subject_id"))
+    if table.derive is not None:
+        frame = table.derive(frame, admissions)
+    for spec in table.events:
+        yield source, _cut_event(spec, frame, source, first_line, path, report)
+
+
+def _cut_event(
+    spec: EventSpec, frame: pl.DataFrame, source: str, first_line: int, path: Path, report: ConversionReport
+) -> pl.DataFrame:
+    columns = [pl.col("subject_id")]
+    if spec.time is None:
+        columns.append(pl.lit(None, dtype=pl.Datetime("us")).alias("time"))
+    else:
+        raw = pl.col(spec.time)
+        parsed = _parse_time(spec.time)
+        missing = raw.is_null()
+        unparseable = ~missing & parsed.is_null()
+        _count(report, source, frame, unparseable, f"unparseable date in {spec.time}", first_line, path, spec.time)
+        if not spec.optional:
+            _count(report, source, frame, missing, f"no {spec.time}", first_line, path, spec.time)
+        frame = frame.filter(parsed.is_not_null())
+        columns.append(parsed.alias("time"))
+    columns.append(pl.concat_str([_code_part(p) for p in spec.code], separator="//").alias("code"))
+    if spec.numeric:
+        number = pl.col(spec.numeric).str.strip_chars().cast(pl.Float32, strict=False)
+        not_number = pl.col(spec.numeric).is_not_null() & number.is_null()
+        _count(
+            report,
+            source,
+            frame,
+            not_number,
+            f"{spec.numeric} not a number (blanked)",
+            first_line,
+            path,
+            spec.numeric,
+            kept=True,
+        )
+        columns.append(number.alias("numeric_value"))
+    if spec.text:
+        text = pl.col(spec.text)
+        if spec.numeric:  # a text that only repeats the number is dropped (as in the official ETL)
+            repeats = text.str.strip_chars().cast(pl.Float32, strict=False) == columns[-1].meta.undo_aliases()
+            text = pl.when(repeats.fill_null(False)).then(None).otherwise(text)
+        columns.append(text.alias("text_value"))
+    for out, src in spec.extras.items():
+        dtype = EXTRA_COLUMNS[out]
+        value = pl.col(src)
+        if dtype.is_numeric():
+            value = value.str.strip_chars().cast(pl.Float64, strict=False).cast(dtype, strict=False)
+        columns.append(value.alias(out))
+    return frame.select(columns)
+
+
+def _count(report, source, frame, mask, reason, first_line, path, column, kept=False) -> None:
+    bad = frame.select(mask.sum().alias("n"), pl.col("_row").filter(mask).first().alias("row")).row(0)
+    if bad[0]:
+        report.problem(source, reason, f"{path} line {first_line + bad[1]} ({column})", n=bad[0], kept=kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# code descriptions and parent codes for metadata/codes.parquet
+
+
+def icd_parent(version: str, code: str, kind: str) -> str:
+    """ICD code as written in ontologies (dotted): ICD9CM/428.0, ICD10CM/I50.9, ICD9Proc/88.54, ICD10PCS/0BB38ZX."""
+    code = code.strip()
+    if kind == "DIAGNOSIS":
+        if version == "9":
+            cut = 4 if code.startswith("E") else 3
+            return f"ICD9CM/{code[:cut]}.{code[cut:]}" if len(code) > cut else f"ICD9CM/{code}"
+        return f"ICD10CM/{code[:3]}.{code[3:]}" if len(code) > 3 else f"ICD10CM/{code}"
+    if version == "9":
+        return f"ICD9Proc/{code[:2]}.{code[2:]}" if len(code) > 2 else f"ICD9Proc/{code}"
+    return f"ICD10PCS/{code}"
+
+
+def code_metadata(root: str | Path) -> Callable[[pl.Series], pl.DataFrame]:
+    """A function from the dataset's codes to (code, description, parent_codes), using the d_* dictionaries."""
+    root = Path(root)
+
+    def dictionary(path: str, columns: list[str]) -> pl.DataFrame | None:
+        file = find_table(root, path)
+        if file is None or not set(columns) <= set(csv_columns(file)):
+            return None
+        frames = [b.frame for b in stream_csv(file, columns, path, ConversionReport())]
+        return pl.concat(frames) if frames else None
+
+    icd = {
+        "DIAGNOSIS": dictionary("hosp/d_icd_diagnoses", ["icd_code", "icd_version", "long_title"]),
+        "PROCEDURE": dictionary("hosp/d_icd_procedures", ["icd_code", "icd_version", "long_title"]),
+    }
+    labitems = dictionary("hosp/d_labitems", ["itemid", "label", "fluid", "category"])
+    items = dictionary("icu/d_items", ["itemid", "label"])
+
+    def describe(codes: pl.Series) -> pl.DataFrame:
+        parts = pl.DataFrame({"code": codes}).with_columns(pl.col("code").str.split("//").alias("p"))
+        parts = parts.with_columns(
+            pl.col("p").list.get(0, null_on_oob=True).alias("family"),
+            pl.col("p").list.get(1, null_on_oob=True).alias("p1"),
+            pl.col("p").list.get(2, null_on_oob=True).alias("p2"),
+            pl.col("p").list.get(3, null_on_oob=True).alias("p3"),
+        )
+        out = []
+        for family, table in icd.items():
+            rows = parts.filter((pl.col("family") == family) & (pl.col("p1") == "ICD"))
+            if table is not None and rows.height:
+                rows = rows.join(table, left_on=["p2", "p3"], right_on=["icd_version", "icd_code"], how="left")
+                parents = [[icd_parent(v, c, family)] for v, c in zip(rows["p2"], rows["p3"])]
+                out.append(
+                    rows.select("code", pl.col("long_title").alias("description"), pl.Series("parent_codes", parents))
+                )
+        if labitems is not None:
+            labels = labitems.select(
+                "itemid", pl.format("{} ({}, {})", "label", "fluid", "category").alias("description")
+            )
+            rows = parts.filter(pl.col("family") == "LAB").join(labels, left_on="p1", right_on="itemid", how="inner")
+            out.append(rows.select("code", "description"))
+        if items is not None:
+            itemised = ("LAB", "INFUSION_START", "INFUSION_END", "SUBJECT_FLUID_OUTPUT")
+            rows = parts.filter(pl.col("family").is_in(itemised)).join(
+                items, left_on="p1", right_on="itemid", how="inner"
+            )
+            procedure = parts.filter((pl.col("family") == "PROCEDURE") & pl.col("p1").is_in(["START", "END"]))
+            rows = pl.concat([rows, procedure.join(items, left_on="p2", right_on="itemid", how="inner")])
+            out.append(rows.select("code", pl.col("label").alias("description")))
+        out = [
+            o.with_columns(pl.col("parent_codes").cast(pl.List(pl.String)))
+            if "parent_codes" in o.columns
+            else o.with_columns(pl.lit(None, dtype=pl.List(pl.String)).alias("parent_codes"))
+            for o in out
+        ]
+        if not out:
+            return pl.DataFrame(
+                schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)}
+            )
+        return pl.concat(out, how="vertical_relaxed")
+
+    return describe

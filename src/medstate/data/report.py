@@ -1,0 +1,85 @@
+"""Conversion accounting: nothing is dropped silently.
+
+Every reader counts, per source (a MIMIC-IV table or a FHIR resource type), the records it read, the events it
+wrote, the records it skipped by reason and the values it had to blank by reason. Lenient mode (the default) counts
+and goes on; strict mode stops at the first problem with a one-line error naming the file and line or record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medstate.errors import MedstateError
+
+
+@dataclass
+class SourceCounts:
+    read: int = 0
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    coerced: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "written": self.written,
+            "skipped": dict(sorted(self.skipped.items())),
+            "coerced": dict(sorted(self.coerced.items())),
+        }
+
+
+class ConversionReport:
+    """Counts per source. `problem()` is the single place where strictness is decided."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.sources: dict[str, SourceCounts] = defaultdict(SourceCounts)
+        self.notes: list[str] = []
+
+    def read(self, source: str, n: int = 1) -> None:
+        self.sources[source].read += n
+
+    def written(self, source: str, n: int) -> None:
+        self.sources[source].written += n
+
+    def problem(self, source: str, reason: str, where: str, n: int = 1, kept: bool = False) -> None:
+        """Record `n` bad records (or values, when `kept`: the record stays with the value blanked).
+
+        `where` locates the first of them for the strict-mode message, e.g. "labevents.csv.gz line 12"."""
+        if n <= 0:
+            return
+        if self.strict:
+            raise MedstateError(
+                f"{where}: {reason} (strict mode stops at the first bad record; drop --strict to skip and count)"
+            )
+        counts = self.sources[source]
+        (counts.coerced if kept else counts.skipped)[reason] += n
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @property
+    def total_read(self) -> int:
+        return sum(c.read for c in self.sources.values())
+
+    @property
+    def total_written(self) -> int:
+        return sum(c.written for c in self.sources.values())
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(sum(c.skipped.values()) for c in self.sources.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "strict": self.strict,
+            "totals": {"read": self.total_read, "written": self.total_written, "skipped": self.total_skipped},
+            "sources": {name: counts.as_dict() for name, counts in sorted(self.sources.items())},
+            "notes": self.notes,
+        }
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")

@@ -1,0 +1,227 @@
+"""Writing a MEDS dataset with bounded memory.
+
+Readers hand over batches of events. Stage 1 appends each batch, partitioned by `subject_id % shards`, to one
+staging parquet file per shard, so no more than a batch is held. Stage 2 reads one staging file at a time (1/shards
+of the data), drops exact duplicate rows (counted), sorts by subject_id then time (static facts, with a null time,
+first), and writes `data/<split>/<shard>.parquet`. Splits are drawn per subject from a seeded permutation, so the
+same input and seed give the same dataset. The dataset is assembled in `<output>.partial/` and renamed into place
+at the end: an interrupted conversion never leaves a half-written dataset where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from medstate import __version__
+from medstate.data.meds import MEDS_SCHEMA
+from medstate.data.report import ConversionReport
+from medstate.errors import MedstateError
+
+MEDS_VERSION = "0.3.3"
+SPLITS = ("train", "tuning", "held_out")
+_SOURCE = "_source"
+_STAGING_BYTES_PER_SHARD = 64 << 20
+
+
+def auto_shards(input_bytes: int) -> int:
+    """About 4 M events per shard for compressed MIMIC-like input (≈16 compressed bytes per event)."""
+    return max(1, math.ceil(input_bytes / _STAGING_BYTES_PER_SHARD))
+
+
+@dataclass
+class WriteSummary:
+    output: Path
+    subjects: int
+    events: int
+    shards: int
+    subjects_per_split: dict[str, int]
+    codes: int
+
+
+class MedsWriter:
+    """Collects event batches (MEDS columns plus any of `extra_columns`) and writes a MEDS dataset."""
+
+    def __init__(
+        self,
+        output: str | Path,
+        report: ConversionReport,
+        extra_columns: dict[str, pl.DataType] | None = None,
+        shards: int = 1,
+        overwrite: bool = False,
+    ):
+        self.output = Path(output)
+        if self.output.exists() and any(self.output.iterdir()) and not overwrite:
+            raise MedstateError(f"output directory {self.output} is not empty; choose another or pass --overwrite")
+        if shards < 1:
+            raise MedstateError(f"--shards must be at least 1, got {shards}")
+        self.report = report
+        self.shards = shards
+        self.overwrite = overwrite
+        self.schema = {**MEDS_SCHEMA, **(extra_columns or {}), _SOURCE: pl.String}
+        self.partial = self.output.with_name(self.output.name + ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        (self.partial / "staging").mkdir(parents=True)
+        self._writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, events: pl.DataFrame, source: str) -> None:
+        """Append events from one source. Columns outside the schema are an error in the reader, not the data."""
+        if events.is_empty():
+            return
+        unknown = set(events.columns) - set(self.schema)
+        if unknown:
+            raise ValueError(f"columns {sorted(unknown)} are not in the writer schema")
+        events = events.select(
+            (pl.col(name) if name in events.columns else pl.lit(None)).cast(dtype).alias(name)
+            for name, dtype in self.schema.items()
+            if name != _SOURCE
+        ).with_columns(pl.lit(source).alias(_SOURCE))
+        self.report.written(source, events.height)
+        if self.shards == 1:
+            self._append(0, events)
+            return
+        shard_of = (pl.col("subject_id") % self.shards).alias("_shard")
+        for (shard,), part in events.with_columns(shard_of).partition_by("_shard", as_dict=True).items():
+            self._append(int(shard), part.drop("_shard"))
+
+    def _append(self, shard: int, events: pl.DataFrame) -> None:
+        table = events.to_arrow()
+        if shard not in self._writers:
+            path = self.partial / "staging" / f"{shard}.parquet"
+            self._writers[shard] = pq.ParquetWriter(path, table.schema, compression="zstd")
+        self._writers[shard].write_table(table)
+
+    def finish(
+        self,
+        dataset_name: str,
+        dataset_version: str = "",
+        seed: int = 0,
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        code_metadata: Callable[[pl.Series], pl.DataFrame] | None = None,
+        subject_map: pl.DataFrame | None = None,
+        splits: pl.DataFrame | None = None,
+    ) -> WriteSummary:
+        """Sort, split and write the dataset. `splits` (subject_id, split) keeps a source's own splits; subjects it
+        does not list are drawn like the rest."""
+        for writer in self._writers.values():
+            writer.close()
+        staging = [self.partial / "staging" / f"{shard}.parquet" for shard in sorted(self._writers)]
+        subjects = (
+            pl.concat([pl.scan_parquet(p).select("subject_id").unique() for p in staging]).collect()
+            if staging
+            else pl.DataFrame(schema={"subject_id": pl.Int64})
+        )
+        if subjects.is_empty():
+            shutil.rmtree(self.partial)
+            raise MedstateError("no events were read; check the input path and format (see the report above)")
+        given = splits.join(subjects, on="subject_id", how="semi") if splits is not None else None
+        if given is None or given.height < subjects.height:
+            rest = subjects if given is None else subjects.join(given, on="subject_id", how="anti")
+            drawn = assign_splits(rest["subject_id"], seed, split_fractions)
+            given = drawn if given is None else pl.concat([given, drawn])
+        splits = given.sort("subject_id")
+        code_counts = []
+        events_total = 0
+        for path in staging:
+            events = pl.read_parquet(path)
+            deduplicated = events.unique(maintain_order=True)
+            if deduplicated.height < events.height:
+                dropped = (
+                    events.group_by(_SOURCE)
+                    .len()
+                    .join(deduplicated.group_by(_SOURCE).len(), on=_SOURCE, how="left", suffix="_kept")
+                )
+                for source, n, kept in dropped.filter(pl.col("len") > pl.col("len_kept").fill_null(0)).iter_rows():
+                    self.report.sources[source].skipped["exact duplicate event"] += n - (kept or 0)
+                    self.report.sources[source].written -= n - (kept or 0)
+            events = (
+                deduplicated.drop(_SOURCE)
+                .sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
+                .join(splits, on="subject_id", how="left", maintain_order="left")
+            )
+            events_total += events.height
+            code_counts.append(events.group_by("code").len())
+            for (split,), part in events.partition_by("split", as_dict=True).items():
+                out = self.partial / "data" / split / path.name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                part.drop("split").write_parquet(out, compression="zstd")
+            del events, deduplicated
+        shutil.rmtree(self.partial / "staging")
+        metadata = self.partial / "metadata"
+        metadata.mkdir()
+        splits.write_parquet(metadata / "subject_splits.parquet")
+        codes = pl.concat(code_counts).group_by("code").agg(pl.col("len").sum().alias("count")).sort("code")
+        _codes_table(codes, code_metadata).write_parquet(metadata / "codes.parquet")
+        if subject_map is not None:
+            subject_map.write_parquet(metadata / "subject_map.parquet")
+        (metadata / "dataset.json").write_text(
+            json.dumps(
+                {
+                    "dataset_name": dataset_name,
+                    "dataset_version": dataset_version,
+                    "etl_name": "medstate",
+                    "etl_version": __version__,
+                    "meds_version": MEDS_VERSION,
+                    "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(),
+                    "split_seed": seed,
+                    "split_fractions": dict(zip(SPLITS, split_fractions)),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        self.report.write(self.partial / "report.json")
+        if self.output.exists():  # empty, or the user asked to overwrite it (checked when the writer was made)
+            shutil.rmtree(self.output)
+        self.partial.rename(self.output)
+        per_split = splits.group_by("split").len()
+        return WriteSummary(
+            output=self.output,
+            subjects=subjects.height,
+            events=events_total,
+            shards=len(staging),
+            subjects_per_split=dict(zip(per_split["split"], per_split["len"])),
+            codes=codes.height,
+        )
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def assign_splits(subject_ids: pl.Series, seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
+    """Subject-level train/tuning/held_out: a seeded permutation of the sorted ids, cut by the fractions (rounded
+    so that the counts add up). The same ids and seed give the same splits on any machine."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise MedstateError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    ids = np.sort(subject_ids.unique().to_numpy())
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_train = round(fractions[0] * len(ids))
+    n_tuning = round(fractions[1] * len(ids))
+    labels = np.empty(len(ids), dtype=object)
+    labels[order[:n_train]] = "train"
+    labels[order[n_train : n_train + n_tuning]] = "tuning"
+    labels[order[n_train + n_tuning :]] = "held_out"
+    return pl.DataFrame(
+        {"subject_id": ids, "split": labels.tolist()}, schema={"subject_id": pl.Int64, "split": pl.String}
+    )
+
+
+def _codes_table(codes: pl.DataFrame, code_metadata: Callable[[pl.Series], pl.DataFrame] | None) -> pl.DataFrame:
+    """codes.parquet: every code in the data with its event count, and its description and parent codes where the
+    source's dictionaries know them."""
+    known = pl.DataFrame(schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)})
+    if code_metadata is not None:
+        known = pl.concat([known, code_metadata(codes["code"])], how="vertical_relaxed")
+    known = known.unique("code", keep="first", maintain_order=True)
+    return codes.join(known, on="code", how="left").select("code", "description", "parent_codes", "count")
