@@ -24,6 +24,8 @@ COMMANDS = [
     ["version"],
     ["data"],
     ["data", "describe"],
+    ["data", "convert"],
+    ["data", "compare"],
 ]
 
 

@@ -35,13 +35,15 @@ def convert(
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     tables: list[str] | None = None,
+    exclude_files: list[str] | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert `input` into a MEDS dataset at `output`.
 
     Lenient (default): bad records are skipped and counted by reason in `output/report.json`. Strict: the first bad
-    record raises a MedstateError naming its file and line or record, and nothing is written."""
+    record raises a MedstateError naming its file and line or record, and nothing is written.
+    `tables` chooses MIMIC-IV tables; `exclude_files` leaves out FHIR files by glob pattern on their names."""
     input = Path(input)
     if format not in FORMATS:
         raise MedstateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -55,7 +57,7 @@ def convert(
         extras, size = mimic.EXTRA_COLUMNS, mimic.input_bytes(input, specs)
         name, describe_codes, splits = "MIMIC-IV", mimic.code_metadata(input), None
     elif format == "fhir":
-        reader = fhir.FhirReader(input, report, progress=progress)
+        reader = fhir.FhirReader(input, report, progress=progress, exclude_files=exclude_files)
         events, extras, size = reader.events(), fhir.EXTRA_COLUMNS, reader.input_bytes
         name, describe_codes, splits = "FHIR", None, None
     else:

@@ -21,6 +21,9 @@ class SourceCounts:
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     coerced: Counter = field(default_factory=Counter)
+    # events identical in every column to another event (e.g. a weight repeated for each infusion started at the
+    # same minute): written once. The records themselves were converted, so this is not a skip.
+    duplicates_merged: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -28,6 +31,7 @@ class SourceCounts:
             "written": self.written,
             "skipped": dict(sorted(self.skipped.items())),
             "coerced": dict(sorted(self.coerced.items())),
+            "duplicates_merged": self.duplicates_merged,
         }
 
 
@@ -38,6 +42,7 @@ class ConversionReport:
         self.strict = strict
         self.sources: dict[str, SourceCounts] = defaultdict(SourceCounts)
         self.notes: list[str] = []
+        self.ignored: Counter = Counter()  # records read that carry no event by design (e.g. FHIR Organization)
 
     def read(self, source: str, n: int = 1) -> None:
         self.sources[source].read += n
@@ -57,6 +62,9 @@ class ConversionReport:
             )
         counts = self.sources[source]
         (counts.coerced if kept else counts.skipped)[reason] += n
+
+    def ignore(self, source: str) -> None:
+        self.ignored[source] += 1
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -78,6 +86,7 @@ class ConversionReport:
             "strict": self.strict,
             "totals": {"read": self.total_read, "written": self.total_written, "skipped": self.total_skipped},
             "sources": {name: counts.as_dict() for name, counts in sorted(self.sources.items())},
+            "ignored": dict(sorted(self.ignored.items())),
             "notes": self.notes,
         }
 

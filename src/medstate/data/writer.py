@@ -73,19 +73,22 @@ class MedsWriter:
         (self.partial / "staging").mkdir(parents=True)
         self._writers: dict[int, pq.ParquetWriter] = {}
 
-    def add(self, events: pl.DataFrame, source: str) -> None:
-        """Append events from one source. Columns outside the schema are an error in the reader, not the data."""
+    def add(self, events: pl.DataFrame, source: str | None = None) -> None:
+        """Append events from `source`, or from the sources named in their `_source` column. Columns outside the
+        schema are an error in the reader, not in the data."""
         if events.is_empty():
             return
+        if source is not None:
+            events = events.with_columns(pl.lit(source).alias(_SOURCE))
         unknown = set(events.columns) - set(self.schema)
         if unknown:
             raise ValueError(f"columns {sorted(unknown)} are not in the writer schema")
         events = events.select(
             (pl.col(name) if name in events.columns else pl.lit(None)).cast(dtype).alias(name)
             for name, dtype in self.schema.items()
-            if name != _SOURCE
-        ).with_columns(pl.lit(source).alias(_SOURCE))
-        self.report.written(source, events.height)
+        )
+        for name, n in events.group_by(_SOURCE).len().iter_rows():
+            self.report.written(name, n)
         if self.shards == 1:
             self._append(0, events)
             return
@@ -141,7 +144,7 @@ class MedsWriter:
                     .join(deduplicated.group_by(_SOURCE).len(), on=_SOURCE, how="left", suffix="_kept")
                 )
                 for source, n, kept in dropped.filter(pl.col("len") > pl.col("len_kept").fill_null(0)).iter_rows():
-                    self.report.sources[source].skipped["exact duplicate event"] += n - (kept or 0)
+                    self.report.sources[source].duplicates_merged += n - (kept or 0)
                     self.report.sources[source].written -= n - (kept or 0)
             events = (
                 deduplicated.drop(_SOURCE)

@@ -1,0 +1,572 @@
+"""FHIR R4 → MEDS events: Bundle JSON files and bulk-export NDJSON (plain or gzip), streamed resource by resource.
+
+Codes are `<FAMILY>//<vocabulary>//<code>`, the vocabulary coming from one table (`resources/code_systems.csv`), so
+that a Condition coded in ICD-9-CM becomes the `DIAGNOSIS//ICD//9//4280` the MIMIC-IV CSV reader writes. Families:
+
+    Patient                 GENDER//<F|M|O|UNK> (static), MEDS_BIRTH, MEDS_DEATH
+    Encounter               ENCOUNTER_START//<class> at period.start, ENCOUNTER_END//<class> at period.end
+    Condition               DIAGNOSIS//…   at onset, else recordedDate, else its encounter's end (as MIMIC-IV dates
+                                           diagnoses at discharge)
+    Procedure               PROCEDURE//…   at performed[DateTime|Period.start]
+    Observation             LAB (laboratory), VITAL (vital-signs) or OBSERVATION (other categories)//…[//unit];
+                            components become events of their own
+    Medication{Request,Administration,Dispense,Statement}
+                            MEDICATION//<REQUEST|ADMINISTRATION|DISPENSE|STATEMENT>//…
+    Immunization            IMMUNIZATION//…
+    AllergyIntolerance      ALLERGY//…
+    DiagnosticReport        REPORT//…      (presentedForm text kept)
+    DocumentReference       NOTE//…        (attachment text, base64-decoded, kept as text_value)
+
+Times keep their local wall-clock value (the UTC offset is dropped), as MIMIC-IV and most EHR exports record local
+time. Subject ids are stable 63-bit hashes of Patient.id, so the same patient gets the same id in every run and
+every file order; `subject_map()` links them back to Patient.id and each Patient.identifier.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import datetime as dt
+import fnmatch
+import gzip
+import hashlib
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import orjson
+import polars as pl
+
+from medstate.data.report import ConversionReport
+from medstate.errors import MedstateError
+
+EXTRA_COLUMNS: dict[str, pl.DataType] = {"unit": pl.String, "encounter_id": pl.String}
+BATCH_ROWS = 200_000
+SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
+GENDERS = {"female": "F", "male": "M", "other": "O", "unknown": "UNK"}
+MEDICATION_KINDS = {
+    "MedicationRequest": ("REQUEST", ("authoredOn",)),
+    "MedicationAdministration": ("ADMINISTRATION", ("effectiveDateTime", "effectivePeriod")),
+    "MedicationDispense": ("DISPENSE", ("whenHandedOver", "whenPrepared")),
+    "MedicationStatement": ("STATEMENT", ("effectiveDateTime", "effectivePeriod", "dateAsserted")),
+}
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    prefix: str  # e.g. "ICD//9", "SNOMED"; empty: the code is written bare
+    strip_dots: bool
+
+
+def load_code_systems() -> dict[str, Vocabulary]:
+    """The one table from FHIR code-system URIs to vocabulary prefixes."""
+    text = resources.files("medstate.data").joinpath("resources/code_systems.csv").read_text()
+    return {
+        row["system"]: Vocabulary(row["vocabulary"], row["strip_dots"] == "true") for row in csv.DictReader(text.splitlines())
+    }
+
+
+def stable_subject_id(patient_id: str) -> int:
+    """A 63-bit non-negative int64 from Patient.id: the same on every machine and in every run."""
+    return int.from_bytes(hashlib.blake2b(patient_id.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def parse_fhir_time(value: str) -> dt.datetime:
+    """FHIR date/dateTime/instant → naive local datetime. Partial dates (YYYY, YYYY-MM) take the first day."""
+    if not isinstance(value, str):
+        raise ValueError(f"not a date: {value!r}")
+    if len(value) == 4:
+        return dt.datetime(int(value), 1, 1)
+    if len(value) == 7:
+        return dt.datetime(int(value[:4]), int(value[5:7]), 1)
+    return dt.datetime.fromisoformat(value).replace(tzinfo=None)
+
+
+class _Skip(Exception):
+    """A record that cannot become an event; the reason is counted (or raised in strict mode)."""
+
+
+def _reference_id(reference: object) -> str | None:
+    """'Patient/abc', 'urn:uuid:abc', 'abc' → 'abc' (None when absent or not a literal reference)."""
+    if not isinstance(reference, dict) or not isinstance(reference.get("reference"), str):
+        return None
+    ref = reference["reference"]
+    if ref.startswith("urn:uuid:"):
+        return ref[9:]
+    if "?" in ref:  # a conditional (search) reference cannot be resolved offline
+        return None
+    return ref.rstrip("/").split("/")[-1] or None
+
+
+def _type_priority(resource_type: str | None) -> int:
+    """Patients, encounters and medications first, so that later resources find them."""
+    return {"Patient": 0, "Encounter": 1, "Medication": 2}.get(resource_type or "", 3)
+
+
+def _file_priority(path: Path) -> int:
+    name = path.name
+    for resource_type in ("Patient", "Encounter"):
+        if resource_type in name:
+            return _type_priority(resource_type)
+    return 2 if re.search(r"Medication(?!Request|Administration|Dispense|Statement)", name) else 3
+
+
+class FhirReader:
+    def __init__(
+        self,
+        root: str | Path,
+        report: ConversionReport,
+        progress: Callable[[str, int], None] | None = None,
+        exclude_files: list[str] | None = None,
+    ):
+        """`exclude_files`: glob patterns on file names to leave out (e.g. "*ED.ndjson.gz" for a module)."""
+        self.root = Path(root)
+        self.exclude_files = exclude_files or []
+        self.report = report
+        self.progress = progress or (lambda source, n: None)
+        self.code_systems = load_code_systems()
+        self.files = self._discover()
+        self.encounters: dict[str, tuple[dt.datetime | None, dt.datetime | None]] = {}
+        self.medications: dict[str, tuple[str, str]] = {}
+        self.patients: dict[str, list[tuple[str | None, str | None]]] = {}
+        self.referenced: Counter = Counter()  # events per referenced Patient.id
+        self.pending: list[tuple[dict, str]] = []
+        self._rows: dict[str, list] = self._empty_rows()
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def _discover(self) -> list[Path]:
+        if self.root.is_file():
+            files = [self.root]
+        elif self.root.is_dir():
+            files = [p for p in self.root.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)]
+            files = [p for p in files if not any(fnmatch.fnmatch(p.name, pattern) for pattern in self.exclude_files)]
+        else:
+            raise MedstateError(f"FHIR input {self.root} does not exist")
+        if not files:
+            raise MedstateError(f"no FHIR files ({', '.join(SUFFIXES)}) under {self.root}")
+        return sorted(files, key=lambda p: (_file_priority(p), str(p)))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # reading
+
+    def events(self) -> Iterator[tuple[str | None, pl.DataFrame]]:
+        """Yield batches of events (with a `_source` column naming the resource type)."""
+        for path in self.files:
+            resources_read = 0
+            for resource, where in self._resources(path):
+                resources_read += 1
+                self._convert(resource, where)
+                if len(self._rows["code"]) >= BATCH_ROWS:
+                    yield None, self._flush()
+            self.progress(path.name, resources_read)
+        pending, self.pending = self.pending, []
+        for resource, where in pending:
+            self._convert(resource, where, final=True)
+        orphans = {pid: n for pid, n in self.referenced.items() if pid not in self.patients}
+        if orphans:
+            self.report.note(
+                f"{sum(orphans.values())} events reference {len(orphans)} patients with no Patient resource "
+                "(kept: they have no gender, birth or death facts)"
+            )
+        if self._rows["code"]:
+            yield None, self._flush()
+
+    def _resources(self, path: Path) -> Iterator[tuple[dict, str]]:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as handle:
+                if path.name.endswith((".ndjson", ".ndjson.gz")):
+                    for number, line in enumerate(handle, start=1):
+                        if not line.strip():
+                            continue
+                        where = f"{path} line {number}"
+                        try:
+                            resource = orjson.loads(line)
+                        except orjson.JSONDecodeError as err:
+                            self.report.read("(invalid JSON)")
+                            self.report.problem("(invalid JSON)", "invalid JSON line", f"{where}: {err}")
+                            continue
+                        yield resource, where
+                else:
+                    try:
+                        document = orjson.loads(handle.read())
+                    except orjson.JSONDecodeError as err:
+                        self.report.read("(invalid JSON)")
+                        self.report.problem("(invalid JSON)", "invalid JSON file", f"{path}: {err}")
+                        return
+                    yield from self._bundle_entries(document, path)
+        except (EOFError, OSError, zlib.error) as err:
+            self.report.read("(unreadable file)")
+            self.report.problem(
+                "(unreadable file)", "unreadable or truncated file (rest of the file lost)", f"{path}: {err}"
+            )
+
+    def _bundle_entries(self, document: object, path: Path) -> Iterator[tuple[dict, str]]:
+        if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+            entries = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
+            numbered = sorted(enumerate(entries), key=lambda e: _type_priority(_resource_type(e[1])))
+            for index, resource in numbered:
+                yield resource, f"{path} entry {index}"
+        else:
+            yield document, str(path)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # one resource → events
+
+    def _convert(self, resource: object, where: str, final: bool = False) -> None:
+        resource_type = _resource_type(resource)
+        if resource_type is None:
+            self.report.read("(no resourceType)")
+            self.report.problem("(no resourceType)", "not a FHIR resource (no resourceType)", where)
+            return
+        if not final:
+            self.report.read(resource_type)
+        where = f"{where} ({resource_type}/{resource.get('id', '?')})"
+        handler = _HANDLERS.get(resource_type)
+        if handler is None:
+            if resource_type == "Medication":
+                self._register_medication(resource)
+            self.report.ignore(resource_type)
+            return
+        try:
+            handler(self, resource, where, final)
+        except _Skip as skip:
+            self.report.problem(resource_type, str(skip), where)
+
+    def _subject(self, resource: dict, field: str = "subject") -> str:
+        reference = resource.get(field) or resource.get("patient")
+        patient_id = _reference_id(reference)
+        if patient_id is None:
+            raise _Skip("missing subject reference")
+        return patient_id
+
+    def _time(self, resource: dict, fields: tuple[str, ...]) -> dt.datetime | None:
+        """The first present time field (a Period gives its start); unparseable dates are a skip."""
+        for name in fields:
+            value = resource.get(name)
+            if isinstance(value, dict):  # Period
+                value = value.get("start") or value.get("end")
+            if value is None:
+                continue
+            try:
+                return parse_fhir_time(value)
+            except (ValueError, TypeError):
+                raise _Skip(f"unparseable date in {name}") from None
+        return None
+
+    def _code(self, concept: object) -> str:
+        """'<vocabulary>//<code>' (or the bare code) from the first coding whose system the table knows."""
+        codings = concept.get("coding") if isinstance(concept, dict) else None
+        if not codings:
+            text = concept.get("text") if isinstance(concept, dict) else None
+            if isinstance(text, str) and text.strip():  # free text only: kept, marked as such
+                return f"TEXT//{text.strip()}"
+            raise _Skip("no code")
+        for coding in codings:
+            vocabulary = self.code_systems.get(coding.get("system"))
+            code = coding.get("code")
+            if vocabulary is not None and isinstance(code, str) and code:
+                code = code.replace(".", "") if vocabulary.strip_dots else code
+                return f"{vocabulary.prefix}//{code}" if vocabulary.prefix else code
+        raise _Skip(f"unknown code system {codings[0].get('system')}")
+
+    def _emit(self, patient_id, time, code, source, numeric=None, text=None, unit=None, encounter=None) -> None:
+        rows = self._rows
+        rows["patient"].append(patient_id)
+        rows["time"].append(time)
+        rows["code"].append(code)
+        rows["numeric_value"].append(numeric)
+        rows["text_value"].append(text)
+        rows["unit"].append(unit)
+        rows["encounter_id"].append(encounter)
+        rows["_source"].append(source)
+        self.referenced[patient_id] += 1
+
+    def _number(self, value: object, source: str, where: str) -> float | None:
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            self.report.problem(source, "value not a number (blanked)", where, kept=True)
+            return None
+
+    # handlers ------------------------------------------------------------------------------------------------
+
+    def _patient(self, resource: dict, where: str, final: bool) -> None:
+        patient_id = resource.get("id")
+        if not isinstance(patient_id, str) or not patient_id:
+            raise _Skip("Patient without id")
+        if patient_id in self.patients:
+            raise _Skip("duplicate Patient")
+        identifiers = [
+            (i.get("system"), i.get("value")) for i in resource.get("identifier") or [] if isinstance(i, dict)
+        ]
+        birth = self._time(resource, ("birthDate",))
+        death = self._time(resource, ("deceasedDateTime",))
+        self.patients[patient_id] = identifiers or [(None, None)]
+        gender = GENDERS.get(resource.get("gender"), "UNK")
+        self._emit(patient_id, None, f"GENDER//{gender}", "Patient")
+        if birth is not None:
+            self._emit(patient_id, birth, "MEDS_BIRTH", "Patient")
+        if death is not None:
+            self._emit(patient_id, death, "MEDS_DEATH", "Patient")
+        elif resource.get("deceasedBoolean") is True:
+            self.report.problem("Patient", "deceased without a date (no MEDS_DEATH event)", where, kept=True)
+
+    def _encounter(self, resource: dict, where: str, final: bool) -> None:
+        patient_id = self._subject(resource)
+        period = resource.get("period") or {}
+        try:
+            start = parse_fhir_time(period["start"]) if period.get("start") else None
+            end = parse_fhir_time(period["end"]) if period.get("end") else None
+        except (ValueError, TypeError):
+            raise _Skip("unparseable date in period") from None
+        if start is None and end is None:
+            raise _Skip("no time (Encounter without period)")
+        encounter_class = resource.get("class") or {}
+        class_code = encounter_class.get("code") if isinstance(encounter_class, dict) else None
+        class_code = class_code or "UNK"
+        kinds = [t.get("text") or (t.get("coding") or [{}])[0].get("display") for t in resource.get("type") or []]
+        kind = next((k for k in kinds if k), None)
+        encounter_id = resource.get("id")
+        if encounter_id:
+            self.encounters[encounter_id] = (start, end)
+        if start is not None:
+            self._emit(patient_id, start, f"ENCOUNTER_START//{class_code}", "Encounter", text=kind, encounter=encounter_id)
+        if end is not None:
+            self._emit(patient_id, end, f"ENCOUNTER_END//{class_code}", "Encounter", encounter=encounter_id)
+
+    def _encounter_time(self, resource: dict, where: str, final: bool, field: str = "encounter") -> dt.datetime | None:
+        """The end (else start) of the resource's encounter; None and queued when the encounter is not read yet."""
+        encounter_id = _reference_id(resource.get(field))
+        if encounter_id is None:
+            raise _Skip("no time (no date and no encounter)")
+        if encounter_id in self.encounters:
+            start, end = self.encounters[encounter_id]
+            return end or start
+        if final:
+            raise _Skip("no time (no date, and its encounter was not found)")
+        self.pending.append((resource, where))
+        return None
+
+    def _condition(self, resource: dict, where: str, final: bool) -> None:
+        patient_id = self._subject(resource)
+        code = self._code(resource.get("code"))
+        time = self._time(resource, ("onsetDateTime", "onsetPeriod", "recordedDate"))
+        if time is None:
+            time = self._encounter_time(resource, where, final)
+            if time is None:
+                return
+        self._emit(patient_id, time, f"DIAGNOSIS//{code}", "Condition", encounter=_reference_id(resource.get("encounter")))
+
+    def _procedure(self, resource: dict, where: str, final: bool) -> None:
+        self._simple(resource, where, final, "PROCEDURE", ("performedDateTime", "performedPeriod"))
+
+    def _immunization(self, resource: dict, where: str, final: bool) -> None:
+        self._simple(resource, where, final, "IMMUNIZATION", ("occurrenceDateTime",), code_field="vaccineCode")
+
+    def _allergy(self, resource: dict, where: str, final: bool) -> None:
+        self._simple(resource, where, final, "ALLERGY", ("onsetDateTime", "recordedDate"))
+
+    def _simple(self, resource, where, final, family, time_fields, code_field="code", text=None) -> None:
+        patient_id = self._subject(resource)
+        code = self._code(resource.get(code_field))
+        time = self._time(resource, time_fields)
+        if time is None:
+            time = self._encounter_time(resource, where, final, "context" if "context" in resource else "encounter")
+            if time is None:
+                return
+        encounter = _reference_id(resource.get("encounter") or resource.get("context"))
+        self._emit(patient_id, time, f"{family}//{code}", resource["resourceType"], text=text, encounter=encounter)
+
+    def _observation(self, resource: dict, where: str, final: bool) -> None:
+        patient_id = self._subject(resource)
+        time = self._time(resource, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"))
+        if time is None:
+            time = self._encounter_time(resource, where, final)
+            if time is None:
+                return
+        categories = {
+            (c.get("code") or "").lower()
+            for concept in resource.get("category") or []
+            for c in (concept.get("coding") or [])
+        }
+        family = "LAB" if "laboratory" in categories else "VITAL" if "vital-signs" in categories else "OBSERVATION"
+        encounter = _reference_id(resource.get("encounter"))
+        parts = [resource] if _has_value(resource) or not resource.get("component") else []
+        parts += [c for c in resource.get("component") or [] if isinstance(c, dict)]
+        events = []  # all parts are checked before any is emitted: a bad component skips the whole resource
+        for part in parts:
+            code = self._code(part.get("code"))
+            numeric, text, unit = self._value(part, "Observation", where)
+            events.append((f"{family}//{code}//{unit}" if unit else f"{family}//{code}", numeric, text, unit))
+        for code, numeric, text, unit in events:
+            self._emit(patient_id, time, code, "Observation", numeric, text, unit, encounter)
+
+    def _value(self, element: dict, source: str, where: str) -> tuple[float | None, str | None, str | None]:
+        if "valueQuantity" in element:
+            quantity = element["valueQuantity"] or {}
+            unit = quantity.get("unit") or quantity.get("code")
+            return self._number(quantity.get("value"), source, where), None, unit
+        if "valueCodeableConcept" in element:
+            concept = element["valueCodeableConcept"] or {}
+            coding = (concept.get("coding") or [{}])[0]
+            return None, concept.get("text") or coding.get("display") or coding.get("code"), None
+        for name in ("valueString", "valueDateTime", "valueTime", "valueCode"):
+            if name in element:
+                return None, str(element[name]), None
+        if "valueBoolean" in element:
+            return None, "true" if element["valueBoolean"] else "false", None
+        if "valueInteger" in element:
+            return self._number(element["valueInteger"], source, where), None, None
+        return None, None, None
+
+    def _medication_use(self, resource: dict, where: str, final: bool) -> None:
+        resource_type = resource["resourceType"]
+        kind, time_fields = MEDICATION_KINDS[resource_type]
+        patient_id = self._subject(resource)
+        if "medicationCodeableConcept" in resource:
+            code = self._code(resource["medicationCodeableConcept"])
+        else:
+            medication_id = _reference_id(resource.get("medicationReference"))
+            if medication_id is None:
+                raise _Skip("no medication")
+            if medication_id not in self.medications:
+                if not final:
+                    self.pending.append((resource, where))
+                    return
+                self.report.problem(resource_type, "medication reference not found (code UNK)", where, kept=True)
+                code = "UNK"
+            else:
+                code = self.medications[medication_id]
+        time = self._time(resource, time_fields)
+        if time is None:
+            time = self._encounter_time(resource, where, final, "context" if "context" in resource else "encounter")
+            if time is None:
+                return
+        dose = (resource.get("dosage") or {}).get("dose") if resource_type == "MedicationAdministration" else None
+        numeric = self._number(dose.get("value"), resource_type, where) if isinstance(dose, dict) else None
+        unit = dose.get("unit") if isinstance(dose, dict) else None
+        encounter = _reference_id(resource.get("encounter") or resource.get("context"))
+        self._emit(patient_id, time, f"MEDICATION//{kind}//{code}", resource_type, numeric, None, unit, encounter)
+
+    def _register_medication(self, resource: dict) -> None:
+        medication_id = resource.get("id")
+        if not medication_id:
+            return
+        try:
+            self.medications[medication_id] = self._code(resource.get("code"))
+        except _Skip:
+            identifiers = [i.get("value") for i in resource.get("identifier") or [] if i.get("value")]
+            self.medications[medication_id] = f"MIX//{identifiers[0]}" if identifiers else "UNK"
+
+    def _diagnostic_report(self, resource: dict, where: str, final: bool) -> None:
+        texts = [_decode_attachment(a) for a in resource.get("presentedForm") or []]
+        text = "\n".join(t for t in texts if t) or resource.get("conclusion")
+        self._simple(resource, where, final, "REPORT", ("effectiveDateTime", "effectivePeriod", "issued"), text=text)
+
+    def _document(self, resource: dict, where: str, final: bool) -> None:
+        patient_id = self._subject(resource)
+        code = self._code(resource.get("type"))
+        time = self._time(resource, ("date",))
+        if time is None:
+            time = self._time(resource.get("context") or {}, ("period",))
+        if time is None:
+            raise _Skip("no time (DocumentReference without date)")
+        texts = []
+        for content in resource.get("content") or []:
+            attachment = content.get("attachment") if isinstance(content, dict) else None
+            if attachment:
+                decoded = _decode_attachment(attachment)
+                if decoded is None and attachment.get("data"):
+                    self.report.problem("DocumentReference", "attachment not base64 UTF-8 text (blanked)", where, kept=True)
+                texts.append(decoded)
+        text = "\n".join(t for t in texts if t) or None
+        encounters = (resource.get("context") or {}).get("encounter") or [None]
+        self._emit(patient_id, time, f"NOTE//{code}", "DocumentReference", text=text, encounter=_reference_id(encounters[0]))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # output
+
+    @staticmethod
+    def _empty_rows() -> dict[str, list]:
+        columns = ("patient", "time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source")
+        return {name: [] for name in columns}
+
+    def _flush(self) -> pl.DataFrame:
+        rows, self._rows = self._rows, self._empty_rows()
+        ids = {pid: stable_subject_id(pid) for pid in set(rows["patient"])}
+        frame = pl.DataFrame(
+            {"subject_id": [ids[p] for p in rows.pop("patient")], **rows},
+            schema={
+                "subject_id": pl.Int64,
+                "time": pl.Datetime("us"),
+                "code": pl.String,
+                "numeric_value": pl.Float64,
+                "text_value": pl.String,
+                "unit": pl.String,
+                "encounter_id": pl.String,
+                "_source": pl.String,
+            },
+        )
+        return frame
+
+    def subject_map(self) -> pl.DataFrame:
+        rows = [
+            (stable_subject_id(pid), pid, system, value)
+            for pid, identifiers in self.patients.items()
+            for system, value in identifiers
+        ]
+        return pl.DataFrame(
+            rows,
+            schema={
+                "subject_id": pl.Int64,
+                "source_id": pl.String,
+                "identifier_system": pl.String,
+                "identifier_value": pl.String,
+            },
+            orient="row",
+        ).sort("subject_id")
+
+
+def _resource_type(resource: object) -> str | None:
+    if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+        return resource["resourceType"]
+    return None
+
+
+def _has_value(element: dict) -> bool:
+    return any(key.startswith("value") for key in element)
+
+
+def _decode_attachment(attachment: dict) -> str | None:
+    data = attachment.get("data") if isinstance(attachment, dict) else None
+    if not data:
+        return None
+    try:
+        return base64.b64decode(data, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+_HANDLERS: dict[str, Callable] = {
+    "Patient": FhirReader._patient,
+    "Encounter": FhirReader._encounter,
+    "Condition": FhirReader._condition,
+    "Procedure": FhirReader._procedure,
+    "Observation": FhirReader._observation,
+    "Immunization": FhirReader._immunization,
+    "AllergyIntolerance": FhirReader._allergy,
+    "DiagnosticReport": FhirReader._diagnostic_report,
+    "DocumentReference": FhirReader._document,
+    **dict.fromkeys(MEDICATION_KINDS, FhirReader._medication_use),
+}
