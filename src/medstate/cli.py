@@ -251,11 +251,9 @@ def data_convert(
 def data_compare(
     candidate: Annotated[Path, typer.Argument(help="MEDS dataset to check")],
     reference: Annotated[Path, typer.Argument(help="reference MEDS dataset (e.g. the official MIMIC-IV MEDS)")],
-    exclude_codes: Annotated[
-        str | None, typer.Option(help="regular expression: codes left out on both sides")
-    ] = None,
+    exclude_codes: Annotated[str | None, typer.Option(help="regular expression: codes left out on both sides")] = None,
 ) -> None:
-    """Per code family: share of the reference's (subject, time, code) rows reproduced, extra rows, numeric agreement."""
+    """Per code family: share of reference (subject, time, code) rows reproduced, extra rows, numeric agreement."""
     import polars as pl
 
     from medstate.data.compare import compare_meds

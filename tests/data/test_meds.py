@@ -74,3 +74,43 @@ def test_cli_describe(shared_data):
     result = CliRunner().invoke(app, ["data", "describe", str(shared_data / "mimic-iv-demo-meds-0.0.1")])
     assert result.exit_code == 0, result.output
     assert "112174" in result.output and "LAB" in result.output
+
+
+def test_meds_in_meds_out_keeps_rows_and_splits(shared_data, tmp_path):
+    from medstate.data.convert import convert
+
+    official = shared_data / "mimic-iv-demo-meds-0.0.1"
+    result = convert(official, tmp_path / "out", "meds", shards=3)
+    assert result.report.total_skipped == 0
+    before = scan_meds(official).collect()
+    after = scan_meds(tmp_path / "out").collect()
+    key = ["subject_id", "time", "code", "numeric_value", "text_value", "hadm_id"]
+    assert after.height == before.height == 112174
+    assert before.select(key).sort(key, nulls_last=True).equals(after.select(key).sort(key, nulls_last=True))
+    # the official splits are kept, and shards are subject_id % 3
+    assert dict(after.select("subject_id", "split").unique().iter_rows()) == dict(
+        before.select("subject_id", "split").unique().iter_rows()
+    )
+    assert sorted(p.name for p in (tmp_path / "out" / "data" / "tuning").glob("*.parquet")) <= [
+        "0.parquet",
+        "1.parquet",
+        "2.parquet",
+    ]
+    codes = pl.read_parquet(tmp_path / "out" / "metadata" / "codes.parquet")
+    assert codes.filter(pl.col("code") == "DIAGNOSIS//ICD//9//4280")["description"].item() is not None
+
+
+def test_old_layout_converts(tmp_path):
+    from medstate.data.convert import convert
+
+    old = pl.DataFrame(
+        {
+            "patient_id": [2, 1, 1],
+            "timestamp": [datetime(2000, 1, 2), None, datetime(2000, 1, 1)],
+            "code": ["B", "S", "A"],
+        }
+    )
+    _write(tmp_path / "old", old)
+    convert(tmp_path / "old", tmp_path / "new", "meds")
+    new = scan_meds(tmp_path / "new").collect()
+    assert new.select("subject_id", "code").rows() == [(1, "S"), (1, "A"), (2, "B")]

@@ -65,7 +65,9 @@ def tiny_mimic(root):
         "2,1,11,7,51498,,2151-03-02 06:00:00,,1.015,1.015, ,,,,STAT,",
         "3,2,,8,50800,,2120-04-30 07:00:00,,ART.,,,,,,,",
     )
-    write_csv(root, "hosp/omr", "subject_id,chartdate,seq_num,result_name,result_value", "2,2120-04-01,1,BMI (kg/m2),27.5")
+    write_csv(
+        root, "hosp/omr", "subject_id,chartdate,seq_num,result_name,result_value", "2,2120-04-01,1,BMI (kg/m2),27.5"
+    )
 
 
 def test_hand_worked_example(tmp_path):

@@ -67,7 +67,8 @@ def load_code_systems() -> dict[str, Vocabulary]:
     """The one table from FHIR code-system URIs to vocabulary prefixes."""
     text = resources.files("medstate.data").joinpath("resources/code_systems.csv").read_text()
     return {
-        row["system"]: Vocabulary(row["vocabulary"], row["strip_dots"] == "true") for row in csv.DictReader(text.splitlines())
+        row["system"]: Vocabulary(row["vocabulary"], row["strip_dots"] == "true")
+        for row in csv.DictReader(text.splitlines())
     }
 
 
@@ -341,7 +342,9 @@ class FhirReader:
         if encounter_id:
             self.encounters[encounter_id] = (start, end)
         if start is not None:
-            self._emit(patient_id, start, f"ENCOUNTER_START//{class_code}", "Encounter", text=kind, encounter=encounter_id)
+            self._emit(
+                patient_id, start, f"ENCOUNTER_START//{class_code}", "Encounter", text=kind, encounter=encounter_id
+            )
         if end is not None:
             self._emit(patient_id, end, f"ENCOUNTER_END//{class_code}", "Encounter", encounter=encounter_id)
 
@@ -366,7 +369,9 @@ class FhirReader:
             time = self._encounter_time(resource, where, final)
             if time is None:
                 return
-        self._emit(patient_id, time, f"DIAGNOSIS//{code}", "Condition", encounter=_reference_id(resource.get("encounter")))
+        self._emit(
+            patient_id, time, f"DIAGNOSIS//{code}", "Condition", encounter=_reference_id(resource.get("encounter"))
+        )
 
     def _procedure(self, resource: dict, where: str, final: bool) -> None:
         self._simple(resource, where, final, "PROCEDURE", ("performedDateTime", "performedPeriod"))
@@ -488,11 +493,15 @@ class FhirReader:
             if attachment:
                 decoded = _decode_attachment(attachment)
                 if decoded is None and attachment.get("data"):
-                    self.report.problem("DocumentReference", "attachment not base64 UTF-8 text (blanked)", where, kept=True)
+                    self.report.problem(
+                        "DocumentReference", "attachment not base64 UTF-8 text (blanked)", where, kept=True
+                    )
                 texts.append(decoded)
         text = "\n".join(t for t in texts if t) or None
         encounters = (resource.get("context") or {}).get("encounter") or [None]
-        self._emit(patient_id, time, f"NOTE//{code}", "DocumentReference", text=text, encounter=_reference_id(encounters[0]))
+        self._emit(
+            patient_id, time, f"NOTE//{code}", "DocumentReference", text=text, encounter=_reference_id(encounters[0])
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     # output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from medstate.data.csv_stream import csv_columns, stream_csv
+from medstate.data.csv_stream import TRUNCATED, csv_columns, stream_csv
 from medstate.data.report import ConversionReport
 from medstate.errors import MedstateError
 
@@ -80,7 +80,7 @@ class TableSpec:
 
 
 class Admissions:
-    """hadm_id → discharge time, and subject → in-hospital death time, used by other tables (small: one row per stay)."""
+    """hadm_id → discharge time and subject → in-hospital death time, for other tables (one row per stay)."""
 
     def __init__(self, frame: pl.DataFrame):
         self.discharge = frame.select(
@@ -366,8 +366,8 @@ def _load_admissions(root: Path, report: ConversionReport) -> Admissions:
 def _has_columns(path: Path, table: TableSpec, report: ConversionReport) -> bool:
     try:
         header = csv_columns(path)
-    except (OSError, ValueError) as err:
-        report.problem(table.name, "unreadable file", f"{path}: {str(err).splitlines()[0]}")
+    except (OSError, EOFError, ValueError) as err:
+        report.problem(table.name, TRUNCATED, f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         return False
     missing = [c for c in table.source_columns() if c not in header]
     if missing:
