@@ -9,6 +9,7 @@ Beyond the official ETL's tables, `prescriptions` (MEDICATION//PRESCRIPTION//<dr
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,10 +85,13 @@ class Admissions:
 
     def __init__(self, frame: pl.DataFrame):
         self.discharge = frame.select(
-            pl.col("hadm_id").cast(pl.Int64, strict=False), _parse_time("dischtime").alias("hadm_discharge_time")
+            pl.col("hadm_id").cast(pl.Int64, strict=False),
+            parse_times(frame["dischtime"]).alias("hadm_discharge_time"),
         ).drop_nulls("hadm_id")
         self.death = (
-            frame.select(pl.col("subject_id").cast(pl.Int64, strict=False), _parse_time("deathtime").alias("deathtime"))
+            frame.select(
+                pl.col("subject_id").cast(pl.Int64, strict=False), parse_times(frame["deathtime"]).alias("deathtime")
+            )
             .drop_nulls()
             .group_by("subject_id")
             .agg(pl.col("deathtime").max())
@@ -380,11 +384,6 @@ def _has_columns(path: Path, table: TableSpec, report: ConversionReport) -> bool
     return True
 
 
-def _parse_time(column: str) -> pl.Expr:
-    text = pl.col(column).str.strip_chars()
-    return pl.coalesce(*(text.str.strptime(pl.Datetime("us"), fmt, strict=False) for fmt in TIME_FORMATS))
-
-
 def _code_part(part: str) -> pl.Expr:
     if not part.startswith("$"):
         return pl.lit(part)
@@ -398,51 +397,64 @@ def _events_of_batch(
     source = table.name
     frame = frame.with_row_index("_row")
     subject = pl.col("subject_id").str.strip_chars().cast(pl.Int64, strict=False)
-    bad_subject = subject.is_null()
-    _count(report, source, frame, bad_subject, "subject_id missing or not an integer", first_line, path, "subject_id")
-    frame = frame.filter(~bad_subject).with_columns(subject.alias("subject_id"))
+    frame = frame.with_columns(subject.alias("_subject"))
+    bad_subject = pl.col("_subject").is_null()
+    _count(report, source, frame, [(bad_subject, "subject_id missing or not an integer", "subject_id", False)],
+           first_line, path)  # fmt: skip
+    frame = frame.filter(~bad_subject).drop("subject_id").rename({"_subject": "subject_id"})
     if table.derive is not None:
         frame = table.derive(frame, admissions)
+    # each time and number column is parsed once per batch, however many events use it
+    times = {spec.time for spec in table.events if spec.time}
+    numbers = {spec.numeric for spec in table.events if spec.numeric}
+    frame = frame.with_columns(
+        *(parse_times(frame[c]).alias(f"_time_{c}") for c in times),
+        *(pl.col(c).str.strip_chars().cast(pl.Float32, strict=False).alias(f"_number_{c}") for c in numbers),
+    )
     for spec in table.events:
         yield source, _cut_event(spec, frame, source, first_line, path, report)
+
+
+def parse_times(values: pl.Series) -> pl.Series:
+    """Strings → datetime[us] (null where empty or unparseable). The format of the first value is tried on all
+    rows; only rows it fails on try the other formats."""
+    first = values.drop_nulls().head(1)
+    if first.is_empty():
+        return pl.Series(values.name, [None] * len(values), dtype=pl.Datetime("us"))
+    formats = sorted(TIME_FORMATS, key=lambda fmt: len(dt.datetime(2000, 1, 1).strftime(fmt)) != len(first[0]))
+    parsed = values.str.strptime(pl.Datetime("us"), formats[0], strict=False)
+    failed = (parsed.is_null() & values.is_not_null()).arg_true()
+    if len(failed):
+        rest = values.gather(failed).str.strip_chars()
+        retried = pl.select(pl.coalesce(*(rest.str.strptime(pl.Datetime("us"), f, strict=False) for f in formats)))
+        parsed = parsed.scatter(failed, retried.to_series())
+    return parsed
 
 
 def _cut_event(
     spec: EventSpec, frame: pl.DataFrame, source: str, first_line: int, path: Path, report: ConversionReport
 ) -> pl.DataFrame:
+    checks = []  # (bad-row mask, reason, column, kept) counted in one pass
     columns = [pl.col("subject_id")]
     if spec.time is None:
         columns.append(pl.lit(None, dtype=pl.Datetime("us")).alias("time"))
     else:
-        raw = pl.col(spec.time)
-        parsed = _parse_time(spec.time)
-        missing = raw.is_null()
-        unparseable = ~missing & parsed.is_null()
-        _count(report, source, frame, unparseable, f"unparseable date in {spec.time}", first_line, path, spec.time)
+        parsed = pl.col(f"_time_{spec.time}")
+        missing = pl.col(spec.time).is_null()
+        checks.append((~missing & parsed.is_null(), f"unparseable date in {spec.time}", spec.time, False))
         if not spec.optional:
-            _count(report, source, frame, missing, f"no {spec.time}", first_line, path, spec.time)
-        frame = frame.filter(parsed.is_not_null())
+            checks.append((missing, f"no {spec.time}", spec.time, False))
         columns.append(parsed.alias("time"))
     columns.append(pl.concat_str([_code_part(p) for p in spec.code], separator="//").alias("code"))
     if spec.numeric:
-        number = pl.col(spec.numeric).str.strip_chars().cast(pl.Float32, strict=False)
+        number = pl.col(f"_number_{spec.numeric}")
         not_number = pl.col(spec.numeric).is_not_null() & number.is_null()
-        _count(
-            report,
-            source,
-            frame,
-            not_number,
-            f"{spec.numeric} not a number (blanked)",
-            first_line,
-            path,
-            spec.numeric,
-            kept=True,
-        )
+        checks.append((not_number, f"{spec.numeric} not a number (blanked)", spec.numeric, True))
         columns.append(number.alias("numeric_value"))
     if spec.text:
         text = pl.col(spec.text)
         if spec.numeric:  # a text that only repeats the number is dropped (as in the official ETL)
-            repeats = text.str.strip_chars().cast(pl.Float32, strict=False) == columns[-1].meta.undo_aliases()
+            repeats = text.str.strip_chars().cast(pl.Float32, strict=False) == pl.col(f"_number_{spec.numeric}")
             text = pl.when(repeats.fill_null(False)).then(None).otherwise(text)
         columns.append(text.alias("text_value"))
     for out, src in spec.extras.items():
@@ -451,13 +463,24 @@ def _cut_event(
         if dtype.is_numeric():
             value = value.str.strip_chars().cast(pl.Float64, strict=False).cast(dtype, strict=False)
         columns.append(value.alias(out))
+    _count(report, source, frame, checks, first_line, path)
+    if spec.time is not None:
+        frame = frame.filter(pl.col(f"_time_{spec.time}").is_not_null())
     return frame.select(columns)
 
 
-def _count(report, source, frame, mask, reason, first_line, path, column, kept=False) -> None:
-    bad = frame.select(mask.sum().alias("n"), pl.col("_row").filter(mask).first().alias("row")).row(0)
-    if bad[0]:
-        report.problem(source, reason, f"{path} line {first_line + bad[1]} ({column})", n=bad[0], kept=kept)
+def _count(report, source, frame, checks, first_line, path) -> None:
+    """Count the rows each mask marks (one pass over the batch) and locate the first for strict mode."""
+    if not checks:
+        return
+    found = frame.select(
+        *(mask.sum().alias(f"n{i}") for i, (mask, *_) in enumerate(checks)),
+        *(pl.col("_row").filter(mask).first().alias(f"row{i}") for i, (mask, *_) in enumerate(checks)),
+    ).row(0, named=True)
+    for i, (_, reason, column, kept) in enumerate(checks):
+        if found[f"n{i}"]:
+            where = f"{path} line {first_line + found[f'row{i}']} ({column})"
+            report.problem(source, reason, where, n=found[f"n{i}"], kept=kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------

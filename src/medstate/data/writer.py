@@ -1,7 +1,7 @@
 """Writing a MEDS dataset with bounded memory.
 
 Readers hand over batches of events. Stage 1 appends each batch, partitioned by `subject_id % shards`, to one
-staging parquet file per shard, so no more than a batch is held. Stage 2 reads one staging file at a time (1/shards
+staging file (Arrow IPC) per shard, so no more than a batch is held. Stage 2 reads one staging file at a time (1/shards
 of the data), drops exact duplicate rows (counted), sorts by subject_id then time (static facts, with a null time,
 first), and writes `data/<split>/<shard>.parquet`. Splits are drawn per subject from a seeded permutation, so the
 same input and seed give the same dataset. The dataset is assembled in `<output>.partial/` and renamed into place
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from medstate import __version__
 from medstate.data.meds import MEDS_SCHEMA
@@ -30,11 +30,12 @@ from medstate.errors import MedstateError
 MEDS_VERSION = "0.3.3"
 SPLITS = ("train", "tuning", "held_out")
 _SOURCE = "_source"
-_STAGING_BYTES_PER_SHARD = 64 << 20
+_STAGING_BYTES_PER_SHARD = 16 << 20
 
 
 def auto_shards(input_bytes: int) -> int:
-    """About 4 M events per shard for compressed MIMIC-like input (≈16 compressed bytes per event)."""
+    """About half a million events per shard for compressed MIMIC-like input (≈35 compressed bytes per event), so
+    that sorting a shard stays well under a gigabyte however large the input."""
     return max(1, math.ceil(input_bytes / _STAGING_BYTES_PER_SHARD))
 
 
@@ -71,7 +72,7 @@ class MedsWriter:
         self.partial = self.output.with_name(self.output.name + ".partial")
         shutil.rmtree(self.partial, ignore_errors=True)
         (self.partial / "staging").mkdir(parents=True)
-        self._writers: dict[int, pq.ParquetWriter] = {}
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
     def add(self, events: pl.DataFrame, source: str | None = None) -> None:
         """Append events from `source`, or from the sources named in their `_source` column. Columns outside the
@@ -99,8 +100,10 @@ class MedsWriter:
     def _append(self, shard: int, events: pl.DataFrame) -> None:
         table = events.to_arrow()
         if shard not in self._writers:
-            path = self.partial / "staging" / f"{shard}.parquet"
-            self._writers[shard] = pq.ParquetWriter(path, table.schema, compression="zstd")
+            # Arrow IPC, lz4-compressed: staging is written once and read once, so speed beats size
+            path = self.partial / "staging" / f"{shard}.arrow"
+            options = pa.ipc.IpcWriteOptions(compression="lz4")
+            self._writers[shard] = pa.ipc.new_stream(path, table.schema, options=options)
         self._writers[shard].write_table(table)
 
     def finish(
@@ -117,9 +120,9 @@ class MedsWriter:
         does not list are drawn like the rest."""
         for writer in self._writers.values():
             writer.close()
-        staging = [self.partial / "staging" / f"{shard}.parquet" for shard in sorted(self._writers)]
+        staging = [self.partial / "staging" / f"{shard}.arrow" for shard in sorted(self._writers)]
         subjects = (
-            pl.concat([pl.scan_parquet(p).select("subject_id").unique() for p in staging]).collect()
+            pl.concat([pl.read_ipc_stream(p, columns=["subject_id"]).unique() for p in staging])
             if staging
             else pl.DataFrame(schema={"subject_id": pl.Int64})
         )
@@ -134,30 +137,23 @@ class MedsWriter:
         splits = given.sort("subject_id")
         code_counts = []
         events_total = 0
-        for path in staging:
-            events = pl.read_parquet(path)
-            deduplicated = events.unique(maintain_order=True)
-            if deduplicated.height < events.height:
-                dropped = (
-                    events.group_by(_SOURCE)
-                    .len()
-                    .join(deduplicated.group_by(_SOURCE).len(), on=_SOURCE, how="left", suffix="_kept")
-                )
-                for source, n, kept in dropped.filter(pl.col("len") > pl.col("len_kept").fill_null(0)).iter_rows():
-                    self.report.sources[source].duplicates_merged += n - (kept or 0)
-                    self.report.sources[source].written -= n - (kept or 0)
-            events = (
-                deduplicated.drop(_SOURCE)
-                .sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
-                .join(splits, on="subject_id", how="left", maintain_order="left")
+        split_names = sorted(splits["split"].unique())
+        for path in staging:  # one shard in memory at a time; at most about two copies of it
+            events = self._deduplicated(pl.read_ipc_stream(path)).drop(_SOURCE)
+            events = events.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
+            split_of = events["subject_id"].replace_strict(
+                splits["subject_id"], splits["split"], return_dtype=pl.String
             )
             events_total += events.height
             code_counts.append(events.group_by("code").len())
-            for (split,), part in events.partition_by("split", as_dict=True).items():
-                out = self.partial / "data" / split / path.name
-                out.parent.mkdir(parents=True, exist_ok=True)
-                part.drop("split").write_parquet(out, compression="zstd")
-            del events, deduplicated
+            for split in split_names:
+                part = events.filter(split_of == split)
+                if part.height:
+                    out = self.partial / "data" / split / f"{path.stem}.parquet"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    part.write_parquet(out, compression="zstd", compression_level=1)
+                del part
+            del events, split_of
         shutil.rmtree(self.partial / "staging")
         metadata = self.partial / "metadata"
         metadata.mkdir()
@@ -196,10 +192,34 @@ class MedsWriter:
             codes=codes.height,
         )
 
+    def _deduplicated(self, events: pl.DataFrame) -> pl.DataFrame:
+        """Drop exact duplicate events and move their count from `written` to `duplicates_merged`."""
+        kept = drop_exact_duplicates(events)
+        if kept.height < events.height:
+            before = dict(events.group_by(_SOURCE).len().iter_rows())
+            after = dict(kept.group_by(_SOURCE).len().iter_rows())
+            for source, n in before.items():
+                merged = n - after.get(source, 0)
+                self.report.sources[source].duplicates_merged += merged
+                self.report.sources[source].written -= merged
+        return kept
+
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.close()
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def drop_exact_duplicates(events: pl.DataFrame) -> pl.DataFrame:
+    """Rows equal in every column to an earlier row are dropped, the first kept, the order unchanged. Row hashes
+    find the candidates cheaply; the candidates are then compared exactly, so a hash collision never drops a row."""
+    candidates = events.hash_rows().is_duplicated()
+    if not candidates.any():
+        return events
+    indexed = events.with_row_index("_index")
+    suspects = indexed.filter(candidates)
+    repeated = suspects.filter(~pl.struct(pl.exclude("_index")).is_first_distinct())["_index"]
+    return indexed.filter(~pl.col("_index").is_in(repeated.implode())).drop("_index")
 
 
 def assign_splits(subject_ids: pl.Series, seed: int, fractions: tuple[float, float, float]) -> pl.DataFrame:
