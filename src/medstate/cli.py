@@ -191,6 +191,9 @@ def data_convert(
         list[str] | None, typer.Option(help="FHIR only: leave out files whose name matches this glob (repeatable)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if it is not empty")] = False,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="processes sorting shards at the end (default ≤2; 0: less memory)")
+    ] = None,
 ) -> None:
     """Convert clinical data into a MEDS dataset; bad records are counted by reason in OUTPUT/report.json."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -222,6 +225,7 @@ def data_convert(
             tables=tables.split(",") if tables else None,
             exclude_files=exclude_files,
             overwrite=overwrite,
+            workers=workers,
             progress=progress,
         )
     table = Table(title=f"{format} → {output}")

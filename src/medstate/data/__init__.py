@@ -1,5 +1,8 @@
-"""Clinical event data: MEDS datasets in (MIMIC-IV and FHIR readers to come), summaries."""
+"""Clinical event data: MIMIC-IV CSV, FHIR R4 and MEDS in; validated MEDS datasets out."""
 
+from medstate.data.compare import compare_meds
+from medstate.data.convert import convert
 from medstate.data.meds import MEDS_SCHEMA, DatasetSummary, describe, scan_meds
+from medstate.data.report import ConversionReport
 
-__all__ = ["MEDS_SCHEMA", "DatasetSummary", "describe", "scan_meds"]
+__all__ = ["MEDS_SCHEMA", "ConversionReport", "DatasetSummary", "compare_meds", "convert", "describe", "scan_meds"]

@@ -37,13 +37,15 @@ def convert(
     tables: list[str] | None = None,
     exclude_files: list[str] | None = None,
     overwrite: bool = False,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert `input` into a MEDS dataset at `output`.
 
     Lenient (default): bad records are skipped and counted by reason in `output/report.json`. Strict: the first bad
     record raises a MedstateError naming its file and line or record, and nothing is written.
-    `tables` chooses MIMIC-IV tables; `exclude_files` leaves out FHIR files by glob pattern on their names."""
+    `tables` chooses MIMIC-IV tables; `exclude_files` leaves out FHIR files by glob pattern on their names;
+    `workers` processes sort the shards at the end (default up to 2; 0 sorts in this process, using less memory)."""
     input = Path(input)
     if format not in FORMATS:
         raise MedstateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -65,7 +67,7 @@ def convert(
         extras = _meds_extra_columns(input, files)
         events, size = _read_meds(input, files, report, progress), sum(f.stat().st_size for f in files)
         name, describe_codes, splits = "MEDS", _meds_code_metadata(input), _meds_splits(input)
-    writer = MedsWriter(output, report, extras, shards or auto_shards(size), overwrite)
+    writer = MedsWriter(output, report, extras, shards or auto_shards(size), overwrite, workers)
     try:
         for source, batch in events:
             writer.add(batch, source)

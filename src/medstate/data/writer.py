@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import multiprocessing
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ MEDS_VERSION = "0.3.3"
 SPLITS = ("train", "tuning", "held_out")
 _SOURCE = "_source"
 _STAGING_BYTES_PER_SHARD = 16 << 20
+_SHARDS_PER_WORKER = 4
 
 
 def auto_shards(input_bytes: int) -> int:
@@ -59,8 +62,11 @@ class MedsWriter:
         extra_columns: dict[str, pl.DataType] | None = None,
         shards: int = 1,
         overwrite: bool = False,
+        workers: int | None = None,
     ):
+        """`workers`: processes that sort shards at the end (default: up to 2; 0 sorts in this process)."""
         self.output = Path(output)
+        self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
         if self.output.exists() and any(self.output.iterdir()) and not overwrite:
             raise MedstateError(f"output directory {self.output} is not empty; choose another or pass --overwrite")
         if shards < 1:
@@ -135,29 +141,17 @@ class MedsWriter:
             drawn = assign_splits(rest["subject_id"], seed, split_fractions)
             given = drawn if given is None else pl.concat([given, drawn])
         splits = given.sort("subject_id")
-        code_counts = []
-        events_total = 0
-        split_names = sorted(splits["split"].unique())
-        for path in staging:  # one shard in memory at a time; at most about two copies of it
-            events = self._deduplicated(pl.read_ipc_stream(path)).drop(_SOURCE)
-            events = events.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
-            split_of = events["subject_id"].replace_strict(
-                splits["subject_id"], splits["split"], return_dtype=pl.String
-            )
-            events_total += events.height
-            code_counts.append(events.group_by("code").len())
-            for split in split_names:
-                part = events.filter(split_of == split)
-                if part.height:
-                    out = self.partial / "data" / split / f"{path.stem}.parquet"
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    part.write_parquet(out, compression="zstd", compression_level=1)
-                del part
-            del events, split_of
-        shutil.rmtree(self.partial / "staging")
         metadata = self.partial / "metadata"
         metadata.mkdir()
         splits.write_parquet(metadata / "subject_splits.parquet")
+        done = self._sort_shards(staging, metadata / "subject_splits.parquet")
+        events_total = sum(events for events, _, _ in done)
+        for _, _, merged in done:
+            for source, n in merged.items():
+                self.report.sources[source].duplicates_merged += n
+                self.report.sources[source].written -= n
+        code_counts = [codes for _, codes, _ in done]
+        shutil.rmtree(self.partial / "staging")
         codes = pl.concat(code_counts).group_by("code").agg(pl.col("len").sum().alias("count")).sort("code")
         _codes_table(codes, code_metadata).write_parquet(metadata / "codes.parquet")
         if subject_map is not None:
@@ -192,22 +186,46 @@ class MedsWriter:
             codes=codes.height,
         )
 
-    def _deduplicated(self, events: pl.DataFrame) -> pl.DataFrame:
-        """Drop exact duplicate events and move their count from `written` to `duplicates_merged`."""
-        kept = drop_exact_duplicates(events)
-        if kept.height < events.height:
-            before = dict(events.group_by(_SOURCE).len().iter_rows())
-            after = dict(kept.group_by(_SOURCE).len().iter_rows())
-            for source, n in before.items():
-                merged = n - after.get(source, 0)
-                self.report.sources[source].duplicates_merged += merged
-                self.report.sources[source].written -= merged
-        return kept
+    def _sort_shards(self, staging: list[Path], splits: Path) -> list:
+        """Stage 2 for every shard. Several shards run in worker processes that are replaced every few shards:
+        the allocators of polars and Arrow keep freed memory, and a fresh process is the sure way to keep the peak
+        flat however many shards there are."""
+        jobs = [(path, splits, self.partial / "data") for path in staging]
+        if self.workers == 0 or len(staging) == 1:
+            return [sort_shard(*job) for job in jobs]
+        # multiprocessing.Pool, not ProcessPoolExecutor: the latter's max_tasks_per_child deadlocks on Python 3.11
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(self.workers, maxtasksperchild=_SHARDS_PER_WORKER) as pool:
+            return pool.starmap(sort_shard, jobs, chunksize=1)
 
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.close()
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def sort_shard(path: Path, splits_path: Path, data_dir: Path) -> tuple[int, pl.DataFrame, dict[str, int]]:
+    """One staged shard → data/<split>/<shard>.parquet: exact duplicates dropped, sorted by subject then time
+    (static facts first, otherwise in arrival order). Returns the events written, code counts, duplicates merged
+    per source."""
+    staged = pl.read_ipc_stream(path)
+    events = drop_exact_duplicates(staged)
+    merged = {}
+    if events.height < staged.height:
+        before = dict(staged.group_by(_SOURCE).len().iter_rows())
+        after = dict(events.group_by(_SOURCE).len().iter_rows())
+        merged = {source: n - after.get(source, 0) for source, n in before.items() if n > after.get(source, 0)}
+    del staged
+    events = events.drop(_SOURCE).sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
+    splits = pl.read_parquet(splits_path)
+    split_of = events["subject_id"].replace_strict(splits["subject_id"], splits["split"], return_dtype=pl.String)
+    for split in SPLITS:
+        part = events.filter(split_of == split)
+        if part.height:
+            out = data_dir / split / f"{path.stem}.parquet"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            part.write_parquet(out, compression="zstd", compression_level=1)
+    return events.height, events.group_by("code").len(), merged
 
 
 def drop_exact_duplicates(events: pl.DataFrame) -> pl.DataFrame:
