@@ -42,7 +42,11 @@ PEERS = SHARED / "peers"
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / ".cache" / "medstate-peers"))
 MEDSTATE = [sys.executable, "-m", "medstate.cli"]
 PYHEALTH_TABLES = "patients,admissions,icustays,diagnoses_icd,procedures_icd,prescriptions,labevents"
-PEER_STEPS = {"pyhealth_load": "medstate_pyhealth_tables", "mimic_iv_meds": "medstate_all", "meds_etl_mimic": "medstate_all"}
+PEER_STEPS = {
+    "pyhealth_load": "medstate_pyhealth_tables",
+    "mimic_iv_meds": "medstate_all",
+    "meds_etl_mimic": "medstate_all",
+}
 TIME_COLUMNS = {
     "admittime", "dischtime", "deathtime", "edregtime", "edouttime", "intime", "outtime", "charttime", "storetime",
     "chartdate", "starttime", "stoptime", "endtime", "dod", "scheduletime", "entertime", "verifiedtime",
@@ -82,11 +86,6 @@ def measure(cmd: list, log: Path) -> dict:
 def medstate_convert(input: Path, output: Path, tables: str | None = None) -> list:
     cmd = [*MEDSTATE, "data", "convert", "--format", "mimic-iv", str(input), str(output), "--overwrite"]
     return cmd + (["--tables", tables] if tables else [])
-
-
-def median_runs(name: str, cmd: list, runs: int, warmup: int, logs: Path) -> dict:
-    results = [measure(cmd, logs / f"{name}.{i}.log") for i in range(warmup + runs)][warmup:]
-    return {key: statistics.median(r[key] for r in results) for key in results[0]} | {"runs": len(results)}
 
 
 def run_peers(runs: int, warmup: int) -> dict:
@@ -157,22 +156,27 @@ def main() -> None:
     logs = args.scratch / "logs"
     logs.mkdir(parents=True)
 
-    medstate = {
-        "medstate_pyhealth_tables": median_runs(
-            "medstate_pyhealth_tables",
+    cases = {
+        "medstate_pyhealth_tables": (
             medstate_convert(DEMO, args.scratch / "pyhealth-tables", PYHEALTH_TABLES),
-            args.runs,
-            args.warmup,
-            logs,
+            "pyhealth-tables",
         ),
-        "medstate_all": median_runs(
-            "medstate_all", medstate_convert(DEMO, args.scratch / "all"), args.runs, args.warmup, logs
-        ),
+        "medstate_all": (medstate_convert(DEMO, args.scratch / "all"), "all"),
     }
-    for name, folder in (("medstate_pyhealth_tables", "pyhealth-tables"), ("medstate_all", "all")):
-        report = json.loads((args.scratch / folder / "report.json").read_text())
-        medstate[name]["events"] = report["totals"]["written"]
-    peers = {} if args.skip_peers else run_peers(args.runs, args.warmup)
+    # medstate is measured before and after the peers and the runs are pooled, so that a drift of the machine's
+    # speed during the peers' minutes does not favour either side
+    runs: dict[str, list] = {name: [] for name in cases}
+    for phase in ("before", "after"):
+        if phase == "after":
+            peers = {} if args.skip_peers else run_peers(args.runs, args.warmup)
+        for name, (cmd, _) in cases.items():
+            results = [measure(cmd, logs / f"{name}.{phase}{i}.log") for i in range(args.warmup + args.runs)]
+            runs[name] += results[args.warmup :]
+    medstate = {}
+    for name, (_, folder) in cases.items():
+        medstate[name] = {key: statistics.median(r[key] for r in runs[name]) for key in runs[name][0]}
+        medstate[name]["runs"] = len(runs[name])
+        medstate[name]["events"] = json.loads((args.scratch / folder / "report.json").read_text())["totals"]["written"]
 
     lines = ["## MIMIC-IV demo (100 patients): peer / medstate, medians", ""]
     lines += ["| peer | medstate step | peer wall s | medstate wall s | wall ratio | peer peak tree RSS MB | "
@@ -188,7 +192,8 @@ def main() -> None:
             f"{p['tree_peak_rss_mb'] / m['tree_peak_rss_mb']:.1f}× | {p['maxrss_mb']:.0f} | {m['maxrss_mb']:.0f} |"
         )
     lines += ["", "Events written by medstate: " + ", ".join(f"{k} {v['events']:,}" for k, v in medstate.items())]
-    lines += ["Peer outputs: " + "; ".join(f"{k} {v.get('result')}" for k, v in peers.items()), ""]
+    outputs = {k: v["result"] for k, v in peers.items() if v.get("result")}
+    lines += ["Peer outputs: " + "; ".join(f"{k} {v}" for k, v in outputs.items()), ""]
 
     scale_rows = []
     for copies in (int(s) for s in args.scales.split(",")):
