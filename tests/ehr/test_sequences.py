@@ -1,0 +1,150 @@
+"""Patient sequences against a hand-worked example: tokens, interval tokens, value bins and aligned arrays."""
+
+from datetime import datetime as t
+
+import numpy as np
+import polars as pl
+import pytest
+
+from medstate.ehr import ValueBins, Vocabulary, build_sequence, interval_token
+from medstate.ehr.sequences import (
+    SPECIAL_TOKENS,
+    TYPE_CLS,
+    TYPE_EVENT,
+    TYPE_INTERVAL,
+    TYPE_REGISTER,
+    TYPE_STATIC,
+    TYPE_VISIT_END,
+    TYPE_VISIT_START,
+)
+
+
+def events(rows):
+    return pl.DataFrame(
+        rows,
+        schema={"time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float32, "hadm_id": pl.Int64},
+        orient="row",
+    )
+
+
+PATIENT = events(
+    [
+        (t(2050, 6, 1), "DIAGNOSIS//X", None, 22),  # rows in any order
+        (None, "GENDER//F", None, None),
+        (t(2000, 1, 1), "MEDS_BIRTH", None, None),
+        (t(2050, 1, 1, 10), "HOSPITAL_ADMISSION", None, 11),
+        (t(2050, 1, 1, 12), "LAB//A", 5.0, 11),
+        (t(2050, 1, 3, 8), "HOSPITAL_DISCHARGE", None, 11),
+        (t(2050, 1, 20, 9), "LAB//A", 1.0, None),  # no admission: a visit for the calendar day
+        (t(2050, 1, 20, 10), "LAB//B", None, None),
+        (t(2052, 1, 1), "LAB//B", None, None),
+    ]
+)
+TRAIN_VALUES = events([(t(2050, 1, 1), "LAB//A", v, None) for v in (5.0, 1.0, 3.0, 7.0, 9.0)])
+
+
+def test_hand_worked_sequence():
+    bins = ValueBins(5).fit(TRAIN_VALUES)
+    # linear quantiles of 1, 3, 5, 7, 9 at 0.2, 0.4, 0.6, 0.8
+    assert bins.edges == {"LAB//A": pytest.approx([2.6, 4.2, 5.8, 7.4])}
+    sequence = build_sequence(7, PATIENT, bins, visit="admission")
+    assert sequence.tokens == [
+        "[CLS]", "GENDER//F",
+        "[VS]", "HOSPITAL_ADMISSION", "LAB//A//_Q3", "HOSPITAL_DISCHARGE", "[VE]", "[REG]",
+        "[W2]",  # 16 days 23 h from the discharge to the next visit
+        "[VS]", "LAB//A//_Q1", "LAB//B", "[VE]", "[REG]",
+        "[M4]",  # 131.6 days
+        "[VS]", "DIAGNOSIS//X", "[VE]", "[REG]",
+        "[LT]",  # 1.6 years
+        "[VS]", "LAB//B", "[VE]", "[REG]",
+    ]  # fmt: skip
+    S, V, E, VE, R, I = TYPE_STATIC, TYPE_VISIT_START, TYPE_EVENT, TYPE_VISIT_END, TYPE_REGISTER, TYPE_INTERVAL
+    assert sequence.token_types.tolist() == [
+        TYPE_CLS,
+        S,
+        V,
+        E,
+        E,
+        E,
+        VE,
+        R,
+        I,
+        V,
+        E,
+        E,
+        VE,
+        R,
+        I,
+        V,
+        E,
+        VE,
+        R,
+        I,
+        V,
+        E,
+        VE,
+        R,
+    ]
+    assert sequence.visit_segments.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 2, 2, 2, 2, 2, 0, 1, 1, 1, 1, 0, 2, 2, 2, 2]
+    assert sequence.visit_orders.tolist() == [0, 0, 1, 1, 1, 1, 1, 1, 0, 2, 2, 2, 2, 2, 0, 3, 3, 3, 3, 0, 4, 4, 4, 4]
+    first = t(2050, 1, 1, 10)
+    days = lambda moment: (moment - first).total_seconds() / 86400  # noqa: E731
+    expected_times = [0, 0, 0, 0, days(t(2050, 1, 1, 12)), days(t(2050, 1, 3, 8)), days(t(2050, 1, 3, 8))]
+    np.testing.assert_allclose(sequence.times[:7], expected_times, atol=1e-4)
+    np.testing.assert_allclose(sequence.times[8], days(t(2050, 1, 20, 9)), atol=1e-4)  # interval: next visit start
+    age = lambda moment: (moment - t(2000, 1, 1)).total_seconds() / 86400 / 365.25  # noqa: E731
+    np.testing.assert_allclose(sequence.ages[2], age(first), atol=1e-4)
+    np.testing.assert_allclose(sequence.ages[-1], age(t(2052, 1, 1)), atol=1e-4)
+    assert sequence.last_time == t(2052, 1, 1)
+
+
+def test_day_visits_ignore_admissions():
+    sequence = build_sequence(7, PATIENT, ValueBins(5), visit="day")
+    # 2050-01-01, 2050-01-03, 2050-01-20, 2050-06-01, 2052-01-01; no bins fitted: bare codes
+    assert sequence.tokens.count("[VS]") == 5
+    assert "LAB//A" in sequence.tokens and "[W2]" in sequence.tokens
+
+
+@pytest.mark.parametrize(
+    ("days", "token"),
+    [(0, "[W0]"), (6.99, "[W0]"), (7, "[W1]"), (20.9, "[W2]"), (27.9, "[W3]"), (28, "[M1]"), (59.9, "[M1]"),
+     (60, "[M2]"), (364.9, "[M12]"), (365, "[LT]"), (-3, "[W0]")],
+)  # fmt: skip
+def test_interval_tokens(days, token):
+    assert interval_token(days) == token
+
+
+def test_truncation_keeps_cls_and_the_most_recent_tokens():
+    sequence = build_sequence(7, PATIENT, ValueBins(5).fit(TRAIN_VALUES))
+    short = sequence.truncate(6)
+    assert short.tokens == ["[CLS]", "[LT]", "[VS]", "LAB//B", "[VE]", "[REG]"]
+    assert short.visit_orders.tolist() == [0, 0, 4, 4, 4, 4] and len(short.ages) == 6
+    assert sequence.truncate(100) is sequence
+
+
+def test_vocabulary(tmp_path):
+    vocab = Vocabulary.fit([["A", "B", "B"], ["B", "C"]], min_count=2, task_tokens=["[TASK_MORTALITY]"])
+    assert vocab.tokens[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
+    assert vocab.tokens[len(SPECIAL_TOKENS) :] == ["[TASK_MORTALITY]", "B"]
+    assert vocab.encode(["B", "A"]) == [vocab.index["B"], vocab.unknown_id]
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").tokens == vocab.tokens
+
+
+def test_until_cuts_at_the_prediction_time():
+    sequence = build_sequence(7, PATIENT, ValueBins(5))
+    during = sequence.until(t(2050, 1, 2))  # inside the first admission: no [VE]/[REG] yet
+    assert during.tokens == ["[CLS]", "GENDER//F", "[VS]", "HOSPITAL_ADMISSION", "LAB//A"]
+    after = sequence.until(t(2050, 1, 20, 9))  # the interval token arrives with the next visit
+    assert after.tokens[-4:] == ["[REG]", "[W2]", "[VS]", "LAB//A"]
+    assert after.last_time == t(2050, 1, 20, 9)
+
+
+def test_prompted_task_tokens_survive_truncation():
+    sequence = build_sequence(7, PATIENT, ValueBins(5))
+    prompted = sequence.prompted("[TASK_X]", 6)
+    assert prompted.tokens == ["[TASK_X]", "[VS]", "LAB//B", "[VE]", "[REG]", "[TASK_X]"]
+    assert prompted.token_types[0] == prompted.token_types[-1] == 8
+    assert len(prompted) == 6 and prompted.ages[-1] == prompted.ages[-2]
+    whole = sequence.prompted("[TASK_X]", 1000)
+    assert whole.tokens[0] == whole.tokens[-1] == "[TASK_X]" and whole.tokens[1:-1] == sequence.tokens[1:]
