@@ -26,6 +26,8 @@ COMMANDS = [
     ["data", "describe"],
     ["data", "convert"],
     ["data", "compare"],
+    ["ehr"],
+    ["ehr", "prepare"],
 ]
 
 

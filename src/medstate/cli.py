@@ -40,6 +40,8 @@ data_app = typer.Typer(
     help="Clinical event data: MIMIC-IV CSV, FHIR R4 and MEDS in; validated MEDS out.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+ehr_app = typer.Typer(help="EhrMamba: patient sequences, tasks, models, evaluation.", no_args_is_help=True)
+app.add_typer(ehr_app, name="ehr")
 
 
 @app.command()
@@ -278,6 +280,45 @@ def data_compare(
             f"{row['numeric_agreement']:.2%}" if row["matched"] else "-",
         )
     console.print(table)
+
+
+@ehr_app.command("prepare")
+def ehr_prepare(
+    meds_dir: Annotated[Path, typer.Argument(help="MEDS dataset (from `medstate data convert`) with a train split")],
+    output: Annotated[Path, typer.Argument(help="directory for vocabulary, value bins, sequences and labels")],
+    tasks: Annotated[Path | None, typer.Option(help="task YAML (default: the six EhrMamba tasks)")] = None,
+    max_length: Annotated[int, typer.Option(min=8, help="tokens per sequence (the most recent are kept)")] = 2048,
+    visit: Annotated[str, typer.Option(help="visit definition: auto, admission, encounter or day")] = "auto",
+    value_bins: Annotated[int, typer.Option(min=1, help="quantile bins per numeric code")] = 5,
+    min_count: Annotated[
+        int, typer.Option(min=1, help="training occurrences a token needs to enter the vocabulary")
+    ] = 1,
+) -> None:
+    """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
+    from rich.progress import Progress
+
+    from medstate.ehr.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(max_length, visit, value_bins, min_count, str(tasks) if tasks else None)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("patient sequences", total=None)
+        summary = prepare(
+            meds_dir, output, config, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    table = Table(title=f"tasks in {output}")
+    for column in ("task", "samples", "positives"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, counts in summary.samples.items():
+        table.add_row(name, f"{counts['n']:,}", f"{counts['positives']:,}")
+    console.print(table)
+    _summary(
+        "summary",
+        {
+            "subjects": ", ".join(f"{k} {v}" for k, v in sorted(summary.subjects.items())),
+            "vocabulary": f"{summary.vocabulary:,} tokens",
+            "output": str(summary.output),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ CLS, VISIT_START, VISIT_END, REGISTER, PAD, UNKNOWN, MASK = "[CLS]", "[VS]", "[V
 INTERVAL_TOKENS = [f"[W{w}]" for w in range(4)] + [f"[M{m}]" for m in range(1, 13)] + ["[LT]"]
 SPECIAL_TOKENS = [PAD, UNKNOWN, CLS, VISIT_START, VISIT_END, REGISTER, MASK, *INTERVAL_TOKENS]
 BIRTH = "MEDS_BIRTH"
-VISIT_KEYS = {"admission": "hadm_id", "encounter": "encounter_id", "day": None}
+# which column(s) hold the visit key, in order of preference; events with none fall into calendar-day visits
+VISIT_KEYS = {
+    "auto": ("hadm_id", "encounter_id"),
+    "admission": ("hadm_id",),
+    "encounter": ("encounter_id",),
+    "day": (),
+}
 
 # token types (an embedding each)
 TYPE_PAD, TYPE_CLS, TYPE_STATIC, TYPE_VISIT_START, TYPE_EVENT, TYPE_VISIT_END, TYPE_REGISTER, TYPE_INTERVAL = range(8)
@@ -140,27 +146,22 @@ class ValueBins:
         return f"{code}//_Q{int(np.searchsorted(edges, value, side='right')) + 1}"
 
 
-def visit_key_column(visit: str) -> str | None:
+def visit_key_columns(visit: str) -> tuple[str, ...]:
     if visit not in VISIT_KEYS:
         raise MedstateError(f"unknown visit definition {visit!r}; choose one of {', '.join(VISIT_KEYS)}")
     return VISIT_KEYS[visit]
 
 
-def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit: str = "admission") -> PatientSequence:
-    """One subject's events (any order) → its token sequence. `events` has time, code, numeric_value and, for
-    `visit="admission"` or `"encounter"`, the key column (missing or null keys fall back to the calendar day)."""
-    key_column = visit_key_column(visit)
+def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit: str = "auto") -> PatientSequence:
+    """One subject's events (any order) → its token sequence. `events` has time, code, numeric_value and the visit
+    key columns of `visit` (absent columns and null keys fall back to the calendar day)."""
+    key_columns = [c for c in visit_key_columns(visit) if c in events.columns]
     birth = events.filter(pl.col("code") == BIRTH)["time"].min()
     static = events.filter(pl.col("time").is_null() & (pl.col("code") != BIRTH))
     dated = events.filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH)).with_row_index("_order")
     day_key = pl.lit("day:") + pl.col("time").dt.date().cast(pl.String)
-    if key_column and key_column in dated.columns:
-        key = pl.when(pl.col(key_column).is_not_null()).then(
-            pl.lit(f"{key_column}:") + pl.col(key_column).cast(pl.String)
-        )
-        dated = dated.with_columns(key.otherwise(day_key).alias("_visit"))
-    else:
-        dated = dated.with_columns(day_key.alias("_visit"))
+    keys = [pl.lit(f"{c}:") + pl.col(c).cast(pl.String) for c in key_columns]  # null where the key is null
+    dated = dated.with_columns(pl.coalesce(*keys, day_key).alias("_visit"))
     dated = dated.sort(["time", "_order"])
     first_time = dated["time"].min() if dated.height else None
 

@@ -1,7 +1,8 @@
 """Prediction tasks as declarative labelers: a task is plain data (YAML), never code in a notebook.
 
-A task labels *anchor visits* (by default hospital admissions: MIMIC-IV HOSPITAL_ADMISSION/DISCHARGE joined on
-hadm_id, and FHIR inpatient encounters ENCOUNTER_START//IMP / ENCOUNTER_END//IMP joined on encounter_id). Each
+A task labels *anchor visits* from a named visit set: "inpatient" (the default: MIMIC-IV HOSPITAL_ADMISSION/
+DISCHARGE joined on hadm_id, and FHIR inpatient encounters ENCOUNTER_START//IMP / ENCOUNTER_END//IMP joined on
+encounter_id) or "any" (also every other FHIR encounter); a task file may define more. Each
 visit gives at most one sample: a prediction time (the visit's start or end plus an offset) and a 0/1 label. The
 model may only see events at or before the prediction time (`events_until`); every label is decided by events
 strictly after it, and a sample whose outcome is already known at the prediction time is left out.
@@ -50,10 +51,17 @@ class VisitRule:
     key: str
 
 
-DEFAULT_VISITS = (
-    VisitRule(start="^HOSPITAL_ADMISSION//", end="^HOSPITAL_DISCHARGE//", key="hadm_id"),
-    VisitRule(start="^ENCOUNTER_START//IMP$", end="^ENCOUNTER_END//IMP$", key="encounter_id"),
-)
+ADMISSIONS = VisitRule(start="^HOSPITAL_ADMISSION//", end="^HOSPITAL_DISCHARGE//", key="hadm_id")
+DEFAULT_VISIT_SETS = {
+    # hospital stays: MIMIC-IV admissions and FHIR inpatient encounters
+    "inpatient": (
+        ADMISSIONS,
+        VisitRule(start="^ENCOUNTER_START//IMP$", end="^ENCOUNTER_END//IMP$", key="encounter_id"),
+    ),
+    # any contact: also FHIR ambulatory and emergency encounters (where outpatient diagnoses are recorded)
+    "any": (ADMISSIONS, VisitRule(start="^ENCOUNTER_START//", end="^ENCOUNTER_END//", key="encounter_id")),
+}
+DEFAULT_VISITS = DEFAULT_VISIT_SETS["inpatient"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class TaskSpec:
     codes: tuple[str, ...] = ()
     code_set: str | None = None
     exclude_codes: tuple[str, ...] = ()
+    visits: str = "inpatient"  # the name of a visit set: which visits are anchors (and "next visits")
     description: str = ""
 
     def __post_init__(self):
@@ -99,12 +108,13 @@ class TaskSpec:
 @dataclass(frozen=True)
 class TaskSuite:
     tasks: tuple[TaskSpec, ...]
-    visits: tuple[VisitRule, ...] = DEFAULT_VISITS
+    visit_sets: dict[str, tuple[VisitRule, ...]] = field(default_factory=lambda: dict(DEFAULT_VISIT_SETS))
     code_sets: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # name → ((code, match), …)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> TaskSuite:
-        """A YAML file with `tasks:` (and optionally `visits:` and `code_sets:`); default: the six EhrMamba tasks."""
+        """A YAML file with `tasks:` (and optionally `visit_sets:` and `code_sets:`); default: the six EhrMamba
+        tasks."""
         if path is None:
             text = resources.files("medstate.ehr").joinpath("resources/tasks.yaml").read_text()
         else:
@@ -122,19 +132,23 @@ class TaskSuite:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise MedstateError(f"task file {path} repeats a task name: {names}")
-        visits = tuple(VisitRule(**v) for v in data["visits"]) if data.get("visits") else DEFAULT_VISITS
+        visit_sets = dict(DEFAULT_VISIT_SETS)
+        for name, rules in (data.get("visit_sets") or {}).items():
+            visit_sets[name] = tuple(VisitRule(**rule) for rule in rules)
         code_sets = load_code_sets()
         for name, entries in (data.get("code_sets") or {}).items():
             code_sets[name] = tuple((e["code"], e.get("match", "prefix")) for e in entries)
         for task in tasks:
             if task.code_set and task.code_set not in code_sets:
                 raise MedstateError(f"task {task.name!r}: unknown code_set {task.code_set!r}")
-        return cls(tasks=tasks, visits=visits, code_sets=code_sets)
+            if task.visits not in visit_sets:
+                raise MedstateError(f"task {task.name!r}: unknown visit set {task.visits!r}")
+        return cls(tasks=tasks, visit_sets=visit_sets, code_sets=code_sets)
 
     def label(self, events: pl.DataFrame) -> pl.DataFrame:
         """Labels of every task (subject_id, visit_key, prediction_time, label, task) for these events."""
-        visits = anchor_visits(events, self.visits)
-        frames = [label_task(task, events, visits, self.code_sets) for task in self.tasks]
+        visits = {name: anchor_visits(events, rules) for name, rules in self.visit_sets.items()}
+        frames = [label_task(task, events, visits[task.visits], self.code_sets) for task in self.tasks]
         return pl.concat(frames).sort(["task", "subject_id", "prediction_time"])
 
 

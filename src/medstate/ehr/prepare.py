@@ -1,0 +1,156 @@
+"""`prepare`: a MEDS dataset → model-ready EHR data (the input of pretraining, finetuning and the baselines).
+
+Writes to OUT:
+
+    vocab.json          tokens (fitted on the training split only)
+    value_bins.json     per-code quantile edges of numeric values (training split only)
+    tasks.yaml          the task suite used for the labels
+    prepare.yaml        the resolved settings
+    pretrain.parquet    one row per subject: full history, truncated to max_length (most recent kept)
+    finetune.parquet    one row per (task, sample): the history known at the prediction time in prompted form
+                        ([TASK] … [TASK]), its 0/1 label, prediction time and visit
+    labels.parquet      the labels alone (subject_id, visit_key, prediction_time, label, task, split)
+
+Every row carries the subject's split, so no subject crosses from training into evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from medstate.data.meds import scan_meds
+from medstate.ehr.sequences import PatientSequence, ValueBins, build_sequence, visit_key_columns
+from medstate.ehr.tasks import TaskSuite
+from medstate.ehr.vocab import Vocabulary
+from medstate.errors import MedstateError
+
+SEQUENCE_COLUMNS = {
+    "input_ids": pl.List(pl.Int32),
+    "token_types": pl.List(pl.Int8),
+    "ages": pl.List(pl.Float32),
+    "times": pl.List(pl.Float32),
+    "visit_segments": pl.List(pl.Int8),
+    "visit_orders": pl.List(pl.Int32),
+}
+
+
+@dataclass
+class PrepareConfig:
+    max_length: int = 2048
+    visit: str = "auto"
+    value_bins: int = 5
+    min_count: int = 1
+    tasks: str | None = None  # a task YAML file; None: the six EhrMamba tasks
+
+
+@dataclass
+class PrepareSummary:
+    output: Path
+    subjects: dict[str, int]
+    vocabulary: int
+    samples: dict[str, dict[str, int]]  # task → {"n": …, "positives": …}
+
+
+def prepare(
+    meds_dir: str | Path,
+    output: str | Path,
+    config: PrepareConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PrepareSummary:
+    config = config or PrepareConfig()
+    visit_key_columns(config.visit)  # validates the name
+    if config.max_length < 8:
+        raise MedstateError(f"max_length must be at least 8, got {config.max_length}")
+    suite = TaskSuite.load(config.tasks)
+    events = scan_meds(meds_dir).collect()
+    splits = events.select("subject_id", "split").unique("subject_id", keep="first")
+    if "train" not in set(splits["split"]):
+        raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
+    train_ids = splits.filter(pl.col("split") == "train")["subject_id"]
+    bins = ValueBins(config.value_bins).fit(events.filter(pl.col("subject_id").is_in(train_ids.implode())))
+    keep = [
+        "subject_id",
+        "time",
+        "code",
+        "numeric_value",
+        *(c for c in ("hadm_id", "encounter_id") if c in events.columns),
+    ]
+    by_subject = events.select(keep).partition_by("subject_id", as_dict=True, maintain_order=True)
+    sequences: dict[int, PatientSequence] = {}
+    for done, ((subject_id,), subject_events) in enumerate(sorted(by_subject.items()), start=1):
+        sequences[subject_id] = build_sequence(subject_id, subject_events, bins, config.visit)
+        if progress:
+            progress(done, len(by_subject))
+    train_set = set(train_ids.to_list())
+    vocab = Vocabulary.fit(
+        (s.tokens for sid, s in sequences.items() if sid in train_set),
+        min_count=config.min_count,
+        task_tokens=[t.token for t in suite.tasks],
+    )
+    split_of = dict(splits.iter_rows())
+    labels = suite.label(events).with_columns(pl.col("subject_id").replace_strict(split_of).alias("split"))
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab.save(out / "vocab.json")
+    (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
+    (out / "tasks.yaml").write_text(_suite_yaml(suite))
+    (out / "prepare.yaml").write_text(yaml.safe_dump({**asdict(config), "meds_dir": str(meds_dir)}))
+
+    pretrain = [
+        {"subject_id": sid, "split": split_of[sid], **_arrays(seq.truncate(config.max_length), vocab)}
+        for sid, seq in sorted(sequences.items())
+    ]
+    pl.DataFrame(pretrain, schema={"subject_id": pl.Int64, "split": pl.String, **SEQUENCE_COLUMNS}).write_parquet(
+        out / "pretrain.parquet"
+    )
+    tokens_of = {t.name: t.token for t in suite.tasks}
+    finetune = []
+    for row in labels.iter_rows(named=True):
+        history = sequences[row["subject_id"]].until(row["prediction_time"])
+        prompted = history.prompted(tokens_of[row["task"]], config.max_length)
+        finetune.append({**row, **_arrays(prompted, vocab)})
+    schema = {**dict(labels.schema), **SEQUENCE_COLUMNS}
+    pl.DataFrame(finetune, schema=schema).write_parquet(out / "finetune.parquet")
+    labels.write_parquet(out / "labels.parquet")
+    counts = labels.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
+    return PrepareSummary(
+        output=out,
+        subjects=dict(splits.group_by("split").len().iter_rows()),
+        vocabulary=len(vocab),
+        samples={task: {"n": n, "positives": p} for task, n, p in counts.sort("task").iter_rows()},
+    )
+
+
+def _arrays(sequence: PatientSequence, vocab: Vocabulary) -> dict:
+    return {
+        "input_ids": vocab.encode(sequence.tokens),
+        "token_types": sequence.token_types.tolist(),
+        "ages": sequence.ages.tolist(),
+        "times": sequence.times.tolist(),
+        "visit_segments": sequence.visit_segments.tolist(),
+        "visit_orders": sequence.visit_orders.tolist(),
+    }
+
+
+def _suite_yaml(suite: TaskSuite) -> str:
+    def task(t):
+        data = {k: v for k, v in asdict(t).items() if v not in (None, (), "", [])}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    return yaml.safe_dump(
+        {
+            "tasks": [task(t) for t in suite.tasks],
+            "visit_sets": {name: [asdict(v) for v in rules] for name, rules in suite.visit_sets.items()},
+            "code_sets": {
+                name: [{"code": c, "match": m} for c, m in entries] for name, entries in sorted(suite.code_sets.items())
+            },
+        },
+        sort_keys=False,
+    )
