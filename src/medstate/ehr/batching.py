@@ -1,0 +1,54 @@
+"""Token-budget batches: samples packed end to end into one row, separated by `seq_idx`, so that no padding is
+computed and no information crosses from one patient to the next (the engine's packed sequences)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from medstate.ehr.model import ARRAYS
+
+DTYPES = {
+    "input_ids": torch.long,
+    "token_types": torch.long,
+    "ages": torch.float32,
+    "times": torch.float32,
+    "visit_segments": torch.long,
+    "visit_orders": torch.long,
+}
+
+
+def token_budget_batches(lengths: list[int], budget: int, order: np.ndarray | None = None) -> list[list[int]]:
+    """Group sample indices (in `order`, default as given) into batches of at most `budget` tokens; a sample
+    longer than the budget gets a batch of its own."""
+    order = np.arange(len(lengths)) if order is None else order
+    batches, current, used = [], [], 0
+    for index in order.tolist():
+        if current and used + lengths[index] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += lengths[index]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(samples: list[dict], with_lm_targets: bool = False) -> dict[str, torch.Tensor]:
+    """One packed row [1, T] from samples (dicts of token arrays). Adds seq_idx, `ends` [N, 2] (row, position of
+    each sample's last token) and, when asked, next-token targets that never cross a sample boundary."""
+    batch = {
+        name: torch.tensor(np.concatenate([s[name] for s in samples]), dtype=DTYPES[name])[None] for name in ARRAYS
+    }
+    lengths = [len(s["input_ids"]) for s in samples]
+    batch["seq_idx"] = torch.repeat_interleave(torch.arange(len(samples), dtype=torch.int32), torch.tensor(lengths))[
+        None
+    ]
+    last = torch.tensor(np.cumsum(lengths) - 1)
+    batch["ends"] = torch.stack([torch.zeros_like(last), last], dim=1)
+    if with_lm_targets:
+        targets = torch.full_like(batch["input_ids"], -100)
+        targets[0, :-1] = batch["input_ids"][0, 1:]
+        targets[0, last] = -100  # the last token of a sample predicts nothing (the next sample is another patient)
+        batch["lm_targets"] = targets
+    return batch

@@ -1,0 +1,164 @@
+"""The EhrMamba model: EHR embeddings → medstate Mamba backbone → next-event head and task classifier.
+
+Embeddings (after EhrMamba / CEHR-BERT): the concept embedding is concatenated with learned sinusoidal features of
+age (years) and time (years since the first event), projected back to d_model, and summed with token-type,
+visit-order and visit-segment embeddings; then LayerNorm and dropout. The next-event head is tied to the concept
+embedding. The classifier reads the hidden state of a sample's last token: in prompted finetuning that is the task
+token, so one head serves every task.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medstate.ehr.sequences import N_TOKEN_TYPES, YEAR_DAYS
+from medstate.errors import MedstateError
+from medstate.ssm import MambaLM, SSMConfig
+
+ARRAYS = ("input_ids", "token_types", "ages", "times", "visit_segments", "visit_orders")
+
+
+@dataclass
+class EhrMambaConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_layer: int = 4
+    ssm_version: int = 1  # Mamba-1 as in the EhrMamba paper; 2 selects the SSD mixer
+    d_state: int = 16
+    head_dim: int = 32  # Mamba-2 only
+    time_features: int = 16
+    max_visit_order: int = 512
+    dropout: float = 0.1
+
+    def ssm_config(self) -> SSMConfig:
+        return SSMConfig(
+            version=self.ssm_version,
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            n_layer=self.n_layer,
+            d_state=self.d_state,
+            head_dim=self.head_dim,
+            chunk_size=64,
+            pad_token_id=0,
+        )
+
+
+class TimeFeatures(nn.Module):
+    """Learned sinusoidal features of a scalar (Time2Vec): one linear feature, the rest sin(w t + b)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        x = value.unsqueeze(-1) * self.weight + self.bias
+        return torch.cat([x[..., :1], torch.sin(x[..., 1:])], dim=-1)
+
+
+class EhrEmbeddings(nn.Module):
+    def __init__(self, config: EhrMambaConfig, concept: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.concept = concept
+        self.age = TimeFeatures(config.time_features)
+        self.time = TimeFeatures(config.time_features)
+        self.project = nn.Linear(config.d_model + 2 * config.time_features, config.d_model)
+        self.token_type = nn.Embedding(N_TOKEN_TYPES, config.d_model)
+        self.visit_order = nn.Embedding(config.max_visit_order, config.d_model)
+        self.visit_segment = nn.Embedding(3, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        features = torch.cat(
+            [
+                self.concept(batch["input_ids"]),
+                self.age(batch["ages"]),
+                self.time(batch["times"] / YEAR_DAYS),
+            ],
+            dim=-1,
+        )
+        order = batch["visit_orders"].clamp(max=self.config.max_visit_order - 1)
+        hidden = (
+            self.project(features)
+            + self.token_type(batch["token_types"])
+            + self.visit_order(order)
+            + self.visit_segment(batch["visit_segments"])
+        )
+        return self.dropout(self.norm(hidden))
+
+
+@dataclass
+class EhrOutput:
+    hidden_states: torch.Tensor
+    lm_loss: torch.Tensor | None = None
+    class_logits: torch.Tensor | None = None  # one logit per sample end
+
+
+class EhrMamba(nn.Module):
+    def __init__(self, config: EhrMambaConfig):
+        super().__init__()
+        self.config = config
+        self.lm = MambaLM(config.ssm_config())
+        self.embeddings = EhrEmbeddings(config, self.lm.backbone.embeddings)
+        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.d_model, 1))
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        lm_targets: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
+    ) -> EhrOutput:
+        """batch: the token arrays [B, T] (and `seq_idx` for packed rows). lm_targets [B, T]: the token to predict
+        at each position (-100: none), for next-event pretraining. ends [N, 2]: (row, position) of each sample's
+        last token, where the classifier reads."""
+        embeds = self.embeddings(batch)
+        hidden, _ = self.lm.backbone(inputs_embeds=embeds, seq_idx=batch.get("seq_idx"))
+        lm_loss = None
+        if lm_targets is not None:
+            lm_loss = F.cross_entropy(
+                self.lm.lm_head(hidden).flatten(0, 1).float(), lm_targets.flatten(), ignore_index=-100
+            )
+        logits = None
+        if ends is not None:
+            logits = self.classifier(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1)
+        return EhrOutput(hidden, lm_loss, logits)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(
+            json.dumps({"model_type": "medstate-ehrmamba", **asdict(self.config)}, indent=2) + "\n"
+        )
+        state, seen = {}, set()
+        for name, tensor in self.state_dict().items():  # tied weights (concept = backbone embedding = LM head) once
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                state[name] = tensor.contiguous()
+        save_file(state, directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> EhrMamba:
+        directory = Path(directory)
+        try:
+            data = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise MedstateError(f"{directory} has no readable config.json ({err})") from None
+        if data.pop("model_type", None) != "medstate-ehrmamba":
+            raise MedstateError(f"{directory} does not hold an EhrMamba checkpoint")
+        model = cls(EhrMambaConfig(**data))
+        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+        tied = {"embeddings.concept.weight", "lm.lm_head.weight"}
+        if unexpected or set(missing) - tied:
+            raise MedstateError(
+                f"{directory}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})"
+            )
+        return model
