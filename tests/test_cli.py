@@ -28,6 +28,8 @@ COMMANDS = [
     ["data", "compare"],
     ["ehr"],
     ["ehr", "prepare"],
+    ["ehr", "pretrain"],
+    ["ehr", "finetune"],
 ]
 
 

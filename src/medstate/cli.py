@@ -321,5 +321,104 @@ def ehr_prepare(
     )
 
 
+def _train_options(
+    max_steps: int, lr: float, warmup_steps: int, seed: int, bf16: bool, save_every: int
+):  # the TrainConfig shared by pretrain and finetune
+    from medstate.train import TrainConfig
+
+    return TrainConfig(
+        max_steps=max_steps, lr=lr, warmup_steps=min(warmup_steps, max_steps), seed=seed, bf16=bf16,
+        save_every=save_every,
+    )  # fmt: skip
+
+
+def _train(kind: str, prepared: Path, run_dir: Path, fit) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(f"{kind}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(kind, total=None, loss="-")
+        result = fit(lambda step, total, loss: bar.update(task, completed=step, total=total, loss=f"{loss:.4f}"))
+    _summary(
+        f"{kind}: {run_dir}",
+        {
+            "steps": result.steps,
+            "resumed from step": result.resumed_from if result.resumed_from is not None else "-",
+            "last loss": round(result.last_loss, 5),
+            "seconds": round(result.seconds, 1),
+            "checkpoint": str(run_dir / "checkpoints" / "last"),
+        },
+    )
+
+
+MaxSteps = Annotated[int, typer.Option(min=1, help="optimizer steps")]
+TokenBudget = Annotated[int, typer.Option(min=16, help="tokens per packed batch")]
+
+
+@ehr_app.command("pretrain")
+def ehr_pretrain(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    d_model: Annotated[int, typer.Option(min=8)] = 128,
+    n_layer: Annotated[int, typer.Option(min=1)] = 4,
+    ssm_version: Annotated[int, typer.Option(min=1, max=2, help="1: Mamba (paper), 2: Mamba-2")] = 1,
+    max_steps: MaxSteps = 200,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    token_budget: TokenBudget = 8192,
+    save_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 50,
+    seed: int = 0,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
+) -> None:
+    """Next-event pretraining of an EhrMamba model on the training split."""
+    from medstate.ehr.model import EhrMamba
+    from medstate.ehr.training import new_model, pretrain
+    from medstate.train.loop import seed_everything
+
+    seed_everything(seed)
+    checkpoint = run_dir / "checkpoints" / "last"
+    model = (
+        EhrMamba.from_pretrained(checkpoint)
+        if checkpoint.is_dir()
+        else new_model(prepared, {"d_model": d_model, "n_layer": n_layer, "ssm_version": ssm_version})
+    )
+    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
+    _train("pretrain", prepared, run_dir, lambda p: pretrain(prepared, run_dir, model, config, token_budget, p))
+
+
+@ehr_app.command("finetune")
+def ehr_finetune(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    init: Annotated[Path | None, typer.Option(help="pretrained checkpoint directory to start from")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all, prompted multitask)")] = None,
+    max_steps: MaxSteps = 200,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    token_budget: TokenBudget = 8192,
+    save_every: Annotated[int, typer.Option(min=1)] = 50,
+    seed: int = 0,
+    bf16: bool = False,
+) -> None:
+    """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model."""
+    from medstate.ehr.model import EhrMamba
+    from medstate.ehr.training import finetune, new_model
+    from medstate.train.loop import seed_everything
+
+    seed_everything(seed)
+    checkpoint = run_dir / "checkpoints" / "last"
+    if checkpoint.is_dir():
+        model = EhrMamba.from_pretrained(checkpoint)
+    elif init is not None:
+        model = EhrMamba.from_pretrained(init)
+    else:
+        model = new_model(prepared)
+    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
+    names = tasks.split(",") if tasks else None
+    _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
+
+
 if __name__ == "__main__":
     app()

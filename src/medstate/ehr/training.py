@@ -1,0 +1,138 @@
+"""EhrMamba pretraining (next-event prediction), prompted finetuning and prediction, on `prepare`'s output.
+
+- Pretraining: every training subject's history, packed into token-budget rows, next-token loss.
+- Multitask prompted finetuning (MPF): all tasks in one phase; each epoch draws the same number of samples from
+  every task (with replacement for the smaller ones), so frequent tasks do not drown rare ones. One classifier reads
+  the final task token. Single-task finetuning is the same with one task.
+- `predict` scores a split: (subject_id, task, visit_key, prediction_time, y_true, y_score) with y_score the
+  probability, never a hard label.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from medstate.ehr.batching import collate, token_budget_batches
+from medstate.ehr.model import ARRAYS, EhrMamba, EhrMambaConfig
+from medstate.ehr.vocab import Vocabulary
+from medstate.errors import MedstateError
+from medstate.train.loop import TrainConfig, Trainer, TrainResult
+
+PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
+
+
+@dataclass
+class Samples:
+    frame: pl.DataFrame
+    arrays: list[dict]
+
+    @classmethod
+    def read(cls, path: Path, split: str, tasks: list[str] | None = None) -> Samples:
+        if not path.is_file():
+            raise MedstateError(f"{path} not found; run `medstate ehr prepare` first")
+        frame = pl.read_parquet(path).filter(pl.col("split") == split)
+        if tasks is not None:
+            frame = frame.filter(pl.col("task").is_in(tasks))
+        arrays = [
+            {name: np.asarray(row[name]) for name in ARRAYS} for row in frame.select(ARRAYS).iter_rows(named=True)
+        ]
+        return cls(frame, arrays)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(a["input_ids"]) for a in self.arrays]
+
+
+def new_model(prepared: Path, model_config: dict | None = None) -> EhrMamba:
+    vocab = Vocabulary.load(prepared / "vocab.json")
+    model = EhrMamba(EhrMambaConfig(vocab_size=len(vocab), **(model_config or {})))
+    return model
+
+
+def attach_prepared(run_dir: Path, prepared: Path) -> None:
+    """The vocabulary, bins and task definitions travel with every checkpoint of the run."""
+    for checkpoint in (run_dir / "checkpoints").glob("*"):
+        for name in PREPARED_FILES:
+            if (prepared / name).is_file():
+                shutil.copy(prepared / name, checkpoint / name)
+
+
+def pretrain(
+    prepared: str | Path,
+    run_dir: str | Path,
+    model: EhrMamba,
+    config: TrainConfig,
+    token_budget: int = 8192,
+    progress=None,
+) -> TrainResult:
+    prepared = Path(prepared)
+    samples = Samples.read(prepared / "pretrain.parquet", "train")
+
+    def batches(epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(samples.arrays))
+        return token_budget_batches(samples.lengths, token_budget, order)
+
+    def loss_fn(model: EhrMamba, indices: list[int]):
+        batch = collate([samples.arrays[i] for i in indices], with_lm_targets=True)
+        return model(batch, batch["lm_targets"]).lm_loss, int(batch["input_ids"].numel())
+
+    result = Trainer(model, loss_fn, batches, config, run_dir, progress).fit()
+    attach_prepared(Path(run_dir), prepared)
+    return result
+
+
+def finetune(
+    prepared: str | Path,
+    run_dir: str | Path,
+    model: EhrMamba,
+    config: TrainConfig,
+    tasks: list[str] | None = None,
+    token_budget: int = 8192,
+    progress=None,
+) -> TrainResult:
+    prepared = Path(prepared)
+    samples = Samples.read(prepared / "finetune.parquet", "train", tasks)
+    if not samples.arrays:
+        raise MedstateError(f"no training samples for tasks {tasks or 'all'} in {prepared}")
+    labels = torch.tensor(samples.frame["label"].to_numpy(), dtype=torch.float32)
+    by_task = {
+        task: np.flatnonzero(samples.frame["task"].to_numpy() == task) for task in samples.frame["task"].unique()
+    }
+    per_task = int(np.median([len(v) for v in by_task.values()]))
+
+    def batches(epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([config.seed, epoch])
+        drawn = [rng.choice(idx, per_task, replace=len(idx) < per_task) for _, idx in sorted(by_task.items())]
+        order = rng.permutation(np.concatenate(drawn))
+        return token_budget_batches(samples.lengths, token_budget, order)
+
+    def loss_fn(model: EhrMamba, indices: list[int]):
+        batch = collate([samples.arrays[i] for i in indices])
+        logits = model(batch, ends=batch["ends"]).class_logits
+        return F.binary_cross_entropy_with_logits(logits.float(), labels[indices]), int(batch["input_ids"].numel())
+
+    result = Trainer(model, loss_fn, batches, config, run_dir, progress).fit()
+    attach_prepared(Path(run_dir), prepared)
+    return result
+
+
+@torch.no_grad()
+def predict(
+    model: EhrMamba, prepared: str | Path, split: str, tasks: list[str] | None = None, token_budget: int = 16384
+) -> pl.DataFrame:
+    samples = Samples.read(Path(prepared) / "finetune.parquet", split, tasks)
+    model.eval()
+    scores = np.zeros(len(samples.arrays), dtype=np.float64)
+    for indices in token_budget_batches(samples.lengths, token_budget):
+        batch = collate([samples.arrays[i] for i in indices])
+        scores[indices] = torch.sigmoid(model(batch, ends=batch["ends"]).class_logits.double()).numpy()
+    return samples.frame.select(
+        "subject_id", "task", "visit_key", "prediction_time", pl.col("label").alias("y_true")
+    ).with_columns(pl.Series("y_score", scores))

@@ -1,0 +1,5 @@
+"""Training loop glue: schedules, checkpoints with exact resume, logs."""
+
+from medstate.train.loop import TrainConfig, Trainer, TrainResult, learning_rate_factor
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "learning_rate_factor"]
