@@ -1,0 +1,168 @@
+"""Classification metrics from probabilities, with subject-level bootstrap confidence intervals.
+
+Every metric takes the true 0/1 labels and the predicted probability (never a hard label, except F1, which is
+taken at a threshold chosen on the tuning split). A metric that is undefined for the data (AUROC with one class
+only, AUPRC without positives) is None with the reason in `status`, never NaN and never a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+N_BOOTSTRAP = 1000
+
+
+def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.int64)
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"y_true and y_score must be 1-d and of the same length, got {y.shape} and {s.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_true must be 0/1")
+    return y, s
+
+
+def auroc(y_true, y_score) -> float | None:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count half), from average ranks (Mann-Whitney U)."""
+    y, s = _check(y_true, y_score)
+    positives, negatives = int(y.sum()), int(len(y) - y.sum())
+    if positives == 0 or negatives == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_scores = s[order]
+    # average rank of each group of tied scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[y == 1].sum() - positives * (positives + 1) / 2.0
+    return float(u / (positives * negatives))
+
+
+def average_precision(y_true, y_score) -> float | None:
+    """Area under the precision-recall curve as the step sum Σ (R_k − R_{k−1}) P_k over distinct thresholds,
+    from the highest score down (the definition scikit-learn uses)."""
+    y, s = _check(y_true, y_score)
+    if y.sum() == 0:
+        return None
+    order = np.argsort(-s, kind="mergesort")
+    y_sorted, s_sorted = y[order], s[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s) - 1]
+    true_positives = np.cumsum(y_sorted)[last_of_tie]
+    predicted = last_of_tie + 1
+    precision = true_positives / predicted
+    recall = true_positives / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_at(y_true, y_score, threshold: float) -> float | None:
+    y, s = _check(y_true, y_score)
+    predicted = s >= threshold
+    tp = int((predicted & (y == 1)).sum())
+    fp = int((predicted & (y == 0)).sum())
+    fn = int((~predicted & (y == 1)).sum())
+    if tp + fp + fn == 0:
+        return None
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def best_f1_threshold(y_true, y_score) -> float | None:
+    """The score threshold that maximises F1 (to be chosen on the tuning split, then applied to the test split)."""
+    y, s = _check(y_true, y_score)
+    if y.sum() == 0:
+        return None
+    candidates = np.unique(s)
+    f1 = [f1_at(y, s, t) or 0.0 for t in candidates]
+    return float(candidates[int(np.argmax(f1))])
+
+
+def expected_calibration_error(y_true, y_score, bins: int = 10) -> float | None:
+    """Σ_b (n_b / n) |mean(y in b) − mean(score in b)| over equal-width probability bins."""
+    y, s = _check(y_true, y_score)
+    if len(y) == 0:
+        return None
+    index = np.clip((s * bins).astype(int), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = index == b
+        if inside.any():
+            total += inside.mean() * abs(y[inside].mean() - s[inside].mean())
+    return float(total)
+
+
+def reliability_curve(y_true, y_score, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean score, observed frequency, count) per non-empty equal-width bin."""
+    y, s = _check(y_true, y_score)
+    index = np.clip((s * bins).astype(int), 0, bins - 1)
+    rows = [
+        (s[index == b].mean(), y[index == b].mean(), int((index == b).sum())) for b in range(bins) if (index == b).any()
+    ]
+    return tuple(np.asarray(column) for column in zip(*rows)) if rows else (np.array([]),) * 3
+
+
+@dataclass
+class MetricResult:
+    value: float | None
+    low: float | None = None  # 95% bootstrap interval
+    high: float | None = None
+    status: str = "ok"
+    resamples: int = 0  # bootstrap resamples in which the metric was defined
+
+
+@dataclass
+class TaskMetrics:
+    n: int
+    positives: int
+    auroc: MetricResult
+    auprc: MetricResult
+    f1: MetricResult
+    threshold: float | None
+    ece: float | None
+    extra: dict = field(default_factory=dict)
+
+
+def bootstrap(metric, y, s, subjects, n: int = N_BOOTSTRAP, seed: int = 0) -> MetricResult:
+    """The metric with a 95% percentile interval from resampling *subjects* (all of a subject's samples together),
+    so that patients with many samples do not narrow the interval."""
+    value = metric(y, s)
+    if value is None:
+        return MetricResult(None, status="undefined: " + ("no positives" if y.sum() == 0 else "one class only"))
+    unique, inverse = np.unique(subjects, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        chosen = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        resampled = metric(y[chosen], s[chosen])
+        if resampled is not None:
+            values.append(resampled)
+    if not values:
+        return MetricResult(value, status="no bootstrap resample defined the metric")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return MetricResult(value, float(low), float(high), "ok", len(values))
+
+
+def evaluate_task(
+    y, s, subjects, y_tuning=None, s_tuning=None, n_bootstrap: int = N_BOOTSTRAP, seed: int = 0
+) -> TaskMetrics:
+    """AUROC, AUPRC (with subject-bootstrap CIs), F1 at the tuning split's best threshold, and ECE."""
+    y, s = _check(y, s)
+    subjects = np.asarray(subjects)
+    threshold = best_f1_threshold(y_tuning, s_tuning) if y_tuning is not None and len(y_tuning) else None
+    if threshold is None:
+        f1 = MetricResult(None, status="undefined: no tuning positives to choose a threshold")
+    else:
+        f1 = bootstrap(lambda a, b: f1_at(a, b, threshold), y, s, subjects, n_bootstrap, seed)
+    return TaskMetrics(
+        n=len(y),
+        positives=int(y.sum()),
+        auroc=bootstrap(auroc, y, s, subjects, n_bootstrap, seed),
+        auprc=bootstrap(average_precision, y, s, subjects, n_bootstrap, seed),
+        f1=f1,
+        threshold=threshold,
+        ece=expected_calibration_error(y, s),
+    )
