@@ -30,6 +30,7 @@ COMMANDS = [
     ["ehr", "prepare"],
     ["ehr", "pretrain"],
     ["ehr", "finetune"],
+    ["ehr", "evaluate"],
 ]
 
 

@@ -420,5 +420,33 @@ def ehr_finetune(
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
 
 
+@ehr_app.command("evaluate")
+def ehr_evaluate(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    output: Annotated[Path, typer.Argument(help="run directory for metrics.json, predictions.parquet, report.*")],
+    model: Annotated[list[str], typer.Option(help="NAME=CHECKPOINT[@SEED] of a finetuned model (repeatable)")],
+    bootstrap: Annotated[int, typer.Option(min=10, help="subject-bootstrap resamples for the 95% intervals")] = 1000,
+) -> None:
+    """Score the tuning and held-out splits with each model and write the report (AUROC, AUPRC, F1, calibration)."""
+    import polars as pl
+
+    from medstate.ehr.model import EhrMamba
+    from medstate.ehr.training import predictions_for_report
+    from medstate.eval.report import markdown_table, write_report
+
+    frames = []
+    for spec in model:
+        name, _, rest = spec.partition("=")
+        checkpoint, _, seed = rest.partition("@")
+        if not name or not checkpoint:
+            raise MedstateError(f"--model wants NAME=CHECKPOINT[@SEED], got {spec!r}")
+        frames.append(
+            predictions_for_report(EhrMamba.from_pretrained(Path(checkpoint)), prepared, name, int(seed or 0))
+        )
+    result = write_report(pl.concat(frames), output, n_bootstrap=bootstrap)
+    console.print(markdown_table(result["summary"]))
+    console.print(f"report: {output / 'report.html'}")
+
+
 if __name__ == "__main__":
     app()

@@ -123,6 +123,15 @@ def finetune(
     return result
 
 
+def predictions_for_report(model: EhrMamba, prepared: str | Path, name: str, seed: int) -> pl.DataFrame:
+    """Tuning and held-out predictions in the report's layout (subject_id, task, model, seed, split, y_true,
+    y_score, …)."""
+    frames = [
+        predict(model, prepared, split).with_columns(pl.lit(split).alias("split")) for split in ("tuning", "held_out")
+    ]
+    return pl.concat(frames).with_columns(pl.lit(name).alias("model"), pl.lit(seed).alias("seed"))
+
+
 @torch.no_grad()
 def predict(
     model: EhrMamba, prepared: str | Path, split: str, tasks: list[str] | None = None, token_budget: int = 16384
