@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-engine test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medstate ssm demo --out runs/demo
+	$(BIN)/medstate ehr demo --data-dir data/demo --out runs/demo
+
+demo-engine: $(STAMP)
+	$(BIN)/medstate ssm demo --out runs/engine-demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -29,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone.py
+	$(BIN)/python benchmarks/data.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -284,8 +284,12 @@ def data_compare(
 
 @ehr_app.command("prepare")
 def ehr_prepare(
-    meds_dir: Annotated[Path, typer.Argument(help="MEDS dataset (from `medstate data convert`) with a train split")],
-    output: Annotated[Path, typer.Argument(help="directory for vocabulary, value bins, sequences and labels")],
+    meds_dir: Annotated[
+        list[Path], typer.Argument(help="MEDS dataset(s) (from `medstate data convert`) with a train split")
+    ],
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="directory for vocabulary, value bins, sequences and labels")
+    ],
     tasks: Annotated[Path | None, typer.Option(help="task YAML (default: the six EhrMamba tasks)")] = None,
     max_length: Annotated[int, typer.Option(min=8, help="tokens per sequence (the most recent are kept)")] = 2048,
     visit: Annotated[str, typer.Option(help="visit definition: auto, admission, encounter or day")] = "auto",
@@ -446,6 +450,20 @@ def ehr_evaluate(
     result = write_report(pl.concat(frames), output, n_bootstrap=bootstrap)
     console.print(markdown_table(result["summary"]))
     console.print(f"report: {output / 'report.html'}")
+
+
+@ehr_app.command("demo")
+def ehr_demo(
+    data_dir: Annotated[Path, typer.Option(help="the shipped demo data")] = Path("data/demo"),
+    out: Annotated[Path, typer.Option(help="run directory (replaced)")] = Path("runs/demo"),
+) -> None:
+    """The whole EHR path on the shipped demo data: convert, prepare, pretrain, prompted finetune, evaluate."""
+    from medstate.ehr.demo import run_demo
+    from medstate.eval.report import markdown_table
+
+    result = run_demo(data_dir, out, say=lambda text: console.print(text))
+    console.print(markdown_table(result["summary"]))
+    _summary("demo", {**{k: f"{v} s" for k, v in result["timings"].items()}, "report": str(result["report"])})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class PrepareSummary:
 
 
 def prepare(
-    meds_dir: str | Path,
+    meds_dir: str | Path | list[str | Path],
     output: str | Path,
     config: PrepareConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -68,7 +68,7 @@ def prepare(
     if config.max_length < 8:
         raise MedstateError(f"max_length must be at least 8, got {config.max_length}")
     suite = TaskSuite.load(config.tasks)
-    events = scan_meds(meds_dir).collect()
+    events = read_datasets(meds_dir)
     splits = events.select("subject_id", "split").unique("subject_id", keep="first")
     if "train" not in set(splits["split"]):
         raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
@@ -101,7 +101,8 @@ def prepare(
     vocab.save(out / "vocab.json")
     (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
     (out / "tasks.yaml").write_text(_suite_yaml(suite))
-    (out / "prepare.yaml").write_text(yaml.safe_dump({**asdict(config), "meds_dir": str(meds_dir)}))
+    sources = [str(d) for d in ([meds_dir] if isinstance(meds_dir, (str, Path)) else meds_dir)]
+    (out / "prepare.yaml").write_text(yaml.safe_dump({**asdict(config), "meds_dirs": sources}))
 
     pretrain = [
         {"subject_id": sid, "split": split_of[sid], **_arrays(seq.truncate(config.max_length), vocab)}
@@ -126,6 +127,20 @@ def prepare(
         vocabulary=len(vocab),
         samples={task: {"n": n, "positives": p} for task, n, p in counts.sort("task").iter_rows()},
     )
+
+
+def read_datasets(meds_dirs: str | Path | list[str | Path]) -> pl.DataFrame:
+    """One or several MEDS datasets as one event table (each keeps its splits); subject ids must not collide."""
+    dirs = [meds_dirs] if isinstance(meds_dirs, (str, Path)) else list(meds_dirs)
+    frames = [scan_meds(d).collect() for d in dirs]
+    if len(frames) > 1:
+        seen: set[int] = set()
+        for directory, frame in zip(dirs, frames):
+            ids = set(frame["subject_id"].unique().to_list())
+            if ids & seen:
+                raise MedstateError(f"{directory} shares subject ids with another dataset; convert them apart")
+            seen |= ids
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def _arrays(sequence: PatientSequence, vocab: Vocabulary) -> dict:
