@@ -32,4 +32,5 @@ def test_demo_path_end_to_end(tmp_path):
             assert row["auroc"]["value"] == pytest.approx(
                 roc_auc_score(held_out["y_true"], held_out["y_score"]), abs=1e-12
             )
+    assert set(predictions["model"]) == {"ehrmamba", "xgboost"}
     assert result["report"] == out / "report.html"

@@ -86,3 +86,19 @@ def test_checkpoint_round_trip(tmp_path):
         model(batch, None, batch["ends"]).class_logits, again(batch, None, batch["ends"]).class_logits
     )
     assert again.embeddings.concept.weight is again.lm.backbone.embeddings.weight
+
+
+def test_xgboost_count_features():
+    from medstate.ehr.baselines.xgboost_counts import count_features
+    from medstate.ehr.sequences import SPECIAL_TOKENS
+    from medstate.ehr.training import Samples
+
+    first = len(SPECIAL_TOKENS)
+    arrays = {
+        "input_ids": np.array([30, first, first + 1, first, 4, 30]),  # [TASK] a b a [VE] [TASK]
+        "token_types": np.array([8, 4, 4, 4, 5, 8]),
+        "ages": np.array([50.0, 50.5, 51.0, 52.0, 52.0, 52.0], dtype=np.float32),
+    }
+    features = count_features(Samples(frame=None, arrays=[arrays]), vocab_size=first + 2).toarray()[0]
+    assert features[first] == 2 and features[first + 1] == 1 and features[:first].sum() == 0
+    assert features[-2:].tolist() == [50.5, 52.0]  # age at the first and last event
