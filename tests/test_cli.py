@@ -31,6 +31,7 @@ COMMANDS = [
     ["ehr", "pretrain"],
     ["ehr", "finetune"],
     ["ehr", "evaluate"],
+    ["ehr", "demo"],
 ]
 
 

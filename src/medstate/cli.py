@@ -398,6 +398,7 @@ def ehr_finetune(
     run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
     init: Annotated[Path | None, typer.Option(help="pretrained checkpoint directory to start from")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all, prompted multitask)")] = None,
+    model_kind: Annotated[str, typer.Option("--model", help="ehrmamba, or the lstm baseline")] = "ehrmamba",
     max_steps: MaxSteps = 200,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
@@ -407,18 +408,17 @@ def ehr_finetune(
     bf16: bool = False,
 ) -> None:
     """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model."""
-    from medstate.ehr.model import EhrMamba
-    from medstate.ehr.training import finetune, new_model
+    from medstate.ehr.training import finetune, load_model, new_model
     from medstate.train.loop import seed_everything
 
     seed_everything(seed)
     checkpoint = run_dir / "checkpoints" / "last"
     if checkpoint.is_dir():
-        model = EhrMamba.from_pretrained(checkpoint)
+        model = load_model(checkpoint)
     elif init is not None:
-        model = EhrMamba.from_pretrained(init)
+        model = load_model(init)
     else:
-        model = new_model(prepared)
+        model = new_model(prepared, kind=model_kind)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
     names = tasks.split(",") if tasks else None
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
@@ -434,8 +434,7 @@ def ehr_evaluate(
     """Score the tuning and held-out splits with each model and write the report (AUROC, AUPRC, F1, calibration)."""
     import polars as pl
 
-    from medstate.ehr.model import EhrMamba
-    from medstate.ehr.training import predictions_for_report
+    from medstate.ehr.training import load_model, predictions_for_report
     from medstate.eval.report import markdown_table, write_report
 
     frames = []
@@ -444,9 +443,7 @@ def ehr_evaluate(
         checkpoint, _, seed = rest.partition("@")
         if not name or not checkpoint:
             raise MedstateError(f"--model wants NAME=CHECKPOINT[@SEED], got {spec!r}")
-        frames.append(
-            predictions_for_report(EhrMamba.from_pretrained(Path(checkpoint)), prepared, name, int(seed or 0))
-        )
+        frames.append(predictions_for_report(load_model(Path(checkpoint)), prepared, name, int(seed or 0)))
     result = write_report(pl.concat(frames), output, n_bootstrap=bootstrap)
     console.print(markdown_table(result["summary"]))
     console.print(f"report: {output / 'report.html'}")

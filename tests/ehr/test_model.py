@@ -102,3 +102,33 @@ def test_xgboost_count_features():
     features = count_features(Samples(frame=None, arrays=[arrays]), vocab_size=first + 2).toarray()[0]
     assert features[first] == 2 and features[first + 1] == 1 and features[:first].sum() == 0
     assert features[-2:].tolist() == [50.5, 52.0]  # age at the first and last event
+
+
+def test_lstm_baseline_keeps_patients_apart(tmp_path):
+    from medstate.ehr.baselines.lstm import EhrLSTM, EhrLSTMConfig
+
+    torch.manual_seed(0)
+    model = EhrLSTM(EhrLSTMConfig(vocab_size=50, d_model=16, hidden=8, dropout=0.0)).eval()
+    rng = np.random.default_rng(4)
+    samples = [sample(rng, n) for n in (5, 17, 9)]
+    packed = collate(samples)
+    together = model(packed, ends=packed["ends"]).class_logits
+    alone = torch.cat([model(collate([s]), ends=collate([s])["ends"]).class_logits for s in samples])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-5)
+    model.save_pretrained(tmp_path / "lstm")
+    again = EhrLSTM.from_pretrained(tmp_path / "lstm").eval()
+    torch.testing.assert_close(again(packed, ends=packed["ends"]).class_logits, together)
+    together.sum().backward()
+    assert model.embeddings.age.weight.grad is not None
+
+
+def test_lstm_reads_only_the_last_context_tokens():
+    from medstate.ehr.baselines.lstm import EhrLSTM, EhrLSTMConfig
+
+    torch.manual_seed(0)
+    model = EhrLSTM(EhrLSTMConfig(vocab_size=50, d_model=16, hidden=8, dropout=0.0, context=6)).eval()
+    rng = np.random.default_rng(5)
+    long = sample(rng, 20)
+    tail = {k: v[-6:] for k, v in long.items()}
+    assert torch.allclose(model(collate([long]), ends=collate([long])["ends"]).class_logits,
+                          model(collate([tail]), ends=collate([tail])["ends"]).class_logits)  # fmt: skip

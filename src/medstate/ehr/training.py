@@ -50,10 +50,33 @@ class Samples:
         return [len(a["input_ids"]) for a in self.arrays]
 
 
-def new_model(prepared: Path, model_config: dict | None = None) -> EhrMamba:
-    vocab = Vocabulary.load(prepared / "vocab.json")
-    model = EhrMamba(EhrMambaConfig(vocab_size=len(vocab), **(model_config or {})))
-    return model
+MODEL_KINDS = ("ehrmamba", "lstm")
+
+
+def new_model(prepared: Path, model_config: dict | None = None, kind: str = "ehrmamba"):
+    """A freshly initialised EhrMamba (or baseline) sized for the prepared vocabulary."""
+    from medstate.ehr.baselines.lstm import EhrLSTM, EhrLSTMConfig
+
+    vocab = Vocabulary.load(Path(prepared) / "vocab.json")
+    if kind == "ehrmamba":
+        return EhrMamba(EhrMambaConfig(vocab_size=len(vocab), **(model_config or {})))
+    if kind == "lstm":
+        return EhrLSTM(EhrLSTMConfig(vocab_size=len(vocab), **(model_config or {})))
+    raise MedstateError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+
+def load_model(directory: str | Path):
+    """Any medstate EHR checkpoint, by the model_type in its config.json."""
+    import json
+
+    from medstate.ehr.baselines.lstm import MODEL_TYPE as LSTM_TYPE
+    from medstate.ehr.baselines.lstm import EhrLSTM
+
+    try:
+        model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise MedstateError(f"{directory} has no readable config.json ({err})") from None
+    return EhrLSTM.from_pretrained(directory) if model_type == LSTM_TYPE else EhrMamba.from_pretrained(directory)
 
 
 def attach_prepared(run_dir: Path, prepared: Path) -> None:

@@ -1,0 +1,96 @@
+"""Bidirectional LSTM baseline on the same EHR embeddings as EhrMamba (concept, age, time, type, visit order and
+segment), with the same calling convention, so that the finetuning loop, checkpoints and predictions are shared.
+
+Packed rows are split back into samples (the LSTM must not run across patients), cut to their last `context`
+tokens (512 by default: a recurrent cell on a CPU is sequential in time, and 2,048 steps per sample make training
+impractically slow), padded, and run with `pack_padded_sequence`; the classifier reads the forward state at the
+last token and the backward state at the first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
+
+from medstate.ehr.model import EhrEmbeddings, EhrMambaConfig, EhrOutput
+from medstate.errors import MedstateError
+
+MODEL_TYPE = "medstate-ehr-lstm"
+
+
+@dataclass
+class EhrLSTMConfig:
+    vocab_size: int
+    d_model: int = 128
+    hidden: int = 128
+    n_layer: int = 1
+    context: int = 512  # the LSTM reads each sample's last `context` tokens (a CPU LSTM is sequential in time)
+    time_features: int = 16
+    max_visit_order: int = 512
+    dropout: float = 0.1
+
+    def embedding_config(self) -> EhrMambaConfig:
+        return EhrMambaConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.d_model,
+            time_features=self.time_features,
+            max_visit_order=self.max_visit_order,
+            dropout=self.dropout,
+        )
+
+
+class EhrLSTM(nn.Module):
+    def __init__(self, config: EhrLSTMConfig):
+        super().__init__()
+        self.config = config
+        self.concept = nn.Embedding(config.vocab_size, config.d_model)
+        self.embeddings = EhrEmbeddings(config.embedding_config(), self.concept)
+        self.lstm = nn.LSTM(config.d_model, config.hidden, config.n_layer, batch_first=True, bidirectional=True)
+        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.hidden, 1))
+
+    def forward(self, batch: dict[str, torch.Tensor], lm_targets=None, ends: torch.Tensor | None = None) -> EhrOutput:
+        if lm_targets is not None:
+            raise ValueError("the LSTM baseline is trained on the tasks only (no next-event pretraining)")
+        embeds = self.embeddings(batch)  # [1, T, D] packed, or [B, T, D] one sample per row
+        if ends is None:
+            ends = torch.stack([torch.arange(embeds.shape[0]), torch.full((embeds.shape[0],), embeds.shape[1] - 1)], 1)
+        starts = torch.cat([ends[:1, 1] * 0, ends[:-1, 1] + 1]) if embeds.shape[0] == 1 else ends[:, 1] * 0
+        context = self.config.context
+        samples = [
+            embeds[row, max(start, end + 1 - context) : end + 1]
+            for (row, end), start in zip(ends.tolist(), starts.tolist())
+        ]
+        lengths = torch.tensor([len(s) for s in samples])
+        padded = pad_sequence(samples, batch_first=True)
+        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
+        _, (final, _) = self.lstm(packed)
+        # final [2 * n_layer, N, H]: the last layer's forward and backward states
+        features = torch.cat([final[-2], final[-1]], dim=-1)
+        return EhrOutput(hidden_states=embeds, class_logits=self.classifier(features).squeeze(-1))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(
+            json.dumps({"model_type": MODEL_TYPE, **asdict(self.config)}, indent=2) + "\n"
+        )
+        state = {k: v.contiguous() for k, v in self.state_dict().items() if k != "embeddings.concept.weight"}
+        save_file(state, directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> EhrLSTM:
+        directory = Path(directory)
+        data = json.loads((directory / "config.json").read_text())
+        if data.pop("model_type", None) != MODEL_TYPE:
+            raise MedstateError(f"{directory} does not hold an EhrLSTM checkpoint")
+        model = cls(EhrLSTMConfig(**data))
+        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+        if unexpected or set(missing) - {"embeddings.concept.weight"}:
+            raise MedstateError(f"{directory}: checkpoint does not match its config")
+        return model
