@@ -9,17 +9,14 @@ token, so one head serves every task.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medstate.ehr.checkpoints import CheckpointMixin
 from medstate.ehr.sequences import N_TOKEN_TYPES, YEAR_DAYS
-from medstate.errors import MedstateError
 from medstate.ssm import MambaLM, SSMConfig
 
 ARRAYS = ("input_ids", "token_types", "ages", "times", "visit_segments", "visit_orders")
@@ -103,7 +100,10 @@ class EhrOutput:
     class_logits: torch.Tensor | None = None  # one logit per sample end
 
 
-class EhrMamba(nn.Module):
+class EhrMamba(CheckpointMixin, nn.Module):
+    MODEL_TYPE = "medstate-ehrmamba"
+    CONFIG_CLASS = EhrMambaConfig
+
     def __init__(self, config: EhrMambaConfig):
         super().__init__()
         self.config = config
@@ -131,34 +131,3 @@ class EhrMamba(nn.Module):
         if ends is not None:
             logits = self.classifier(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1)
         return EhrOutput(hidden, lm_loss, logits)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(
-            json.dumps({"model_type": "medstate-ehrmamba", **asdict(self.config)}, indent=2) + "\n"
-        )
-        state, seen = {}, set()
-        for name, tensor in self.state_dict().items():  # tied weights (concept = backbone embedding = LM head) once
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                state[name] = tensor.contiguous()
-        save_file(state, directory / "model.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> EhrMamba:
-        directory = Path(directory)
-        try:
-            data = json.loads((directory / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise MedstateError(f"{directory} has no readable config.json ({err})") from None
-        if data.pop("model_type", None) != "medstate-ehrmamba":
-            raise MedstateError(f"{directory} does not hold an EhrMamba checkpoint")
-        model = cls(EhrMambaConfig(**data))
-        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
-        tied = {"embeddings.concept.weight", "lm.lm_head.weight"}
-        if unexpected or set(missing) - tied:
-            raise MedstateError(
-                f"{directory}: checkpoint does not match its config (missing {missing}, unexpected {unexpected})"
-            )
-        return model

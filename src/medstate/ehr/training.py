@@ -69,14 +69,15 @@ def load_model(directory: str | Path):
     """Any medstate EHR checkpoint, by the model_type in its config.json."""
     import json
 
-    from medstate.ehr.baselines.lstm import MODEL_TYPE as LSTM_TYPE
     from medstate.ehr.baselines.lstm import EhrLSTM
 
     try:
         model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
         raise MedstateError(f"{directory} has no readable config.json ({err})") from None
-    return EhrLSTM.from_pretrained(directory) if model_type == LSTM_TYPE else EhrMamba.from_pretrained(directory)
+    return (
+        EhrLSTM.from_pretrained(directory) if model_type == EhrLSTM.MODEL_TYPE else EhrMamba.from_pretrained(directory)
+    )
 
 
 def attach_prepared(run_dir: Path, prepared: Path) -> None:

@@ -9,19 +9,14 @@ last token and the backward state at the first.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
+from medstate.ehr.checkpoints import CheckpointMixin
 from medstate.ehr.model import EhrEmbeddings, EhrMambaConfig, EhrOutput
-from medstate.errors import MedstateError
-
-MODEL_TYPE = "medstate-ehr-lstm"
 
 
 @dataclass
@@ -45,7 +40,10 @@ class EhrLSTMConfig:
         )
 
 
-class EhrLSTM(nn.Module):
+class EhrLSTM(CheckpointMixin, nn.Module):
+    MODEL_TYPE = "medstate-ehr-lstm"
+    CONFIG_CLASS = EhrLSTMConfig
+
     def __init__(self, config: EhrLSTMConfig):
         super().__init__()
         self.config = config
@@ -73,24 +71,3 @@ class EhrLSTM(nn.Module):
         # final [2 * n_layer, N, H]: the last layer's forward and backward states
         features = torch.cat([final[-2], final[-1]], dim=-1)
         return EhrOutput(hidden_states=embeds, class_logits=self.classifier(features).squeeze(-1))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(
-            json.dumps({"model_type": MODEL_TYPE, **asdict(self.config)}, indent=2) + "\n"
-        )
-        state = {k: v.contiguous() for k, v in self.state_dict().items() if k != "embeddings.concept.weight"}
-        save_file(state, directory / "model.safetensors")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> EhrLSTM:
-        directory = Path(directory)
-        data = json.loads((directory / "config.json").read_text())
-        if data.pop("model_type", None) != MODEL_TYPE:
-            raise MedstateError(f"{directory} does not hold an EhrLSTM checkpoint")
-        model = cls(EhrLSTMConfig(**data))
-        missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
-        if unexpected or set(missing) - {"embeddings.concept.weight"}:
-            raise MedstateError(f"{directory}: checkpoint does not match its config")
-        return model
