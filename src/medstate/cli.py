@@ -297,13 +297,20 @@ def ehr_prepare(
     min_count: Annotated[
         int, typer.Option(min=1, help="training occurrences a token needs to enter the vocabulary")
     ] = 1,
+    max_samples_per_subject: Annotated[
+        int | None,
+        typer.Option(min=1, help="at most this many prediction times per subject and task (uniform, label-blind)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the --max-samples-per-subject draw")] = 0,
 ) -> None:
     """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
     from rich.progress import Progress
 
     from medstate.ehr.prepare import PrepareConfig, prepare
 
-    config = PrepareConfig(max_length, visit, value_bins, min_count, str(tasks) if tasks else None)
+    config = PrepareConfig(
+        max_length, visit, value_bins, min_count, str(tasks) if tasks else None, max_samples_per_subject, seed
+    )
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("patient sequences", total=None)
         summary = prepare(
@@ -365,9 +372,12 @@ TokenBudget = Annotated[int, typer.Option(min=16, help="tokens per packed batch"
 def ehr_pretrain(
     prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
     run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    model_kind: Annotated[
+        str, typer.Option("--model", help="ehrmamba (next-event), or bert / bigbird (masked language model)")
+    ] = "ehrmamba",
     d_model: Annotated[int, typer.Option(min=8)] = 128,
     n_layer: Annotated[int, typer.Option(min=1)] = 4,
-    ssm_version: Annotated[int, typer.Option(min=1, max=2, help="1: Mamba (paper), 2: Mamba-2")] = 1,
+    ssm_version: Annotated[int, typer.Option(min=1, max=2, help="EhrMamba mixer: 1 Mamba (paper), 2 Mamba-2")] = 1,
     max_steps: MaxSteps = 200,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
@@ -376,18 +386,16 @@ def ehr_pretrain(
     seed: int = 0,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
 ) -> None:
-    """Next-event pretraining of an EhrMamba model on the training split."""
-    from medstate.ehr.model import EhrMamba
-    from medstate.ehr.training import new_model, pretrain
+    """Pretrain on the training split: EhrMamba by next-event prediction, the Transformer baselines by MLM."""
+    from medstate.ehr.training import load_model, new_model, pretrain
     from medstate.train.loop import seed_everything
 
     seed_everything(seed)
     checkpoint = run_dir / "checkpoints" / "last"
-    model = (
-        EhrMamba.from_pretrained(checkpoint)
-        if checkpoint.is_dir()
-        else new_model(prepared, {"d_model": d_model, "n_layer": n_layer, "ssm_version": ssm_version})
-    )
+    sizes = {"d_model": d_model, "n_layer": n_layer}
+    if model_kind == "ehrmamba":
+        sizes["ssm_version"] = ssm_version
+    model = load_model(checkpoint) if checkpoint.is_dir() else new_model(prepared, sizes, model_kind)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
     _train("pretrain", prepared, run_dir, lambda p: pretrain(prepared, run_dir, model, config, token_budget, p))
 
@@ -398,7 +406,9 @@ def ehr_finetune(
     run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
     init: Annotated[Path | None, typer.Option(help="pretrained checkpoint directory to start from")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all, prompted multitask)")] = None,
-    model_kind: Annotated[str, typer.Option("--model", help="ehrmamba, or the lstm baseline")] = "ehrmamba",
+    model_kind: Annotated[
+        str, typer.Option("--model", help="without --init: ehrmamba, or a baseline (lstm, bert, bigbird)")
+    ] = "ehrmamba",
     max_steps: MaxSteps = 200,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
@@ -447,6 +457,49 @@ def ehr_evaluate(
     result = write_report(pl.concat(frames), output, n_bootstrap=bootstrap)
     console.print(markdown_table(result["summary"]))
     console.print(f"report: {output / 'report.html'}")
+
+
+@ehr_app.command("benchmark")
+def ehr_benchmark(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (a re-run resumes and skips finished cells)")],
+    settings: Annotated[
+        Path | None, typer.Option(help="YAML with BenchmarkSettings fields (seeds, models, sizes, steps)")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (overrides the settings)")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated model names to run (default: all)")] = None,
+) -> None:
+    """The full protocol: every model × task × seed (pretraining, finetuning, baselines) into one report."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from medstate.ehr.benchmark import BenchmarkSettings, run_benchmark
+    from medstate.eval.report import markdown_table
+
+    chosen = BenchmarkSettings.from_yaml(settings) if settings else BenchmarkSettings()
+    if seeds:
+        chosen.seeds = [int(s) for s in seeds.split(",")]
+    if models:
+        names = models.split(",")
+        unknown = set(names) - {m.name for m in chosen.models}
+        if unknown:
+            raise MedstateError(f"unknown model(s) {', '.join(sorted(unknown))}")
+        chosen.models = [m for m in chosen.models if m.name in names]
+    with Progress(
+        TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("train", total=None, loss="-")
+        result = run_benchmark(
+            prepared,
+            run_dir,
+            chosen,
+            say=lambda text: bar.console.print(text),
+            progress=lambda step, total, loss: bar.update(task, completed=step, total=total, loss=f"{loss:.4f}"),
+        )
+    console.print(markdown_table(result["summary"]))
+    seconds = sum(r["seconds"] for r in result["timings"] if r["stage"] == "total")
+    _summary("benchmark", {"models": len(chosen.models), "seeds": len(chosen.seeds), "compute (s)": round(seconds),
+                           "report": str(result["report"])})  # fmt: skip
 
 
 @ehr_app.command("demo")

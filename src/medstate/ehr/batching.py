@@ -52,3 +52,11 @@ def collate(samples: list[dict], with_lm_targets: bool = False) -> dict[str, tor
         targets[0, last] = -100  # the last token of a sample predicts nothing (the next sample is another patient)
         batch["lm_targets"] = targets
     return batch
+
+
+def sample_windows(ends: torch.Tensor, n_rows: int, context: int) -> list[tuple[int, int, int]]:
+    """(row, start, stop) of each sample's last `context` tokens, from its end positions `ends` [N, 2]: in a packed
+    batch (one row) a sample starts after the previous one's end; with several rows, each row is one sample."""
+    rows, last = ends[:, 0].tolist(), ends[:, 1].tolist()
+    starts = [0] + [end + 1 for end in last[:-1]] if n_rows == 1 else [0] * len(rows)
+    return [(row, max(start, end + 1 - context), end + 1) for row, start, end in zip(rows, starts, last)]

@@ -131,3 +131,7 @@ class EhrMamba(CheckpointMixin, nn.Module):
         if ends is not None:
             logits = self.classifier(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1)
         return EhrOutput(hidden, lm_loss, logits)
+
+    def pretraining_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-event prediction on a packed row from `collate(…, with_lm_targets=True)`."""
+        return self(batch, batch["lm_targets"]).lm_loss

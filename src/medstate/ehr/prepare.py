@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import yaml
 
@@ -47,6 +48,9 @@ class PrepareConfig:
     value_bins: int = 5
     min_count: int = 1
     tasks: str | None = None  # a task YAML file; None: the six EhrMamba tasks
+    # at most this many samples per subject, for tasks that set no cap of their own (None: all)
+    max_samples_per_subject: int | None = None
+    seed: int = 0  # of the draw of capped samples
 
 
 @dataclass
@@ -95,6 +99,8 @@ def prepare(
     )
     split_of = dict(splits.iter_rows())
     labels = suite.label(events).with_columns(pl.col("subject_id").replace_strict(split_of).alias("split"))
+    caps = {t.name: t.max_samples_per_subject or config.max_samples_per_subject for t in suite.tasks}
+    labels = cap_per_subject(labels, caps, config.seed)
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,19 @@ def prepare(
         vocabulary=len(vocab),
         samples={task: {"n": n, "positives": p} for task, n, p in counts.sort("task").iter_rows()},
     )
+
+
+def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int) -> pl.DataFrame:
+    """At most `caps[task]` rows per (task, subject) (None: all), chosen uniformly at random (seeded) regardless of
+    the label, so the kept rows are an unbiased sample of each subject's prediction times."""
+    if any(cap is not None and cap < 1 for cap in caps.values()):
+        raise MedstateError(f"max_samples_per_subject must be at least 1, got {caps}")
+    keys = np.random.default_rng(seed).random(len(labels))
+    cap = pl.col("task").replace_strict({t: c or len(labels) for t, c in caps.items()}, return_dtype=pl.Int64)
+    ranked = labels.with_columns(pl.Series("_key", keys)).with_columns(
+        pl.col("_key").rank("ordinal").over("task", "subject_id").alias("_rank")
+    )
+    return ranked.filter(pl.col("_rank") <= cap).drop("_key", "_rank")
 
 
 def read_datasets(meds_dirs: str | Path | list[str | Path]) -> pl.DataFrame:

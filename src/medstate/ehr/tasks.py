@@ -17,6 +17,10 @@ Kinds of label:
 
 `exclude_codes` (regular expressions): a sample is left out when such an event happened at or before t (e.g.
 MEDS_DEATH for mortality and readmission: the patient died in hospital).
+
+`max_samples_per_subject`: visit-level tasks over outpatient data give dozens of samples per subject (every
+encounter is an anchor); `prepare` keeps at most this many per subject, drawn uniformly at random regardless of
+the label.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class TaskSpec:
     code_set: str | None = None
     exclude_codes: tuple[str, ...] = ()
     visits: str = "inpatient"  # the name of a visit set: which visits are anchors (and "next visits")
+    # keep at most this many samples per subject, drawn uniformly at random whatever their label (None: all)
+    max_samples_per_subject: int | None = None
     description: str = ""
 
     def __post_init__(self):
@@ -89,6 +95,8 @@ class TaskSpec:
         for name in needs.get(self.kind, ()):
             if not getattr(self, name):
                 problems.append(f"{self.kind} needs {name}")
+        if self.max_samples_per_subject is not None and self.max_samples_per_subject < 1:
+            problems.append("max_samples_per_subject must be at least 1")
         if problems:
             raise MedstateError(f"task {self.name!r}: " + "; ".join(problems))
 
@@ -149,7 +157,7 @@ class TaskSuite:
         """Labels of every task (subject_id, visit_key, prediction_time, label, task) for these events."""
         visits = {name: anchor_visits(events, rules) for name, rules in self.visit_sets.items()}
         frames = [label_task(task, events, visits[task.visits], self.code_sets) for task in self.tasks]
-        return pl.concat(frames).sort(["task", "subject_id", "prediction_time"])
+        return pl.concat(frames).sort(["task", "subject_id", "prediction_time", "visit_key"])
 
 
 def load_code_sets() -> dict[str, tuple[tuple[str, str], ...]]:

@@ -1,6 +1,7 @@
 """EhrMamba pretraining (next-event prediction), prompted finetuning and prediction, on `prepare`'s output.
 
-- Pretraining: every training subject's history, packed into token-budget rows, next-token loss.
+- Pretraining: every training subject's history, packed into token-budget rows, with the model's own objective
+  (`pretraining_loss`): next-event prediction for EhrMamba, masked language modelling for the Transformers.
 - Multitask prompted finetuning (MPF): all tasks in one phase; each epoch draws the same number of samples from
   every task (with replacement for the smaller ones), so frequent tasks do not drown rare ones. One classifier reads
   the final task token. Single-task finetuning is the same with one task.
@@ -50,19 +51,31 @@ class Samples:
         return [len(a["input_ids"]) for a in self.arrays]
 
 
-MODEL_KINDS = ("ehrmamba", "lstm")
+MODEL_KINDS = ("ehrmamba", "lstm", "bert", "bigbird")
 
 
 def new_model(prepared: Path, model_config: dict | None = None, kind: str = "ehrmamba"):
-    """A freshly initialised EhrMamba (or baseline) sized for the prepared vocabulary."""
+    """A freshly initialised EhrMamba (or baseline) sized for the prepared vocabulary. The BERT-style baseline reads
+    512 tokens by default; BigBird reads the prepared context length, as EhrMamba does."""
     from medstate.ehr.baselines.lstm import EhrLSTM, EhrLSTMConfig
+    from medstate.ehr.baselines.transformer import EhrTransformer, EhrTransformerConfig
 
-    vocab = Vocabulary.load(Path(prepared) / "vocab.json")
+    prepared = Path(prepared)
+    sizes = {"vocab_size": len(Vocabulary.load(prepared / "vocab.json")), **(model_config or {})}
     if kind == "ehrmamba":
-        return EhrMamba(EhrMambaConfig(vocab_size=len(vocab), **(model_config or {})))
+        return EhrMamba(EhrMambaConfig(**sizes))
     if kind == "lstm":
-        return EhrLSTM(EhrLSTMConfig(vocab_size=len(vocab), **(model_config or {})))
+        return EhrLSTM(EhrLSTMConfig(**sizes))
+    if kind in ("bert", "bigbird"):
+        context = 512 if kind == "bert" else prepared_max_length(prepared)
+        return EhrTransformer(EhrTransformerConfig(**{"architecture": kind, "context": context, **sizes}))
     raise MedstateError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+
+def prepared_max_length(prepared: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((Path(prepared) / "prepare.yaml").read_text())["max_length"])
 
 
 def load_model(directory: str | Path):
@@ -70,14 +83,16 @@ def load_model(directory: str | Path):
     import json
 
     from medstate.ehr.baselines.lstm import EhrLSTM
+    from medstate.ehr.baselines.transformer import EhrTransformer
 
     try:
         model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError) as err:
         raise MedstateError(f"{directory} has no readable config.json ({err})") from None
-    return (
-        EhrLSTM.from_pretrained(directory) if model_type == EhrLSTM.MODEL_TYPE else EhrMamba.from_pretrained(directory)
-    )
+    classes = {cls.MODEL_TYPE: cls for cls in (EhrMamba, EhrLSTM, EhrTransformer)}
+    if model_type not in classes:
+        raise MedstateError(f"{directory}: unknown model_type {model_type!r}")
+    return classes[model_type].from_pretrained(directory)
 
 
 def attach_prepared(run_dir: Path, prepared: Path) -> None:
@@ -103,9 +118,9 @@ def pretrain(
         order = np.random.default_rng([config.seed, epoch]).permutation(len(samples.arrays))
         return token_budget_batches(samples.lengths, token_budget, order)
 
-    def loss_fn(model: EhrMamba, indices: list[int]):
+    def loss_fn(model, indices: list[int]):
         batch = collate([samples.arrays[i] for i in indices], with_lm_targets=True)
-        return model(batch, batch["lm_targets"]).lm_loss, int(batch["input_ids"].numel())
+        return model.pretraining_loss(batch), int(batch["input_ids"].numel())
 
     result = Trainer(model, loss_fn, batches, config, run_dir, progress).fit()
     attach_prepared(Path(run_dir), prepared)
@@ -147,18 +162,21 @@ def finetune(
     return result
 
 
-def predictions_for_report(model: EhrMamba, prepared: str | Path, name: str, seed: int) -> pl.DataFrame:
+def predictions_for_report(
+    model, prepared: str | Path, name: str, seed: int, tasks: list[str] | None = None
+) -> pl.DataFrame:
     """Tuning and held-out predictions in the report's layout (subject_id, task, model, seed, split, y_true,
     y_score, …)."""
     frames = [
-        predict(model, prepared, split).with_columns(pl.lit(split).alias("split")) for split in ("tuning", "held_out")
+        predict(model, prepared, split, tasks).with_columns(pl.lit(split).alias("split"))
+        for split in ("tuning", "held_out")
     ]
     return pl.concat(frames).with_columns(pl.lit(name).alias("model"), pl.lit(seed).alias("seed"))
 
 
 @torch.no_grad()
 def predict(
-    model: EhrMamba, prepared: str | Path, split: str, tasks: list[str] | None = None, token_budget: int = 16384
+    model, prepared: str | Path, split: str, tasks: list[str] | None = None, token_budget: int = 16384
 ) -> pl.DataFrame:
     samples = Samples.read(Path(prepared) / "finetune.parquet", split, tasks)
     model.eval()

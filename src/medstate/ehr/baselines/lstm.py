@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
+from medstate.ehr.batching import sample_windows
 from medstate.ehr.checkpoints import CheckpointMixin
 from medstate.ehr.model import EhrEmbeddings, EhrMambaConfig, EhrOutput
 
@@ -58,12 +59,8 @@ class EhrLSTM(CheckpointMixin, nn.Module):
         embeds = self.embeddings(batch)  # [1, T, D] packed, or [B, T, D] one sample per row
         if ends is None:
             ends = torch.stack([torch.arange(embeds.shape[0]), torch.full((embeds.shape[0],), embeds.shape[1] - 1)], 1)
-        starts = torch.cat([ends[:1, 1] * 0, ends[:-1, 1] + 1]) if embeds.shape[0] == 1 else ends[:, 1] * 0
-        context = self.config.context
-        samples = [
-            embeds[row, max(start, end + 1 - context) : end + 1]
-            for (row, end), start in zip(ends.tolist(), starts.tolist())
-        ]
+        windows = sample_windows(ends, embeds.shape[0], self.config.context)
+        samples = [embeds[row, start:stop] for row, start, stop in windows]
         lengths = torch.tensor([len(s) for s in samples])
         padded = pad_sequence(samples, batch_first=True)
         packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)

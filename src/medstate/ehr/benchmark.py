@@ -1,0 +1,220 @@
+"""The benchmark protocol: models × tasks × seeds on one prepared dataset, into one run directory.
+
+Each model is declared by what it is built from (its kind), whether it is pretrained (next-event prediction for
+EhrMamba, masked language modelling for the Transformers) and how it is finetuned: `multitask` (prompted
+multitask finetuning, one model for every task) or `single` (one finetuned model per task, from the same
+pretrained weights). Pretrained weights are shared between models of the same kind and seed (EhrMamba and its
+single-task variant; BigBird and MultiBird).
+
+Every unit of work is resumable: training runs restart from their last checkpoint (exactly), and a finished
+(model, seed) leaves `predictions/<model>-seed<k>.parquet`, which a re-run does not recompute. The report
+(metrics.json, predictions.parquet, report.md/html) is written from all finished cells.
+
+    run_dir/
+      benchmark.yaml                    the settings
+      pretrain/<kind>/seed<k>/          pretraining runs (checkpoints, log.csv)
+      finetune/<model>/seed<k>[/<task>] finetuning runs
+      predictions/<model>-seed<k>.parquet
+      timings.csv                       seconds per (model, seed, stage)
+      metrics.json, predictions.parquet, report.md, report.html
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from medstate.ehr.baselines import xgboost_counts
+from medstate.ehr.training import (
+    finetune,
+    load_model,
+    new_model,
+    predictions_for_report,
+    pretrain,
+)
+from medstate.errors import MedstateError
+from medstate.eval.report import write_report
+from medstate.train.loop import TrainConfig, seed_everything
+
+FINETUNE_MODES = ("multitask", "single")
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    kind: str  # ehrmamba | lstm | bert | bigbird | xgboost
+    pretrained: bool = False
+    finetune: str = "multitask"  # multitask | single
+
+
+DEFAULT_MODELS = [
+    ModelSpec("ehrmamba", "ehrmamba", pretrained=True, finetune="multitask"),
+    ModelSpec("ehrmamba-single", "ehrmamba", pretrained=True, finetune="single"),
+    ModelSpec("lstm", "lstm", pretrained=False, finetune="multitask"),
+    ModelSpec("bert", "bert", pretrained=True, finetune="single"),
+    ModelSpec("bigbird", "bigbird", pretrained=True, finetune="single"),
+    ModelSpec("multibird", "bigbird", pretrained=True, finetune="multitask"),
+    ModelSpec("xgboost", "xgboost"),
+]
+
+
+@dataclass
+class BenchmarkSettings:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    models: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    d_model: int = 64  # every neural model: the same width and depth
+    n_layer: int = 2
+    pretrain_steps: int = 300
+    finetune_steps: int = 300  # per finetuning run (a single-task model gets this many steps per task)
+    pretrain_lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    warmup_steps: int = 20
+    token_budget: int = 8192
+    bootstrap: int = 1000
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> BenchmarkSettings:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise MedstateError(f"cannot read benchmark settings {path}: {err}") from None
+        models = [ModelSpec(**m) for m in data.pop("models", [asdict(m) for m in DEFAULT_MODELS])]
+        try:
+            return cls(models=models, **data)
+        except TypeError as err:
+            raise MedstateError(f"{path}: {err}") from None
+
+    def validate(self) -> None:
+        kinds = ("ehrmamba", "lstm", "bert", "bigbird", "xgboost")
+        for spec in self.models:
+            if spec.kind not in kinds:
+                raise MedstateError(f"model {spec.name}: unknown kind {spec.kind!r}; choose one of {', '.join(kinds)}")
+            if spec.finetune not in FINETUNE_MODES:
+                raise MedstateError(f"model {spec.name}: finetune must be multitask or single")
+            if spec.pretrained and spec.kind in ("lstm", "xgboost"):
+                raise MedstateError(f"model {spec.name}: a {spec.kind} model has no pretraining objective")
+        if len({m.name for m in self.models}) != len(self.models):
+            raise MedstateError("model names must be unique")
+
+
+class _Timings:
+    """Seconds per (model, seed, stage), appended to timings.csv as each stage ends (kept across resumed runs)."""
+
+    def __init__(self, path: Path, say: Callable[[str], None]):
+        self.path, self.say = path, say
+        self.rows = pl.read_csv(path).to_dicts() if path.is_file() else []
+
+    @contextmanager
+    def stage(self, model: str, seed: int, name: str):
+        started = time.perf_counter()
+        yield
+        seconds = round(time.perf_counter() - started, 1)
+        self.rows.append({"model": model, "seed": seed, "stage": name, "seconds": seconds})
+        pl.DataFrame(self.rows).write_csv(self.path)
+        self.say(f"{model} seed {seed}: {name} in {seconds} s")
+
+
+def run_benchmark(
+    prepared: str | Path,
+    run_dir: str | Path,
+    settings: BenchmarkSettings | None = None,
+    say: Callable[[str], None] = print,
+    progress=None,
+) -> dict:
+    settings = settings or BenchmarkSettings()
+    settings.validate()
+    prepared, run_dir = Path(prepared), Path(run_dir)
+    if not (prepared / "finetune.parquet").is_file():
+        raise MedstateError(f"{prepared} is not a prepared dataset; run `medstate ehr prepare` first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "benchmark.yaml").write_text(yaml.safe_dump({**asdict(settings), "prepared": str(prepared)}))
+    (run_dir / "predictions").mkdir(exist_ok=True)
+    tasks = sorted(pl.read_parquet(prepared / "labels.parquet", columns=["task"])["task"].unique())
+    timings = _Timings(run_dir / "timings.csv", say)
+    for seed in settings.seeds:
+        for spec in settings.models:
+            cell = run_dir / "predictions" / f"{spec.name}-seed{seed}.parquet"
+            if cell.is_file():
+                say(f"{spec.name} seed {seed}: done earlier")
+                continue
+            with timings.stage(spec.name, seed, "total"):
+                frame = _Cell(prepared, run_dir, spec, seed, settings, timings, progress).run(tasks)
+            frame.write_parquet(cell)
+
+    cells = sorted((run_dir / "predictions").glob("*.parquet"))
+    predictions = pl.concat([pl.read_parquet(c) for c in cells], how="diagonal_relaxed")
+    title = f"medstate EHR benchmark: {len(settings.models)} models, {len(tasks)} tasks, {len(settings.seeds)} seeds"
+    result = write_report(predictions, run_dir, title=title, n_bootstrap=settings.bootstrap)
+    return {"summary": result["summary"], "report": run_dir / "report.html", "timings": timings.rows}
+
+
+@dataclass
+class _Cell:
+    """One (model, seed): pretraining (shared by kind and seed), finetuning, predictions."""
+
+    prepared: Path
+    run_dir: Path
+    spec: ModelSpec
+    seed: int
+    settings: BenchmarkSettings
+    timings: _Timings
+    progress: Callable | None
+
+    def run(self, tasks: list[str]) -> pl.DataFrame:
+        spec, seed = self.spec, self.seed
+        if spec.kind == "xgboost":
+            with self.timings.stage(spec.name, seed, "fit"):
+                frame = xgboost_counts.fit_predict(self.prepared, seed)
+            return frame.with_columns(pl.lit(spec.name).alias("model"))
+        init = self._pretrain() if spec.pretrained else None
+        groups = [tasks] if spec.finetune == "multitask" else [[task] for task in tasks]
+        frames = []
+        for group in groups:
+            directory = self.run_dir / "finetune" / spec.name / f"seed{seed}"
+            directory = directory / group[0] if spec.finetune == "single" else directory
+            with self.timings.stage(spec.name, seed, f"finetune {group[0] if len(group) == 1 else 'all tasks'}"):
+                model = self._finetune(directory, init, group)
+            with self.timings.stage(spec.name, seed, "predict"):
+                frames.append(predictions_for_report(model, self.prepared, spec.name, seed, group))
+        return pl.concat(frames)
+
+    def _sizes(self) -> dict:
+        if self.spec.kind == "lstm":
+            return {"d_model": self.settings.d_model, "hidden": self.settings.d_model}
+        return {"d_model": self.settings.d_model, "n_layer": self.settings.n_layer}
+
+    def _train_config(self, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(steps, lr, warmup_steps=self.settings.warmup_steps, seed=self.seed)
+
+    def _pretrain(self) -> Path:
+        directory = self.run_dir / "pretrain" / self.spec.kind / f"seed{self.seed}"
+        checkpoint = directory / "checkpoints" / "last"
+        config = self._train_config(self.settings.pretrain_steps, self.settings.pretrain_lr)
+        with self.timings.stage(self.spec.name, self.seed, f"pretrain {self.spec.kind}"):
+            seed_everything(self.seed)
+            model = (
+                load_model(checkpoint)
+                if checkpoint.is_dir()
+                else new_model(self.prepared, self._sizes(), self.spec.kind)
+            )
+            pretrain(self.prepared, directory, model, config, self.settings.token_budget, self.progress)
+        return checkpoint
+
+    def _finetune(self, directory: Path, init: Path | None, tasks: list[str]):
+        checkpoint = directory / "checkpoints" / "last"
+        seed_everything(self.seed)
+        if checkpoint.is_dir():
+            model = load_model(checkpoint)
+        elif init is not None:
+            model = load_model(init)
+        else:
+            model = new_model(self.prepared, self._sizes(), self.spec.kind)
+        config = self._train_config(self.settings.finetune_steps, self.settings.finetune_lr)
+        finetune(self.prepared, directory, model, config, tasks, self.settings.token_budget, self.progress)
+        return load_model(checkpoint)
