@@ -53,14 +53,14 @@ class ModelSpec:
     finetune: str = "multitask"  # multitask | single
 
 
-DEFAULT_MODELS = [
+DEFAULT_MODELS = [  # cheapest first, so that an interrupted run has the most models finished
+    ModelSpec("xgboost", "xgboost"),
     ModelSpec("ehrmamba", "ehrmamba", pretrained=True, finetune="multitask"),
-    ModelSpec("ehrmamba-single", "ehrmamba", pretrained=True, finetune="single"),
     ModelSpec("lstm", "lstm", pretrained=False, finetune="multitask"),
     ModelSpec("bert", "bert", pretrained=True, finetune="single"),
-    ModelSpec("bigbird", "bigbird", pretrained=True, finetune="single"),
     ModelSpec("multibird", "bigbird", pretrained=True, finetune="multitask"),
-    ModelSpec("xgboost", "xgboost"),
+    ModelSpec("ehrmamba-single", "ehrmamba", pretrained=True, finetune="single"),
+    ModelSpec("bigbird", "bigbird", pretrained=True, finetune="single"),
 ]
 
 
@@ -70,12 +70,13 @@ class BenchmarkSettings:
     models: list[ModelSpec] = field(default_factory=lambda: list(DEFAULT_MODELS))
     d_model: int = 64  # every neural model: the same width and depth
     n_layer: int = 2
-    pretrain_steps: int = 300
-    finetune_steps: int = 300  # per finetuning run (a single-task model gets this many steps per task)
+    pretrain_steps: int = 150
+    finetune_steps: int = 150  # a multitask finetuning run
+    single_task_steps: int = 50  # each task's run of a single-task model
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
     warmup_steps: int = 20
-    token_budget: int = 8192
+    token_budget: int = 4096
     bootstrap: int = 1000
 
     @classmethod
@@ -215,6 +216,7 @@ class _Cell:
             model = load_model(init)
         else:
             model = new_model(self.prepared, self._sizes(), self.spec.kind)
-        config = self._train_config(self.settings.finetune_steps, self.settings.finetune_lr)
+        steps = self.settings.finetune_steps if self.spec.finetune == "multitask" else self.settings.single_task_steps
+        config = self._train_config(steps, self.settings.finetune_lr)
         finetune(self.prepared, directory, model, config, tasks, self.settings.token_budget, self.progress)
         return load_model(checkpoint)

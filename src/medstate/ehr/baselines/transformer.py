@@ -96,6 +96,18 @@ def _hf_encoder(config: EhrTransformerConfig) -> nn.Module:
     return transformers.BigBirdModel(hf_config, add_pooling_layer=False)
 
 
+def _length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped by length (ascending) so that a group's longest member is at most `slack` times (or 64
+    tokens more than) its shortest."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and lengths[i] <= max(slack * lengths[groups[-1][0]], lengths[groups[-1][0]] + 64):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class EhrTransformer(CheckpointMixin, nn.Module):
     MODEL_TYPE = "medstate-ehr-transformer"
     CONFIG_CLASS = EhrTransformerConfig
@@ -114,12 +126,17 @@ class EhrTransformer(CheckpointMixin, nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.d_model, 1))
 
     def _encode(self, embeds: torch.Tensor, windows: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [N, L, D] of each window (padded) and the windows' lengths [N]."""
+        """Hidden states [N, L, D] of each window (padded) and the windows' lengths [N]. Windows of similar length
+        go through the encoder together, so a batch of short samples is not padded to its longest one."""
         samples = [embeds[row, start:stop] for row, start, stop in windows]
         lengths = torch.tensor([len(s) for s in samples])
-        padded = pad_sequence(samples, batch_first=True)
-        mask = (torch.arange(padded.shape[1])[None] < lengths[:, None]).long()
-        return self.encoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state, lengths
+        hidden = embeds.new_zeros(len(samples), int(lengths.max()), embeds.shape[-1])
+        for group in _length_groups(lengths.tolist()):
+            padded = pad_sequence([samples[i] for i in group], batch_first=True)
+            mask = (torch.arange(padded.shape[1])[None] < lengths[group, None]).long()
+            out = self.encoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
+            hidden = hidden.index_put((torch.tensor(group),), F.pad(out, (0, 0, 0, hidden.shape[1] - out.shape[1])))
+        return hidden, lengths
 
     def forward(self, batch: dict[str, torch.Tensor], lm_targets=None, ends: torch.Tensor | None = None) -> EhrOutput:
         if lm_targets is not None:
