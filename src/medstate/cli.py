@@ -459,6 +459,122 @@ def ehr_evaluate(
     console.print(f"report: {output / 'report.html'}")
 
 
+@ehr_app.command("explain")
+def ehr_explain(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    checkpoint: Annotated[Path, typer.Argument(help="a finetuned EhrMamba checkpoint")],
+    output: Annotated[Path, typer.Argument(help="directory for attributions (CSV) and timeline plots (PNG)")],
+    task: Annotated[str, typer.Option(help="the task whose probability is explained")],
+    subject: Annotated[
+        int | None, typer.Option(help="explain this subject's samples (default: the top-scored positives)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, tuning or held_out")] = "held_out",
+    count: Annotated[int, typer.Option(min=1, help="samples to explain without --subject")] = 3,
+    steps: Annotated[int, typer.Option(min=8, help="integration steps")] = 64,
+    top: Annotated[int, typer.Option(min=1, help="tokens listed and labelled per sample")] = 10,
+) -> None:
+    """Integrated gradients from a task probability to each event of a patient's history, with a timeline plot."""
+    import numpy as np
+    import polars as pl
+    from rich.progress import Progress
+
+    from medstate.ehr.model import EhrMamba
+    from medstate.ehr.training import Samples, load_model, predict
+    from medstate.ehr.vocab import Vocabulary
+    from medstate.interp import integrated_gradients, plot_timeline
+
+    model = load_model(checkpoint)
+    if not isinstance(model, EhrMamba):
+        raise MedstateError(f"{checkpoint} is not an EhrMamba checkpoint; explain needs one")
+    samples = Samples.read(prepared / "finetune.parquet", split, [task])
+    if not samples.arrays:
+        raise MedstateError(f"no {task!r} samples in split {split!r} of {prepared}")
+    frame = samples.frame.with_row_index("_i")
+    if subject is not None:
+        chosen = frame.filter(pl.col("subject_id") == subject)["_i"].to_list()
+        if not chosen:
+            raise MedstateError(f"subject {subject} has no {task!r} sample in split {split!r}")
+    else:
+        scores = predict(model, prepared, split, [task])["y_score"].to_numpy()
+        positives = np.flatnonzero(frame["label"].to_numpy() == 1)
+        pool = positives if len(positives) else np.arange(len(scores))
+        chosen = pool[np.argsort(-scores[pool])][:count].tolist()
+    vocab = Vocabulary.load(prepared / "vocab.json")
+    output.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"{task}: largest attributions")
+    for column in ("sample", "p", "label", "top events (attribution)"):
+        table.add_column(column)
+    with Progress(console=console, transient=True) as bar:
+        progress = bar.add_task("integrated gradients", total=len(chosen))
+        for index in chosen:
+            row = frame.row(index, named=True)
+            arrays = samples.arrays[index]
+            tokens = [vocab.tokens[i] for i in arrays["input_ids"]]
+            result = integrated_gradients(model, arrays, tokens, steps=steps)
+            name = f"{row['subject_id']}-{row['prediction_time']:%Y%m%dT%H%M}"
+            pl.DataFrame(
+                {
+                    "position": np.arange(len(tokens)),
+                    "token": tokens,
+                    "days": arrays["times"],
+                    "attribution": result.scores,
+                }
+            ).write_csv(output / f"{name}.csv")
+            plot_timeline(result, arrays["times"], output / f"{name}.png", top=top)
+            best = np.argsort(-np.abs(result.scores))[:top]
+            table.add_row(
+                name, f"{result.probability:.3f}", str(row["label"]),
+                ", ".join(f"{tokens[i]} ({result.scores[i]:+.3f})" for i in best[:5]),
+            )  # fmt: skip
+            bar.advance(progress)
+    console.print(table)
+    _summary("explain", {"samples": len(chosen), "integration steps": steps, "output": str(output)})
+
+
+@ehr_app.command("forecast")
+def ehr_forecast(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    checkpoint: Annotated[Path, typer.Argument(help="a pretrained (or finetuned) EhrMamba checkpoint")],
+    output: Annotated[Path, typer.Argument(help="directory for forecast.json, forecast.md, per-subject recall")],
+    split: Annotated[str, typer.Option(help="the subjects to forecast")] = "held_out",
+    samples: Annotated[int, typer.Option(min=1, help="sampled next visits per subject")] = 16,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="nucleus sampling mass")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per sampled visit at most")] = 64,
+    k: Annotated[str, typer.Option(help="comma-separated k of recall@k")] = "5,10,20",
+    seed: int = 0,
+) -> None:
+    """Sample each subject's next visit and score next-visit code recall@k against code-frequency baselines."""
+    from rich.progress import Progress
+
+    from medstate.ehr.forecast import ForecastConfig, evaluate_forecast
+    from medstate.ehr.training import load_model
+
+    ks = tuple(int(v) for v in k.split(","))
+    config = ForecastConfig(samples, temperature, top_p, max_new_tokens, ks, seed)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("sampling next visits", total=None)
+        result = evaluate_forecast(
+            load_model(checkpoint), prepared, split, config, lambda d, t: bar.update(task, completed=d, total=t)
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    result["per_subject"].write_parquet(output / "forecast_per_subject.parquet")
+    summary = {key: value for key, value in result.items() if key != "per_subject"}
+    (output / "forecast.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    lines = ["| ranking | " + " | ".join(f"recall@{v}" for v in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for name in dict.fromkeys(r["ranking"] for r in result["summary"]):
+        cells = [r for r in result["summary"] if r["ranking"] == name]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{r['recall']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})" for r in cells) + " |")  # fmt: skip
+    (output / "forecast.md").write_text("\n".join(lines) + "\n")
+    console.print("\n".join(lines))
+    _summary(
+        "forecast",
+        {"subjects": result["subjects"], "mean codes in the true next visit": round(result["mean_true_codes"], 1),
+         "sampled visits that closed with [VE]": f"{result['complete_visits']:.1%}", "output": str(output)},
+    )  # fmt: skip
+
+
 @ehr_app.command("benchmark")
 def ehr_benchmark(
     prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],

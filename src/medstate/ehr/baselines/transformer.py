@@ -134,9 +134,18 @@ class EhrTransformer(CheckpointMixin, nn.Module):
         for group in _length_groups(lengths.tolist()):
             padded = pad_sequence([samples[i] for i in group], batch_first=True)
             mask = (torch.arange(padded.shape[1])[None] < lengths[group, None]).long()
+            self._choose_attention(padded.shape[1])
             out = self.encoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
             hidden = hidden.index_put((torch.tensor(group),), F.pad(out, (0, 0, 0, hidden.shape[1] - out.shape[1])))
         return hidden, lengths
+
+    def _choose_attention(self, length: int) -> None:
+        """BigBird: block-sparse attention where the length allows it, full attention below. (Hugging Face BigBird
+        switches itself to full attention for good the first time it meets a short input; choosing per call keeps
+        long inputs block-sparse.)"""
+        if self.config.architecture == "bigbird":
+            shortest_sparse = (5 + 2 * self.config.num_random_blocks) * self.config.block_size
+            self.encoder.set_attention_type("block_sparse" if length > shortest_sparse else "original_full")
 
     def forward(self, batch: dict[str, torch.Tensor], lm_targets=None, ends: torch.Tensor | None = None) -> EhrOutput:
         if lm_targets is not None:
