@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from medstate.ehr.model import EhrMamba
-from medstate.ehr.prepare import PrepareConfig, prepare
 from medstate.ehr.training import predict
 from medstate.train.loop import TrainConfig, learning_rate_factor
-
-
-@pytest.fixture(scope="module")
-def prepared(mimic_csv_meds, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(mimic_csv_meds.summary.output, out, PrepareConfig(max_length=256))
-    return out
 
 
 def pretrain_command(prepared, run_dir):

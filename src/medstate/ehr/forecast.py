@@ -19,7 +19,7 @@ Each mean comes with a 95% interval from a bootstrap over subjects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +75,8 @@ class ForecastConfig:
 class SampledVisit:
     tokens: list[str]  # the generated tokens, up to and including [VE] (or max_new_tokens)
     complete: bool  # ended with [VE]
-    codes: list[int] = field(default_factory=list)  # event token ids in the visit
+    codes: list[int]  # event token ids in the visit
+    arrays: dict[str, np.ndarray]  # the generated tokens' aligned arrays (input_ids, token_types, ages, times, …)
 
 
 class VisitSampler:
@@ -108,41 +109,64 @@ class VisitSampler:
         hidden, state = self.model.lm.backbone(inputs_embeds=self.model.embeddings(batch), return_state=True)
         logits = self.model.lm.lm_head(hidden[:, -1]).expand(n, -1)
         state = state.select([0] * n)
-        time = torch.full((n,), float(history["times"][-1]))
-        age = torch.full((n,), float(history["ages"][-1]))
-        order = torch.full((n,), int(np.max(history["visit_orders"])))
-        inside = torch.zeros(n, dtype=torch.bool)
+        clock = VisitClock(self, history, n)
         done = torch.zeros(n, dtype=torch.bool)
         generated = []
         for _ in range(config.max_new_tokens):
             logits = logits.float().index_fill(-1, self.banned, -torch.inf)
             token = sample_next_token(logits, config.temperature, config.top_p, generator=generator)
-            kind = self.types[token]
-            gap = self.gaps[token]
-            time, age = time + gap, age + gap / YEAR_DAYS
-            starts = token == self.visit_start
-            order = order + starts.long()
-            inside = (inside | starts) & ~(kind == TYPE_INTERVAL)
-            generated.append(torch.where(done, -1, token))
+            step = clock.advance(token)
+            generated.append(step)
             done = done | (token == self.visit_end)
             if bool(done.all()):
                 break
-            step = {
-                "input_ids": token[:, None],
-                "token_types": kind[:, None],
-                "ages": age[:, None],
-                "times": time[:, None],
-                "visit_segments": torch.where(inside, 2 - order % 2, 0)[:, None],
-                "visit_orders": torch.where(inside, order, 0)[:, None],
-            }
-            hidden, state = self.model.lm.backbone.step(None, state, inputs_embeds=self.model.embeddings(step)[:, 0])
+            embeds = self.model.embeddings({name: values[:, None] for name, values in step.items()})
+            hidden, state = self.model.lm.backbone.step(None, state, inputs_embeds=embeds[:, 0])
             logits = self.model.lm.lm_head(hidden)
+        arrays = {name: torch.stack([step[name] for step in generated], 1).numpy() for name in ARRAYS}
         visits = []
-        for row in torch.stack(generated, 1).tolist():
-            ids = [t for t in row if t >= 0]
+        for row in range(n):
+            ids = arrays["input_ids"][row].tolist()
+            length = ids.index(self.visit_end) + 1 if self.visit_end in ids else len(ids)
+            ids = ids[:length]
             codes = sorted({t for t in ids if self.types[t] == TYPE_EVENT and t >= len(SPECIAL_TOKENS)})
-            visits.append(SampledVisit([self.vocab.tokens[t] for t in ids], self.visit_end in ids, codes))
+            visits.append(
+                SampledVisit(
+                    tokens=[self.vocab.tokens[t] for t in ids],
+                    complete=ids[-1] == self.visit_end,
+                    codes=codes,
+                    arrays={name: values[row, :length] for name, values in arrays.items()},
+                )
+            )
         return visits
+
+
+class VisitClock:
+    """The aligned arrays of generated tokens, as `build_sequence` would lay them out: an interval token moves time
+    and age on by the middle of its range and sits outside visits (segment and order 0); [VS] opens the next visit
+    (order + 1, segments alternating 1, 2, 1, …), whose tokens carry its order and segment."""
+
+    def __init__(self, sampler: VisitSampler, history: dict, n: int):
+        self.types, self.gaps, self.visit_start = sampler.types, sampler.gaps, sampler.visit_start
+        self.time = torch.full((n,), float(history["times"][-1]))
+        self.age = torch.full((n,), float(history["ages"][-1]))
+        self.order = torch.full((n,), int(np.max(history["visit_orders"])))
+        self.inside = torch.zeros(n, dtype=torch.bool)
+
+    def advance(self, token: torch.Tensor) -> dict[str, torch.Tensor]:
+        kind, gap = self.types[token], self.gaps[token]
+        self.time, self.age = self.time + gap, self.age + gap / YEAR_DAYS
+        starts = token == self.visit_start
+        self.order = self.order + starts.long()
+        self.inside = (self.inside | starts) & (kind != TYPE_INTERVAL)
+        return {
+            "input_ids": token,
+            "token_types": kind,
+            "ages": self.age,
+            "times": self.time,
+            "visit_segments": torch.where(self.inside, 2 - self.order % 2, 0),
+            "visit_orders": torch.where(self.inside, self.order, 0),
+        }
 
 
 def forecast_points(prepared: Path, split: str) -> list[tuple[int, dict, set[int]]]:

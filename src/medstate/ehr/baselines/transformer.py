@@ -96,6 +96,19 @@ def _hf_encoder(config: EhrTransformerConfig) -> nn.Module:
     return transformers.BigBirdModel(hf_config, add_pooling_layer=False)
 
 
+def mlm_corrupt(
+    ids: torch.Tensor, token_types: torch.Tensor, probability: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking, on event tokens only: each is picked with `probability`; a picked token becomes [MASK] (80%),
+    a random code (10%) or stays (10%). Returns the corrupted ids and the targets (-100 where not picked)."""
+    picked = (token_types == TYPE_EVENT) & (torch.rand(ids.shape) < probability)
+    draw = torch.rand(ids.shape)
+    corrupted = torch.where(picked & (draw < 0.8), MASK_ID, ids)
+    random_codes = torch.randint(len(SPECIAL_TOKENS), vocab_size, ids.shape)
+    corrupted = torch.where(picked & (draw >= 0.8) & (draw < 0.9), random_codes, corrupted)
+    return corrupted, torch.where(picked, ids, -100)
+
+
 def _length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
     """Indices grouped by length (ascending) so that a group's longest member is at most `slack` times (or 64
     tokens more than) its shortest."""
@@ -164,12 +177,7 @@ class EhrTransformer(CheckpointMixin, nn.Module):
         for row, start, stop in sample_windows(batch["ends"], ids.shape[0], ids.shape[1]):  # whole samples
             offset = int(torch.randint(0, max(1, stop - start - self.config.context + 1), ()))
             windows.append((row, start + offset, min(stop, start + offset + self.config.context)))
-        picked = (batch["token_types"] == TYPE_EVENT) & (torch.rand(ids.shape) < self.config.mlm_probability)
-        draw = torch.rand(ids.shape)
-        corrupted = torch.where(picked & (draw < 0.8), MASK_ID, ids)
-        random_codes = torch.randint(len(SPECIAL_TOKENS), self.config.vocab_size, ids.shape)
-        corrupted = torch.where(picked & (draw >= 0.8) & (draw < 0.9), random_codes, corrupted)
-        targets = torch.where(picked, ids, -100)
+        corrupted, targets = mlm_corrupt(ids, batch["token_types"], self.config.mlm_probability, self.config.vocab_size)
         hidden, _ = self._encode(self.embeddings({**batch, "input_ids": corrupted}), windows)
         target_windows = pad_sequence([targets[row, start:stop] for row, start, stop in windows], True, -100)
         if not (target_windows != -100).any():
