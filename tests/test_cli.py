@@ -31,6 +31,9 @@ COMMANDS = [
     ["ehr", "pretrain"],
     ["ehr", "finetune"],
     ["ehr", "evaluate"],
+    ["ehr", "explain"],
+    ["ehr", "forecast"],
+    ["ehr", "benchmark"],
     ["ehr", "demo"],
 ]
 

@@ -61,3 +61,28 @@ def test_splits_are_kept(prepared):
     finetune = pl.read_parquet(out / "finetune.parquet")
     split_of = dict(pretrain.select("subject_id", "split").iter_rows())
     assert all(split_of[s] == split for s, split in finetune.select("subject_id", "split").iter_rows())
+
+
+def test_per_subject_cap_is_label_blind_and_seeded():
+    from datetime import datetime, timedelta
+
+    import polars as pl
+
+    from medstate.ehr.prepare import cap_per_subject
+
+    rows = [
+        {"subject_id": s, "visit_key": str(v), "prediction_time": datetime(2020, 1, 1) + timedelta(days=v),
+         "label": int(v % 4 == 0), "task": task}
+        for task in ("onset", "mortality") for s in range(5) for v in range(12)
+    ]  # fmt: skip
+    labels = pl.DataFrame(rows)
+    kept = cap_per_subject(labels, {"onset": 3, "mortality": None}, seed=0)
+    per = kept.group_by("task", "subject_id").len()
+    assert per.filter(pl.col("task") == "onset")["len"].to_list() == [3] * 5
+    assert per.filter(pl.col("task") == "mortality")["len"].to_list() == [12] * 5
+    flipped = cap_per_subject(labels.with_columns(1 - pl.col("label")), {"onset": 3, "mortality": None}, seed=0)
+    key = ["task", "subject_id", "visit_key"]
+    assert kept.select(key).sort(key).equals(flipped.select(key).sort(key))  # the draw never looks at labels
+    assert kept.equals(cap_per_subject(labels, {"onset": 3, "mortality": None}, seed=0))
+    other = cap_per_subject(labels, {"onset": 3, "mortality": None}, seed=1)
+    assert not kept.select(key).sort(key).equals(other.select(key).sort(key))

@@ -44,7 +44,8 @@ def count_features(samples: Samples, vocab_size: int) -> sparse.csr_matrix:
 
 
 def fit_predict(prepared: str | Path, seed: int = 0, n_estimators: int = 200) -> pl.DataFrame:
-    """Tuning and held-out predictions of one XGBoost per task, in the report's layout."""
+    """Tuning and held-out predictions of one XGBoost per task, in the report's layout. One thread: these trees
+    are small, and OpenMP threads that wait for a busy core (next to a training run) make boosting 20x slower."""
     from xgboost import XGBClassifier
 
     prepared = Path(prepared)
@@ -59,7 +60,7 @@ def fit_predict(prepared: str | Path, seed: int = 0, n_estimators: int = 200) ->
         if 0 < y.sum() < len(y):
             model = XGBClassifier(
                 n_estimators=n_estimators, max_depth=4, learning_rate=0.1, subsample=0.8, colsample_bytree=0.8,
-                tree_method="hist", random_state=seed, n_jobs=2, eval_metric="logloss",
+                tree_method="hist", random_state=seed, n_jobs=1, eval_metric="logloss",
             )  # fmt: skip
             model.fit(features["train"][train_rows], y)
         for split in ("tuning", "held_out"):
