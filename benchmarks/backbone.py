@@ -22,35 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from harness import median, peak_rss_gb, run_worker, timed
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 M2_130M = dict(d_model=768, n_layer=24, d_state=128, head_dim=64, vocab_size=50288, chunk_size=256)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
-
-
-def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 # ----- workers (run in their own process) --------------------------------------------------------------
@@ -234,27 +217,6 @@ WORKERS = {f.__name__: f for f in (gemm_peak, train_step, forward, decode, long_
 # ----- parent ----------------------------------------------------------------------------------------
 
 
-def run_worker(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    try:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"did not finish in {timeout:.0f} s"}
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def median(result: dict, key: str = "times") -> float | None:
-    return statistics.median(result[key]) if key in result else None
-
-
 def model_flops_forward(tokens: int, shape: dict) -> float:
     """Forward FLOPs of the Mamba-2 LM: projections and head (2 per MAC) plus the SSD contractions at the
     chunk size the CPU path uses (intra-chunk scores and outputs, chunk states, state read-out)."""
@@ -297,12 +259,12 @@ def main() -> None:
     rows: list[dict] = []
     report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick}
     tmp = Path(tempfile.mkdtemp(prefix="medstate-bench-"))
-    report["gemm_gflops"] = run_worker({"worker": "gemm_peak"}, 300)["gflops"]
+    report["gemm_gflops"] = run_worker(__file__, {"worker": "gemm_peak"}, 300)["gflops"]
     print(f"GEMM peak measured now (4096x768x3352): {report['gemm_gflops']}", flush=True)
 
     def compare(name, spec, repeats_ours, repeats_hf, timeout=900, extra=None, hf_result=None):
-        ours = run_worker({**spec, "impl": "medstate", "repeats": repeats_ours}, timeout)
-        hf = hf_result or run_worker({**spec, "impl": "hf", "repeats": repeats_hf}, timeout)
+        ours = run_worker(__file__, {**spec, "impl": "medstate", "repeats": repeats_ours}, timeout)
+        hf = hf_result or run_worker(__file__, {**spec, "impl": "hf", "repeats": repeats_hf}, timeout)
         row = {"case": name, "medstate": ours, "hf": hf, **(extra or {})}
         t_ours, t_hf = median(ours), median(hf)
         if t_ours and t_hf:
@@ -354,8 +316,8 @@ def main() -> None:
     if "decode" in cases:
         histories = [512, 2048] if quick else [512, 16384]
         spec = {"worker": "decode", "checkpoint": str(path130), "histories": histories, "new_tokens": 32, "prompt": 512}
-        ours = run_worker({**spec, "impl": "medstate", "repeats": 7}, 1200)
-        hf = run_worker({**spec, "impl": "hf", "repeats": 2}, 1200)
+        ours = run_worker(__file__, {**spec, "impl": "medstate", "repeats": 7}, 1200)
+        hf = run_worker(__file__, {**spec, "impl": "hf", "repeats": 2}, 1200)
         row = {"case": "decode (tokens/s)", "medstate": ours, "hf": hf}
         if "error" not in ours:
             short, long = (statistics.median(ours[f"step_tokens_per_s_after_{h}"]) for h in histories)
@@ -367,13 +329,13 @@ def main() -> None:
     if "long_context" in cases:
         tokens = 8192 if quick else 65536
         ours = run_worker(
-            {"worker": "long_context", "impl": "medstate", "checkpoint": str(path130), "tokens": tokens}, 1800
+            __file__, {"worker": "long_context", "impl": "medstate", "checkpoint": str(path130), "tokens": tokens}, 1800
         )
         rows.append({"case": f"long context {tokens} tok, Mamba-2 130M hidden states", "medstate": ours})
         print(format_row(rows[-1]), flush=True)
         lengths = [2048, 8192] if quick else [4096, 16384] + ([65536] if args.full_transformer else [])
         for length in lengths:
-            result = run_worker({"worker": "long_context", "impl": "transformer", "tokens": length}, 1800)
+            result = run_worker(__file__, {"worker": "long_context", "impl": "transformer", "tokens": length}, 1800)
             rows.append(
                 {"case": f"long context {length} tok, GPT-2-small-sized Transformer (SDPA)", "transformer": result}
             )
