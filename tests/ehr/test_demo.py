@@ -16,7 +16,7 @@ def test_demo_path_end_to_end(tmp_path):
     settings = DemoSettings(max_length=128, d_model=16, n_layer=1, pretrain_steps=3, finetune_steps=3, bootstrap=20)
     result = run_demo(DEMO, tmp_path / "demo", settings, say=lambda text: None)
     out = tmp_path / "demo"
-    for name in ("report.html", "report.md", "metrics.json", "predictions.parquet", "timings.csv"):
+    for name in ("report.html", "report.md", "metrics.json", "predictions.parquet", "timings.csv", "demo_timings.csv"):
         assert (out / name).is_file(), name
     predictions = pl.read_parquet(out / "predictions.parquet")
     assert {"subject_id", "task", "model", "seed", "y_true", "y_score"} <= set(predictions.columns)
@@ -32,5 +32,5 @@ def test_demo_path_end_to_end(tmp_path):
             assert row["auroc"]["value"] == pytest.approx(
                 roc_auc_score(held_out["y_true"], held_out["y_score"]), abs=1e-12
             )
-    assert set(predictions["model"]) == {"ehrmamba", "xgboost"}
+    assert set(predictions["model"]) == {"ehrmamba", "lstm", "xgboost"}
     assert result["report"] == out / "report.html"

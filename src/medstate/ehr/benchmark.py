@@ -150,7 +150,7 @@ def run_benchmark(
 
     cells = sorted((run_dir / "predictions").glob("*.parquet"))
     predictions = pl.concat([pl.read_parquet(c) for c in cells], how="diagonal_relaxed")
-    title = f"medstate EHR benchmark: {len(settings.models)} models, {len(tasks)} tasks, {len(settings.seeds)} seeds"
+    title = f"medstate EHR: {len(settings.models)} models, {len(tasks)} tasks, {len(settings.seeds)} seed(s)"
     result = write_report(predictions, run_dir, title=title, n_bootstrap=settings.bootstrap)
     return {"summary": result["summary"], "report": run_dir / "report.html", "timings": timings.rows}
 

@@ -1,5 +1,6 @@
 """The README's main job on the shipped demo data: convert → prepare → pretrain → prompted multitask finetune →
-baseline → evaluate, into one run directory with report.html. Small settings: minutes on a laptop CPU."""
+baselines (LSTM, XGBoost) → evaluate, into one run directory with report.html. It is the benchmark protocol at
+demo size, one seed: minutes on a laptop CPU."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from pathlib import Path
 import polars as pl
 
 from medstate.data.convert import convert
-from medstate.ehr.baselines import xgboost_counts
-from medstate.ehr.model import EhrMamba
+from medstate.ehr.benchmark import BenchmarkSettings, ModelSpec, run_benchmark
 from medstate.ehr.prepare import PrepareConfig, prepare
-from medstate.ehr.training import finetune, new_model, predictions_for_report, pretrain
 from medstate.errors import MedstateError
-from medstate.eval.report import write_report
-from medstate.train.loop import TrainConfig, seed_everything
+
+DEMO_MODELS = [
+    ModelSpec("ehrmamba", "ehrmamba", pretrained=True, finetune="multitask"),
+    ModelSpec("lstm", "lstm", pretrained=False, finetune="multitask"),
+    ModelSpec("xgboost", "xgboost"),
+]
 
 
 @dataclass
@@ -31,6 +34,13 @@ class DemoSettings:
     token_budget: int = 8192
     seed: int = 0
     bootstrap: int = 200
+
+    def benchmark(self) -> BenchmarkSettings:
+        return BenchmarkSettings(
+            seeds=[self.seed], models=list(DEMO_MODELS), d_model=self.d_model, n_layer=self.n_layer,
+            pretrain_steps=self.pretrain_steps, finetune_steps=self.finetune_steps, warmup_steps=10,
+            token_budget=self.token_budget, bootstrap=self.bootstrap,
+        )  # fmt: skip
 
 
 def run_demo(
@@ -53,7 +63,6 @@ def run_demo(
         timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
         say(f"{name}: done in {timings[name]} s")
 
-    seed_everything(settings.seed)
     synthea = convert(data_dir / "synthea-fhir", out / "meds" / "synthea", "fhir", seed=settings.seed)
     mimic = convert(data_dir / "mimic-iv-demo-meds", out / "meds" / "mimic-iv", "meds")
     stage(f"convert ({synthea.summary.events:,} + {mimic.summary.events:,} events)")
@@ -63,23 +72,7 @@ def run_demo(
         PrepareConfig(max_length=settings.max_length),
     )
     stage(f"prepare ({summary.vocabulary:,} tokens)")
-    model = new_model(out / "prepared", {"d_model": settings.d_model, "n_layer": settings.n_layer})
-    config = TrainConfig(max_steps=settings.pretrain_steps, lr=2e-3, warmup_steps=10, seed=settings.seed)
-    pretrain(out / "prepared", out / "pretrain", model, config, settings.token_budget, progress)
-    stage("pretrain")
-    model = EhrMamba.from_pretrained(out / "pretrain" / "checkpoints" / "last")
-    config = TrainConfig(max_steps=settings.finetune_steps, lr=1e-3, warmup_steps=10, seed=settings.seed)
-    finetune(out / "prepared", out / "finetune", model, config, None, settings.token_budget, progress)
-    stage("finetune (prompted multitask)")
-    baseline = xgboost_counts.fit_predict(out / "prepared", settings.seed)
-    stage("baseline (XGBoost on code counts)")
-    model = EhrMamba.from_pretrained(out / "finetune" / "checkpoints" / "last")
-    predictions = pl.concat(
-        [predictions_for_report(model, out / "prepared", "ehrmamba", settings.seed), baseline], how="diagonal_relaxed"
-    )
-    result = write_report(
-        predictions, out, title="medstate demo: EhrMamba and baselines", n_bootstrap=settings.bootstrap
-    )
-    stage("evaluate")
-    pl.DataFrame({"stage": list(timings), "seconds": list(timings.values())}).write_csv(out / "timings.csv")
+    result = run_benchmark(out / "prepared", out, settings.benchmark(), say, progress)
+    stage("pretrain, finetune, baselines, evaluate")
+    pl.DataFrame({"stage": list(timings), "seconds": list(timings.values())}).write_csv(out / "demo_timings.csv")
     return {"timings": timings, "summary": result["summary"], "report": out / "report.html"}
