@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo demo-engine test lint bench clean
+.PHONY: install demo demo-engine test lint bench bench-ehr clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backbone.py
 	$(BIN)/python benchmarks/data.py
+
+# the EHR benchmark of docs/results/ehr-benchmark.md: 615 Synthea + 100 MIMIC-IV demo patients from ../shared,
+# 7 models x 6 tasks x 3 seeds (hours on 2 cores; re-running resumes where it stopped)
+BENCH_EHR := runs/ehr-benchmark
+bench-ehr: $(STAMP)
+	$(BIN)/medstate data convert -f fhir ../shared/data/synthea-fhir-r4-smart $(BENCH_EHR)/meds/synthea --split 0.6,0.2,0.2 --overwrite
+	$(BIN)/medstate data convert -f mimic-iv ../shared/data/mimic-iv-demo-2.2 $(BENCH_EHR)/meds/mimic --split 0.6,0.2,0.2 --overwrite
+	test -f $(BENCH_EHR)/prepared/finetune.parquet || $(BIN)/medstate ehr prepare $(BENCH_EHR)/meds/synthea $(BENCH_EHR)/meds/mimic --out $(BENCH_EHR)/prepared
+	OMP_NUM_THREADS=1 $(BIN)/medstate ehr benchmark $(BENCH_EHR)/prepared $(BENCH_EHR)/run
+	$(BIN)/python benchmarks/ehr_long.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
