@@ -1,6 +1,7 @@
 """Long patient histories: one forward+backward of the EHR models' task loss on a single sequence of 2,048 to
-16,384 tokens, EhrMamba (Mamba-1 and Mamba-2 mixers) vs the BigBird baseline (Hugging Face BigBird, block-sparse)
-and a full-attention BERT (torch SDPA) at the same length and width. Every case runs in its own worker process:
+16,384 tokens (subnormals flushed to zero, as in medstate's training loop), EhrMamba (Mamba-1 and Mamba-2 mixers)
+vs the BigBird baseline (Hugging Face BigBird, block-sparse) and a full-attention BERT (torch SDPA) at the same
+length and width. Every case runs in its own worker process:
 seconds (median of repeats) and the worker's peak RSS.
 
     python benchmarks/ehr_long.py                   # all cases, 2,048 / 4,096 / 16,384 tokens
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,9 @@ def worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)  # as medstate's training loop does, for every model
+    limit = int(spec["memory_limit_gb"] * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a case that needs more fails with an allocation error
     torch.manual_seed(0)
     model = build(spec["model"], spec["tokens"]).train()
     batch = collate([history(spec["tokens"])])
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--memory-limit-gb", type=float, default=16, help="address-space limit of each worker")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -87,12 +93,18 @@ def main() -> None:
     rows = []
     for tokens in (int(n) for n in args.lengths.split(",")):
         for model in args.models.split(","):
-            spec = {"model": model, "tokens": tokens, "repeats": 3 if tokens <= 4096 else 1, "threads": args.threads}
+            spec = {"model": model, "tokens": tokens, "repeats": 3 if tokens <= 4096 else 1, "threads": args.threads,
+                    "memory_limit_gb": args.memory_limit_gb}  # fmt: skip
             result = run_worker(__file__, spec, args.timeout)
             rows.append({"model": model, "tokens": tokens, **result})
             shown = result.get("error") or f"{median(result):.2f} s, peak RSS {result['peak_rss_gb']:.2f} GB"
             print(f"{model:12s} {tokens:6d} tokens: {shown}", flush=True)
-    report = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "rows": rows}
+    report = {
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "memory_limit_gb": args.memory_limit_gb,
+        "rows": rows,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ehr_long.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "ehr_long.md").write_text(markdown(report))
@@ -106,7 +118,8 @@ def markdown(report: dict) -> str:
         "# Long patient histories: forward+backward of the task loss, one sequence",
         "",
         f"torch {report['torch']}, {threads} thread(s) per worker; d_model {WIDTH['d_model']}, {WIDTH['n_layer']} "
-        f"layers, vocabulary {VOCAB:,}; each case in a fresh process (peak RSS is the whole worker's).",
+        f"layers, vocabulary {VOCAB:,}; subnormals flushed to zero (as in medstate's training loop); each case in a "
+        f"fresh process (peak RSS is the whole worker's) limited to {report['memory_limit_gb']:g} GB of address space.",
         "",
         "| tokens | model | seconds | peak RSS (GB) | seconds ÷ EhrMamba (Mamba-1) | RSS ÷ EhrMamba (Mamba-1) |",
         "|---|---|---|---|---|---|",
@@ -114,7 +127,10 @@ def markdown(report: dict) -> str:
     for row in rows:
         base = next(r for r in rows if r["tokens"] == row["tokens"] and r["model"] == "ehrmamba-m1")
         if "error" in row:
-            lines.append(f"| {row['tokens']:,} | {row['model']} | {row['error']} | | | |")
+            error = row["error"]
+            if "allocate memory" in error:
+                error = f"out of memory (over the {report['memory_limit_gb']:g} GB limit)"
+            lines.append(f"| {row['tokens']:,} | {row['model']} | {error} | | | |")
             continue
         name = row["model"] + (f" ({row['attention']})" if row.get("attention") else "")
         ratio = (

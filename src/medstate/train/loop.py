@@ -40,6 +40,9 @@ class TrainConfig:
     bf16: bool = False
     save_every: int = 50
     log_every: int = 10
+    # flush subnormal floats to zero on CPU while training: gradients that decay along a long history fall into the
+    # subnormal range, where CPU arithmetic is 10-50x slower (a 16k-token EhrMamba step: 3x faster with it)
+    flush_denormal: bool = True
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -99,6 +102,15 @@ class Trainer:
         return self.run_dir / "checkpoints" / "last"
 
     def fit(self) -> TrainResult:
+        if not self.config.flush_denormal:
+            return self._fit()
+        torch.set_flush_denormal(True)
+        try:
+            return self._fit()
+        finally:
+            torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
+
+    def _fit(self) -> TrainResult:
         started = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(self.config)))
