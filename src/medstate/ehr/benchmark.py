@@ -71,7 +71,8 @@ class BenchmarkSettings:
     d_model: int = 64  # every neural model: the same width and depth
     n_layer: int = 2
     pretrain_steps: int = 150
-    finetune_steps: int = 150  # a multitask finetuning run
+    # equal compute per task: a multitask run gets as many steps as a single-task model's runs together
+    finetune_steps: int = 300  # a multitask finetuning run
     single_task_steps: int = 50  # each task's run of a single-task model
     pretrain_lr: float = 2e-3
     finetune_lr: float = 1e-3
