@@ -62,7 +62,9 @@ def integrated_gradients(model, sample: dict, tokens: list[str], steps: int = 64
 
 
 def plot_timeline(attribution: Attribution, times_days: np.ndarray, path, top: int = 20) -> None:
-    """The patient's events over time (days) as a stem plot of their attributions; the `top` largest labelled."""
+    """The patient's events as a stem plot of their attributions against days before the prediction (the last
+    token), on a symmetric log scale so that the last days and decades earlier both show; the `top` largest
+    labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,13 +72,15 @@ def plot_timeline(attribution: Attribution, times_days: np.ndarray, path, top: i
 
     figure, axis = plt.subplots(figsize=(12, 4))
     scores = attribution.scores
+    before = np.asarray(times_days, dtype=np.float64) - float(times_days[-1])
     colours = np.where(scores >= 0, "tab:red", "tab:blue")
-    axis.vlines(times_days, 0, scores, colors=colours, linewidth=1)
+    axis.vlines(before, 0, scores, colors=colours, linewidth=1)
     axis.axhline(0, color="grey", linewidth=0.5)
     for i in np.argsort(-np.abs(scores))[:top]:
-        axis.annotate(attribution.tokens[i], (times_days[i], scores[i]), fontsize=6, rotation=30)
+        axis.annotate(attribution.tokens[i], (before[i], scores[i]), fontsize=6, rotation=30)
+    axis.set_xscale("symlog", linthresh=30)
     axis.set(
-        xlabel="days since the first event",
+        xlabel="days before the prediction (linear within 30 days, logarithmic beyond)",
         ylabel="attribution to the probability",
         title=f"p = {attribution.probability:.3f} (baseline {attribution.baseline_probability:.3f})",
     )
