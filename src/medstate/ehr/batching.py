@@ -60,3 +60,8 @@ def sample_windows(ends: torch.Tensor, n_rows: int, context: int) -> list[tuple[
     rows, last = ends[:, 0].tolist(), ends[:, 1].tolist()
     starts = [0] + [end + 1 for end in last[:-1]] if n_rows == 1 else [0] * len(rows)
     return [(row, max(start, end + 1 - context), end + 1) for row, start, end in zip(rows, starts, last)]
+
+
+def row_ends(n_rows: int, width: int) -> torch.Tensor:
+    """`ends` [N, 2] for a batch of one sample per row: every row's last position."""
+    return torch.stack([torch.arange(n_rows), torch.full((n_rows,), width - 1)], 1)

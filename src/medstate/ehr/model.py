@@ -47,6 +47,17 @@ class EhrMambaConfig:
         )
 
 
+def embedding_config(config) -> EhrMambaConfig:
+    """The embedding layer's settings for a baseline config that shares EhrMamba's embeddings."""
+    return EhrMambaConfig(
+        vocab_size=config.vocab_size,
+        d_model=config.d_model,
+        time_features=config.time_features,
+        max_visit_order=config.max_visit_order,
+        dropout=config.dropout,
+    )
+
+
 class TimeFeatures(nn.Module):
     """Learned sinusoidal features of a scalar (Time2Vec): one linear feature, the rest sin(w t + b)."""
 

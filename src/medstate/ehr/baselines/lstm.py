@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
-from medstate.ehr.batching import sample_windows
+from medstate.ehr.batching import row_ends, sample_windows
 from medstate.ehr.checkpoints import CheckpointMixin
-from medstate.ehr.model import EhrEmbeddings, EhrMambaConfig, EhrOutput
+from medstate.ehr.model import EhrEmbeddings, EhrOutput, embedding_config
 
 
 @dataclass
@@ -31,15 +31,6 @@ class EhrLSTMConfig:
     max_visit_order: int = 512
     dropout: float = 0.1
 
-    def embedding_config(self) -> EhrMambaConfig:
-        return EhrMambaConfig(
-            vocab_size=self.vocab_size,
-            d_model=self.d_model,
-            time_features=self.time_features,
-            max_visit_order=self.max_visit_order,
-            dropout=self.dropout,
-        )
-
 
 class EhrLSTM(CheckpointMixin, nn.Module):
     MODEL_TYPE = "medstate-ehr-lstm"
@@ -49,7 +40,7 @@ class EhrLSTM(CheckpointMixin, nn.Module):
         super().__init__()
         self.config = config
         self.concept = nn.Embedding(config.vocab_size, config.d_model)
-        self.embeddings = EhrEmbeddings(config.embedding_config(), self.concept)
+        self.embeddings = EhrEmbeddings(embedding_config(config), self.concept)
         self.lstm = nn.LSTM(config.d_model, config.hidden, config.n_layer, batch_first=True, bidirectional=True)
         self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(2 * config.hidden, 1))
 
@@ -58,7 +49,7 @@ class EhrLSTM(CheckpointMixin, nn.Module):
             raise ValueError("the LSTM baseline is trained on the tasks only (no next-event pretraining)")
         embeds = self.embeddings(batch)  # [1, T, D] packed, or [B, T, D] one sample per row
         if ends is None:
-            ends = torch.stack([torch.arange(embeds.shape[0]), torch.full((embeds.shape[0],), embeds.shape[1] - 1)], 1)
+            ends = row_ends(*embeds.shape[:2])
         windows = sample_windows(ends, embeds.shape[0], self.config.context)
         samples = [embeds[row, start:stop] for row, start, stop in windows]
         lengths = torch.tensor([len(s) for s in samples])

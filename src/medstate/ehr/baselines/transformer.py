@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from medstate.ehr.batching import sample_windows
+from medstate.ehr.batching import row_ends, sample_windows
 from medstate.ehr.checkpoints import CheckpointMixin
-from medstate.ehr.model import EhrEmbeddings, EhrMambaConfig, EhrOutput
+from medstate.ehr.model import EhrEmbeddings, EhrOutput, embedding_config
 from medstate.ehr.sequences import SPECIAL_TOKENS, TYPE_EVENT
 from medstate.errors import MedstateError
 
@@ -48,15 +48,6 @@ class EhrTransformerConfig:
     time_features: int = 16
     max_visit_order: int = 512
     dropout: float = 0.1
-
-    def embedding_config(self) -> EhrMambaConfig:
-        return EhrMambaConfig(
-            vocab_size=self.vocab_size,
-            d_model=self.d_model,
-            time_features=self.time_features,
-            max_visit_order=self.max_visit_order,
-            dropout=self.dropout,
-        )
 
 
 def _hf_encoder(config: EhrTransformerConfig) -> nn.Module:
@@ -130,7 +121,7 @@ class EhrTransformer(CheckpointMixin, nn.Module):
         self.config = config
         self.concept = nn.Embedding(config.vocab_size, config.d_model)
         nn.init.normal_(self.concept.weight, std=0.02)  # BERT's initialisation; the MLM head is tied to it
-        self.embeddings = EhrEmbeddings(config.embedding_config(), self.concept)
+        self.embeddings = EhrEmbeddings(embedding_config(config), self.concept)
         self.encoder = _hf_encoder(config)
         self.mlm_transform = nn.Sequential(
             nn.Linear(config.d_model, config.d_model), nn.GELU(), nn.LayerNorm(config.d_model)
@@ -165,7 +156,7 @@ class EhrTransformer(CheckpointMixin, nn.Module):
             raise ValueError("the Transformer baselines pretrain by masked language modelling: use pretraining_loss")
         embeds = self.embeddings(batch)
         if ends is None:
-            ends = torch.stack([torch.arange(embeds.shape[0]), torch.full((embeds.shape[0],), embeds.shape[1] - 1)], 1)
+            ends = row_ends(*embeds.shape[:2])
         hidden, lengths = self._encode(embeds, sample_windows(ends, embeds.shape[0], self.config.context))
         last = hidden[torch.arange(len(lengths)), lengths - 1]
         return EhrOutput(hidden_states=hidden, class_logits=self.classifier(last).squeeze(-1))
