@@ -57,7 +57,12 @@ def test_every_model_seed_and_task_is_reported(benchmark, prepared):
         if row["auroc"]["value"] is not None:
             assert row["auroc"]["value"] == pytest.approx(roc_auc_score(held["y_true"], held["y_score"]), abs=1e-12)
     timings = pl.read_csv(out / "timings.csv")
-    assert {"pretrain ehrmamba", "pretrain bert", "predict", "total"} <= set(timings["stage"])
+    assert {"pretrain ehrmamba", "pretrain bert", "predict all tasks", "predict mortality_30d", "total"} <= set(
+        timings["stage"]
+    )
+    assert not timings["resumed"].any()
+    shared = timings.filter(pl.col("stage").str.starts_with("pretrain"))  # timed once, by the first model of a kind
+    assert sorted(shared["model"]) == ["bert", "ehrmamba", "multibird"]
     assert (out / "report.html").is_file() and "xgboost" in output
 
 
@@ -78,6 +83,23 @@ def test_rerun_skips_finished_cells_and_adds_seeds(benchmark):
         ("ehrmamba", 2),
         ("lstm", 1),
     }
+
+
+def test_resumed_stages_are_marked(benchmark):
+    out, args, _ = benchmark
+    (out / "predictions" / "ehrmamba-single-seed0.parquet").unlink()
+    longer = yaml.safe_load((out.parent / "settings.yaml").read_text()) | {"single_task_steps": 2}
+    (out.parent / "longer.yaml").write_text(yaml.safe_dump(longer))
+    before = len(pl.read_csv(out / "timings.csv"))
+    args = [*args[:-1], str(out.parent / "longer.yaml")]
+    again = runner.invoke(app, [*args, "--seeds", "0", "--models", "ehrmamba-single"])
+    assert again.exit_code == 0, again.output
+    rows = pl.read_csv(out / "timings.csv")[before:]
+    finetuned = rows.filter(pl.col("stage").str.starts_with("finetune"))
+    predicted = rows.filter(pl.col("stage").str.starts_with("predict"))
+    assert len(finetuned) == len(predicted) > 1 and finetuned["resumed"].all()  # each task: from step 1 to 2
+    assert not rows["stage"].str.starts_with("pretrain").any()  # its pretraining was done and is not re-timed
+    assert rows.filter(pl.col("stage") == "total")["resumed"].to_list() == [True]
 
 
 def test_explain_and_forecast_commands(benchmark, prepared, tmp_path):

@@ -40,7 +40,7 @@ from medstate.ehr.training import (
 )
 from medstate.errors import MedstateError
 from medstate.eval.report import write_report
-from medstate.train.loop import TrainConfig, seed_everything
+from medstate.train.loop import TrainConfig, checkpoint_step, seed_everything
 
 FINETUNE_MODES = ("multitask", "single")
 
@@ -106,20 +106,35 @@ class BenchmarkSettings:
 
 
 class _Timings:
-    """Seconds per (model, seed, stage), appended to timings.csv as each stage ends (kept across resumed runs)."""
+    """Seconds per (model, seed, stage), appended to timings.csv as each stage ends (kept across resumed runs).
+
+    A stage that started from a checkpoint left by an earlier, interrupted run is marked `resumed`: its seconds are
+    only the part done in this run, and so are its cell's `total`.
+    """
 
     def __init__(self, path: Path, say: Callable[[str], None]):
         self.path, self.say = path, say
         self.rows = pl.read_csv(path).to_dicts() if path.is_file() else []
 
     @contextmanager
-    def stage(self, model: str, seed: int, name: str):
+    def stage(self, model: str, seed: int, name: str, resumed: bool = False):
         started = time.perf_counter()
         yield
-        seconds = round(time.perf_counter() - started, 1)
-        self.rows.append({"model": model, "seed": seed, "stage": name, "seconds": seconds})
+        self._record(model, seed, name, time.perf_counter() - started, resumed)
+
+    @contextmanager
+    def cell(self, model: str, seed: int, resumed: bool):
+        """Times a whole (model, seed) as its `total` stage; resumed if it was, or if any of its stages was."""
+        started, first = time.perf_counter(), len(self.rows)
+        yield
+        resumed = resumed or any(row["resumed"] for row in self.rows[first:])
+        self._record(model, seed, "total", time.perf_counter() - started, resumed)
+
+    def _record(self, model: str, seed: int, name: str, seconds: float, resumed: bool) -> None:
+        seconds = round(seconds, 1)
+        self.rows.append({"model": model, "seed": seed, "stage": name, "seconds": seconds, "resumed": resumed})
         pl.DataFrame(self.rows).write_csv(self.path)
-        self.say(f"{model} seed {seed}: {name} in {seconds} s")
+        self.say(f"{model} seed {seed}: {name} in {seconds} s" + (" (resumed)" if resumed else ""))
 
 
 def run_benchmark(
@@ -145,7 +160,8 @@ def run_benchmark(
             if cell.is_file():
                 say(f"{spec.name} seed {seed}: done earlier")
                 continue
-            with timings.stage(spec.name, seed, "total"):
+            started_before = (run_dir / "finetune" / spec.name / f"seed{seed}").is_dir()
+            with timings.cell(spec.name, seed, resumed=started_before):
                 frame = _Cell(prepared, run_dir, spec, seed, settings, timings, progress).run(tasks)
             frame.write_parquet(cell)
 
@@ -180,9 +196,9 @@ class _Cell:
         for group in groups:
             directory = self.run_dir / "finetune" / spec.name / f"seed{seed}"
             directory = directory / group[0] if spec.finetune == "single" else directory
-            with self.timings.stage(spec.name, seed, f"finetune {group[0] if len(group) == 1 else 'all tasks'}"):
-                model = self._finetune(directory, init, group)
-            with self.timings.stage(spec.name, seed, "predict"):
+            label = group[0] if len(group) == 1 else "all tasks"
+            model = self._finetune(directory, init, group, label)
+            with self.timings.stage(spec.name, seed, f"predict {label}"):
                 frames.append(predictions_for_report(model, self.prepared, spec.name, seed, group))
         return pl.concat(frames)
 
@@ -195,29 +211,31 @@ class _Cell:
         return TrainConfig(steps, lr, warmup_steps=self.settings.warmup_steps, seed=self.seed)
 
     def _pretrain(self) -> Path:
+        """Pretrains (or resumes pretraining) once per kind and seed; a model that finds it done reuses it, untimed."""
         directory = self.run_dir / "pretrain" / self.spec.kind / f"seed{self.seed}"
         checkpoint = directory / "checkpoints" / "last"
         config = self._train_config(self.settings.pretrain_steps, self.settings.pretrain_lr)
-        with self.timings.stage(self.spec.name, self.seed, f"pretrain {self.spec.kind}"):
-            seed_everything(self.seed)
-            model = (
-                load_model(checkpoint)
-                if checkpoint.is_dir()
-                else new_model(self.prepared, self._sizes(), self.spec.kind)
-            )
-            pretrain(self.prepared, directory, model, config, self.settings.token_budget, self.progress)
+        self._train(directory, config, f"pretrain {self.spec.kind}", start=None, tasks=None)
         return checkpoint
 
-    def _finetune(self, directory: Path, init: Path | None, tasks: list[str]):
-        checkpoint = directory / "checkpoints" / "last"
-        seed_everything(self.seed)
-        if checkpoint.is_dir():
-            model = load_model(checkpoint)
-        elif init is not None:
-            model = load_model(init)
-        else:
-            model = new_model(self.prepared, self._sizes(), self.spec.kind)
+    def _finetune(self, directory: Path, init: Path | None, tasks: list[str], label: str):
         steps = self.settings.finetune_steps if self.spec.finetune == "multitask" else self.settings.single_task_steps
         config = self._train_config(steps, self.settings.finetune_lr)
-        finetune(self.prepared, directory, model, config, tasks, self.settings.token_budget, self.progress)
-        return load_model(checkpoint)
+        self._train(directory, config, f"finetune {label}", start=init, tasks=tasks)
+        return load_model(directory / "checkpoints" / "last")
+
+    def _train(self, directory: Path, config: TrainConfig, stage: str, start: Path | None, tasks: list[str] | None):
+        """One training run: from its own checkpoint where it has one (marked resumed), else from `start` (pretrained
+        weights) or a new model. Pretraining when `tasks` is None, finetuning on `tasks` otherwise."""
+        checkpoint = directory / "checkpoints" / "last"
+        done = checkpoint_step(checkpoint)
+        if done >= config.max_steps:
+            return
+        with self.timings.stage(self.spec.name, self.seed, stage, resumed=done > 0):
+            seed_everything(self.seed)
+            source = checkpoint if done else start
+            model = load_model(source) if source else new_model(self.prepared, self._sizes(), self.spec.kind)
+            if tasks is None:
+                pretrain(self.prepared, directory, model, config, self.settings.token_budget, self.progress)
+            else:
+                finetune(self.prepared, directory, model, config, tasks, self.settings.token_budget, self.progress)

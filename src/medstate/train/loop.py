@@ -184,6 +184,12 @@ class Trainer:
         return state["step"], state["epoch"], state["index"]
 
 
+def checkpoint_step(checkpoint_dir: str | Path) -> int:
+    """The step a run's `checkpoints/last` was saved at, or 0 where there is none."""
+    state_file = Path(checkpoint_dir) / "trainer_state.pt"
+    return int(torch.load(state_file, weights_only=True)["step"]) if state_file.is_file() else 0
+
+
 def _from(batches: list, index: int) -> Iterator:
     yield from batches[index:]
 
