@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from medstate.ssm.config import SSMConfig
 from medstate.ssm.ops import cuda
 from medstate.ssm.ops.conv import causal_conv1d, causal_conv1d_step
+from medstate.ssm.ops.norm_linear import rms_norm_linear
 from medstate.ssm.ops.selective_scan import selective_scan, selective_scan_step
 from medstate.ssm.ops.ssd import ssd_scan, ssd_step
 
@@ -64,15 +65,25 @@ def sequence_starts(seq_idx: torch.Tensor) -> torch.Tensor:
 
 
 class _Mixer(nn.Module):
-    """in_proj → mix (conv, scan, skip, gating) → out_proj. With `recompute` set, training keeps only the
-    in_proj output for backward and recomputes the mix there (the GEMMs are not recomputed)."""
+    """[norm →] in_proj → mix (conv, scan, skip, gating) → out_proj. With `recompute` set, training keeps only the
+    in_proj output for backward and recomputes the mix there (the GEMMs are not recomputed). Given the block's
+    `norm`, norm and in_proj run as one op that keeps only the norm's input for backward (float32/64)."""
 
     recompute = False
 
     def forward(
-        self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        state: LayerState | None = None,
+        seq_idx: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, LayerState]:
-        projected = self.in_proj(hidden)
+        if norm is None:
+            projected = self.in_proj(hidden)
+        elif hidden.dtype in (torch.float32, torch.float64):
+            projected = rms_norm_linear(hidden, norm.weight, norm.eps, self.in_proj.weight, self.in_proj.bias)
+        else:
+            projected = self.in_proj(norm(hidden))
         if self.recompute and torch.is_grad_enabled() and projected.requires_grad:
             mixed, window, ssm_state = checkpoint(self.mix, projected, state, seq_idx, use_reentrant=False)
         else:
@@ -242,7 +253,7 @@ class MambaBlock(nn.Module):
     def forward(
         self, hidden: torch.Tensor, state: LayerState | None = None, seq_idx: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, LayerState]:
-        out, new_state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, seq_idx)
+        out, new_state = self.mixer(hidden.to(self.norm.weight.dtype), state, seq_idx, norm=self.norm)
         return self._residual(hidden) + out, new_state
 
     def step(self, hidden: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
