@@ -350,7 +350,14 @@ def main() -> None:
             )
             print(format_row(rows[-1]), flush=True)
 
-    report["rows"] = rows
+    measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["rows"] = [{**row, "measured": measured} for row in rows]
+    saved = RESULTS / "backbone.json"
+    if args.only and saved.is_file():  # a partial run replaces its own rows and keeps the others
+        previous = json.loads(saved.read_text())
+        fresh = {row["case"]: row for row in report["rows"]}
+        kept = [fresh.pop(row["case"], row) for row in previous["rows"]]
+        report = {**previous, "rows": kept + list(fresh.values())}
     if not quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "backbone.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -380,12 +387,12 @@ def markdown(report: dict) -> str:
     lines = [
         "# Backbone benchmark: medstate vs Hugging Face transformers (same weights, same run)",
         "",
-        f"torch {report['torch']}, {report['threads']} threads; GEMM peak at the start of the run (GFLOP/s; MFU "
-        "uses the peak each worker measures right after its own timings): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in report["gemm_gflops"].items()),
+        f"torch {report['torch']}, {report['threads']} threads; GEMM peak at the start of the full run (GFLOP/s; "
+        "MFU uses the peak each worker measures right after its own timings; rows re-measured by a run with "
+        "--only carry its date): " + ", ".join(f"{k} {v:.0f}" for k, v in report["gemm_gflops"].items()),
         "",
-        "| case | medstate | HF transformers | ratio |",
-        "|---|---|---|---|",
+        "| case | medstate | HF transformers | ratio | measured |",
+        "|---|---|---|---|---|",
     ]
     for row in report["rows"]:
 
@@ -411,7 +418,8 @@ def markdown(report: dict) -> str:
         if hf_mfu and "bfloat16" not in row["case"]:
             ratios.append(f"speedup ceiling {1 / hf_mfu:.2f}")
         other = row.get("medstate") or row.get("transformer")
-        lines.append(f"| {row['case']} | {cell(other)} | {cell(row.get('hf'))} | {'; '.join(ratios)} |")
+        cells = [row["case"], cell(other), cell(row.get("hf")), "; ".join(ratios), row.get("measured", "")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "speedup = HF median time / medstate median time; peak RSS ratio = medstate / HF (whole worker process);",
