@@ -125,3 +125,18 @@ def test_explain_and_forecast_commands(benchmark, prepared, tmp_path):
     lstm = out / "finetune" / "lstm" / "seed0" / "checkpoints" / "last"
     refused = runner.invoke(app, ["ehr", "forecast", str(prepared), str(lstm), str(tmp_path / "x")])
     assert refused.exit_code == 2 and "EhrMamba" in refused.output
+
+
+def test_timings_from_an_older_run_read_as_not_resumed(tmp_path):
+    from medstate.ehr.benchmark import _Timings
+
+    path = tmp_path / "timings.csv"
+    path.write_text("model,seed,stage,seconds\nlstm,0,finetune all tasks,12.5\n")  # no `resumed` column
+    said = []
+    timings = _Timings(path, said.append)
+    with timings.cell("lstm", 1, resumed=False), timings.stage("lstm", 1, "finetune all tasks"):
+        pass
+    rows = pl.read_csv(path)
+    assert rows["resumed"].to_list() == [False, False, False]
+    assert rows["stage"].to_list() == ["finetune all tasks", "finetune all tasks", "total"]
+    assert said[-1].startswith("lstm seed 1: total in")

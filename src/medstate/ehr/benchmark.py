@@ -114,7 +114,8 @@ class _Timings:
 
     def __init__(self, path: Path, say: Callable[[str], None]):
         self.path, self.say = path, say
-        self.rows = pl.read_csv(path).to_dicts() if path.is_file() else []
+        # a timings.csv from before `resumed` was recorded reads as not resumed
+        self.rows = [{"resumed": False, **row} for row in pl.read_csv(path).to_dicts()] if path.is_file() else []
 
     @contextmanager
     def stage(self, model: str, seed: int, name: str, resumed: bool = False):

@@ -187,7 +187,9 @@ class Trainer:
 def checkpoint_step(checkpoint_dir: str | Path) -> int:
     """The step a run's `checkpoints/last` was saved at, or 0 where there is none."""
     state_file = Path(checkpoint_dir) / "trainer_state.pt"
-    return int(torch.load(state_file, weights_only=True)["step"]) if state_file.is_file() else 0
+    if not state_file.is_file():
+        return 0
+    return int(torch.load(state_file, weights_only=True, mmap=True)["step"])  # mmap: the optimizer state stays on disk
 
 
 def _from(batches: list, index: int) -> Iterator:
