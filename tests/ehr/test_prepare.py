@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -86,3 +87,111 @@ def test_per_subject_cap_is_label_blind_and_seeded():
     assert kept.equals(cap_per_subject(labels, {"onset": 3, "mortality": None}, seed=0))
     other = cap_per_subject(labels, {"onset": 3, "mortality": None}, seed=1)
     assert not kept.select(key).sort(key).equals(other.select(key).sort(key))
+
+
+def test_value_bins_are_the_training_quantiles(prepared, mimic_csv_meds):
+    _, out = prepared
+    edges = json.loads((out / "value_bins.json").read_text())["edges"]
+    events = scan_meds(mimic_csv_meds.summary.output).collect().filter(pl.col("numeric_value").is_not_null())
+    code = events.group_by("code").len().sort("len", descending=True)["code"][0]
+    values = events.filter(pl.col("code") == code)
+    train = values.filter(pl.col("split") == "train")["numeric_value"].to_numpy()
+    everyone = values["numeric_value"].to_numpy()
+    expected = np.quantile(train, [0.2, 0.4, 0.6, 0.8])  # linear interpolation, the definition of the bins
+    assert not np.allclose(expected, np.quantile(everyone, [0.2, 0.4, 0.6, 0.8]))  # the test can tell them apart
+    np.testing.assert_allclose(edges[code], expected, rtol=1e-6)
+
+
+def test_finetune_inputs_are_the_history_known_at_the_prediction_time(prepared, mimic_csv_meds):
+    """Recount, for every sample, the events a model may see (written here from the rules in `prepare`'s
+    docstring, not through medstate): dated at or before the prediction time (date-only procedures and HCPCS at
+    the end of their day), not of a stay admitted after it; static facts always; the stay closed at discharge."""
+    _, out = prepared
+    events = scan_meds(mimic_csv_meds.summary.output).collect().filter(pl.col("code") != "MEDS_BIRTH")
+    date_only = pl.col("code").str.starts_with("PROCEDURE//ICD//") | pl.col("code").str.starts_with("HCPCS//")
+    midnight = pl.col("time").dt.hour().eq(0) & pl.col("time").dt.minute().eq(0) & pl.col("time").dt.second().eq(0)
+    known = pl.when(date_only & midnight).then(pl.col("time").dt.offset_by("1d") - pl.duration(microseconds=1))
+    events = events.with_columns(known.otherwise(pl.col("time")).alias("known"))
+    admitted = events.filter(pl.col("code").str.starts_with("HOSPITAL_ADMISSION//")).select(
+        "subject_id", "hadm_id", pl.col("time").alias("admitted")
+    )
+    dated = events.filter(pl.col("time").is_not_null()).join(admitted, on=["subject_id", "hadm_id"], how="left")
+    statics = events.filter(pl.col("time").is_null()).group_by("subject_id").len("statics")
+    finetune = pl.read_parquet(out / "finetune.parquet").with_row_index("row")
+    samples = finetune.select("row", "subject_id", "prediction_time")
+    visible = (
+        samples.join(dated, on="subject_id")
+        .filter(pl.col("known") <= pl.col("prediction_time"))
+        .filter(pl.col("admitted").is_null() | (pl.col("admitted") <= pl.col("prediction_time")))
+        .group_by("row")
+        .len("visible")
+    )
+    checked = (
+        finetune.join(visible, on="row", how="left")
+        .join(statics, on="subject_id", how="left")
+        .with_columns(
+            pl.col("token_types").list.eval((pl.element() == 4).sum()).list.first().alias("event_tokens"),
+            pl.col("token_types").list.eval((pl.element() == 2).sum()).list.first().alias("static_tokens"),
+            pl.col("input_ids").list.len().alias("length"),
+        )
+    )
+    whole = checked.filter(pl.col("length") < 512)  # not truncated: every visible event is there
+    assert whole.height > 200
+    assert whole["event_tokens"].to_list() == whole["visible"].to_list()
+    assert checked["static_tokens"].to_list() == checked["statics"].to_list()  # kept when truncated too
+    truncated = checked.filter(pl.col("length") == 512)
+    assert truncated.height > 50 and (truncated["event_tokens"] <= truncated["visible"]).all()
+    # discharge-time samples end with the stay closed, as in pretraining; length-of-stay samples stay open
+    ends = checked.with_columns(pl.col("token_types").list.slice(-3, 2).alias("last"))
+    at_discharge = ends.filter(pl.col("task").is_in(["mortality_30d", "readmission_30d"]))
+    assert at_discharge["last"].to_list() == [[5, 6]] * at_discharge.height
+    during = ends.filter(pl.col("task") == "los_7d")
+    assert all(last[1] != 6 for last in during["last"].to_list())
+
+
+def test_pretraining_sequences_run_forward_in_time(prepared):
+    _, out = prepared
+    pretrain = pl.read_parquet(out / "pretrain.parquet")
+    for times in pretrain["times"].to_list():
+        assert (np.diff(times) >= -1e-3).all()  # float32 days
+
+
+def test_hand_worked_finetune_inputs(tmp_path):
+    """One patient written by hand: what the model sees at discharge and 24 h after admission."""
+    from datetime import datetime as t
+
+    rows = [
+        (None, "GENDER//F", None),
+        (t(2000, 1, 1), "MEDS_BIRTH", None),
+        (t(2050, 1, 1, 10), "HOSPITAL_ADMISSION//EW//ER", 1),
+        (t(2050, 1, 2, 8), "LAB//A", 1),
+        (t(2050, 1, 2), "PROCEDURE//ICD//10//X", 1),  # dated by day: known at the end of 2 January
+        (t(2050, 1, 3), "MEDICATION//START//Z", 2),  # an order of the next stay, mis-dated into this one
+        (t(2050, 1, 5, 12), "HOSPITAL_DISCHARGE//HOME", 1),
+        (t(2050, 1, 7), "MEDICATION//STOP//Y", 1),  # stopped after the discharge
+        (t(2050, 1, 20), "HOSPITAL_ADMISSION//EW//ER", 2),
+        (t(2050, 1, 30), "HOSPITAL_DISCHARGE//HOME", 2),
+    ]
+    frame = pl.DataFrame(
+        [(1, *r) for r in rows],
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "hadm_id": pl.Int64},
+        orient="row",
+    ).with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
+    (tmp_path / "meds" / "data" / "train").mkdir(parents=True)
+    frame.write_parquet(tmp_path / "meds" / "data" / "train" / "0.parquet")
+    prepare(tmp_path / "meds", tmp_path / "out", PrepareConfig(max_length=64))
+    vocab = Vocabulary.load(tmp_path / "out" / "vocab.json")
+    finetune = pl.read_parquet(tmp_path / "out" / "finetune.parquet")
+
+    def tokens(task, key):
+        row = finetune.filter((pl.col("task") == task) & (pl.col("visit_key") == key))
+        return [vocab.tokens[i] for i in row["input_ids"].item()], row["label"].item()
+
+    readmission = "[TASK_READMISSION_30D]"
+    assert tokens("readmission_30d", "hadm_id:1") == (
+        [readmission, "GENDER//F", "[VS]", "HOSPITAL_ADMISSION//EW//ER", "LAB//A", "PROCEDURE//ICD//10//X",
+         "HOSPITAL_DISCHARGE//HOME", "[VE]", "[REG]", readmission],
+        1,
+    )  # fmt: skip
+    los = "[TASK_LOS_7D]"
+    assert tokens("los_7d", "hadm_id:1") == ([los, "GENDER//F", "[VS]", "HOSPITAL_ADMISSION//EW//ER", "LAB//A", los], 0)

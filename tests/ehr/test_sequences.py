@@ -108,16 +108,21 @@ def test_day_visits_ignore_admissions():
 @pytest.mark.parametrize(
     ("days", "token"),
     [(0, "[W0]"), (6.99, "[W0]"), (7, "[W1]"), (20.9, "[W2]"), (27.9, "[W3]"), (28, "[M1]"), (59.9, "[M1]"),
-     (60, "[M2]"), (364.9, "[M12]"), (365, "[LT]"), (-3, "[W0]")],
+     (60, "[M2]"), (364.9, "[M12]"), (365, "[LT]")],
 )  # fmt: skip
 def test_interval_tokens(days, token):
     assert interval_token(days) == token
 
 
-def test_truncation_keeps_cls_and_the_most_recent_tokens():
+def test_a_negative_gap_is_an_error_not_w0():
+    with pytest.raises(ValueError, match="negative"):
+        interval_token(-0.01)
+
+
+def test_truncation_keeps_cls_static_facts_and_the_most_recent_tokens():
     sequence = build_sequence(7, PATIENT, ValueBins(5).fit(TRAIN_VALUES))
     short = sequence.truncate(6)
-    assert short.tokens == ["[CLS]", "[LT]", "[VS]", "LAB//B", "[VE]", "[REG]"]
+    assert short.tokens == ["[CLS]", "GENDER//F", "[VS]", "LAB//B", "[VE]", "[REG]"]
     assert short.visit_orders.tolist() == [0, 0, 4, 4, 4, 4] and len(short.ages) == 6
     assert sequence.truncate(100) is sequence
 
@@ -143,8 +148,68 @@ def test_until_cuts_at_the_prediction_time():
 def test_prompted_task_tokens_survive_truncation():
     sequence = build_sequence(7, PATIENT, ValueBins(5))
     prompted = sequence.prompted("[TASK_X]", 6)
-    assert prompted.tokens == ["[TASK_X]", "[VS]", "LAB//B", "[VE]", "[REG]", "[TASK_X]"]
+    assert prompted.tokens == ["[TASK_X]", "GENDER//F", "LAB//B", "[VE]", "[REG]", "[TASK_X]"]
     assert prompted.token_types[0] == prompted.token_types[-1] == 8
     assert len(prompted) == 6 and prompted.ages[-1] == prompted.ages[-2]
     whole = sequence.prompted("[TASK_X]", 1000)
     assert whole.tokens[0] == whole.tokens[-1] == "[TASK_X]" and whole.tokens[1:-1] == sequence.tokens[1:]
+
+
+# time order: unkeyed events inside a stay, overlapping stays, and the history known at a prediction time
+
+OVERLAPPING = events(
+    [
+        (t(2000, 1, 1), "MEDS_BIRTH", None, None),
+        (t(2050, 1, 1, 10), "HOSPITAL_ADMISSION", None, 1),
+        (t(2050, 1, 1, 9), "LAB//ED", None, None),  # before the stay: a visit of its own day
+        (t(2050, 1, 2, 8), "LAB//A", None, None),  # no key, inside stay 1: belongs to it
+        (t(2050, 1, 1, 10, 30), "LAB//E", None, None),  # so does this one, although LAB//ED's day is the same
+        (t(2050, 1, 3, 8), "HOSPITAL_DISCHARGE", None, 1),
+        (t(2050, 1, 3, 6), "ED_REGISTRATION", None, 2),  # the next stay registers before this discharge
+        (t(2050, 1, 3, 12), "HOSPITAL_ADMISSION", None, 2),
+        (t(2050, 1, 5), "HOSPITAL_DISCHARGE", None, 2),
+        (t(2050, 1, 9), "MEDICATION//STOP", None, 2),  # stopped days after the discharge
+        (t(2050, 1, 7), "LAB//B", None, None),  # no key, inside stay 2's span (up to the medication stop)
+        (t(2050, 2, 1), "LAB//C", None, None),
+    ]
+)
+
+
+def test_sequences_are_in_time_order_with_unkeyed_events_in_their_stay():
+    sequence = build_sequence(7, OVERLAPPING, ValueBins(5), visit="admission")
+    assert sequence.tokens == [
+        "[CLS]",
+        "[VS]", "LAB//ED", "[VE]", "[REG]",
+        "[W0]",  # 1 hour later
+        # stays 1 and 2 overlap (registration at 06:00 before the 08:00 discharge): one visit, in time order
+        "[VS]", "HOSPITAL_ADMISSION", "LAB//E", "LAB//A", "ED_REGISTRATION", "HOSPITAL_DISCHARGE", "HOSPITAL_ADMISSION",
+        "HOSPITAL_DISCHARGE", "LAB//B", "MEDICATION//STOP", "[VE]", "[REG]",
+        "[W3]",  # 23 days from the medication stop
+        "[VS]", "LAB//C", "[VE]", "[REG]",
+    ]  # fmt: skip
+    dated = sequence.timestamps[sequence.timestamps != np.iinfo(np.int64).min]
+    assert (np.diff(dated) >= 0).all() and (np.diff(sequence.times) >= 0).all()
+
+
+def test_history_hides_later_stays_and_closes_the_current_one():
+    sequence = build_sequence(7, OVERLAPPING, ValueBins(5), visit="admission")
+    discharge = t(2050, 1, 3, 8)
+    # stay 2 starts after stay 1's discharge: its registration (dated before) is hidden
+    history = sequence.until(discharge, hidden_keys=["hadm_id:2"], close=True)
+    assert history.tokens == [
+        "[CLS]", "[VS]", "LAB//ED", "[VE]", "[REG]", "[W0]",
+        "[VS]", "HOSPITAL_ADMISSION", "LAB//E", "LAB//A", "HOSPITAL_DISCHARGE", "[VE]", "[REG]",
+    ]  # fmt: skip
+    assert history.timestamps[-1] == history.timestamps[-3]  # closed at the prediction time
+    age = (discharge - t(2000, 1, 1)).total_seconds() / 86400 / 365.25
+    np.testing.assert_allclose(history.ages[-2:], [age, age], rtol=1e-6)
+    assert history.visit_orders[-1] == history.visit_orders[-3] == 2
+    opened = sequence.until(discharge, hidden_keys=["hadm_id:2"])
+    assert opened.tokens[-1] == "HOSPITAL_DISCHARGE"  # left open unless asked
+    shown = sequence.until(discharge)
+    assert "ED_REGISTRATION" in shown.tokens  # what a cut by time alone would let through
+    # a visit whose only events are hidden disappears with its interval token
+    alone = build_sequence(7, events([(t(2050, 1, 1), "A", None, 1), (t(2050, 1, 5), "B", None, 2),
+                                      (t(2050, 1, 9), "C", None, 3)]), ValueBins(5), visit="admission")  # fmt: skip
+    assert alone.until(t(2050, 1, 6)).tokens[-5:] == ["[W0]", "[VS]", "B", "[VE]", "[REG]"]
+    assert alone.until(t(2050, 1, 6), hidden_keys=["hadm_id:2"]).tokens == ["[CLS]", "[VS]", "A", "[VE]", "[REG]"]

@@ -4,7 +4,8 @@ Codes are `<FAMILY>//<vocabulary>//<code>`, the vocabulary coming from one table
 that a Condition coded in ICD-9-CM becomes the `DIAGNOSIS//ICD//9//4280` the MIMIC-IV CSV reader writes. Families:
 
     Patient                 GENDER//<F|M|O|UNK> (static), MEDS_BIRTH, MEDS_DEATH
-    Encounter               ENCOUNTER_START//<class> at period.start, ENCOUNTER_END//<class> at period.end
+    Encounter               ENCOUNTER_START//<class> at period.start (text_value: its type), ENCOUNTER_END//<class>
+                            at period.end (text_value: the discharge disposition code, e.g. `exp` = died)
     Condition               DIAGNOSIS//…   at onset, else recordedDate, else its encounter's end (as MIMIC-IV dates
                                            diagnoses at discharge)
     Procedure               PROCEDURE//…   at performed[DateTime|Period.start]
@@ -102,6 +103,15 @@ def _reference_id(reference: object) -> str | None:
     if "?" in ref:  # a conditional (search) reference cannot be resolved offline
         return None
     return ref.rstrip("/").split("/")[-1] or None
+
+
+def _coding_code(concept: object) -> str | None:
+    """The code of a CodeableConcept's first coding that has one (None when there is none)."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    for coding in codings if isinstance(codings, list) else []:
+        if isinstance(coding, dict) and isinstance(coding.get("code"), str) and coding["code"]:
+            return coding["code"]
+    return None
 
 
 def _type_priority(resource_type: str | None) -> int:
@@ -346,7 +356,10 @@ class FhirReader:
                 patient_id, start, f"ENCOUNTER_START//{class_code}", "Encounter", text=kind, encounter=encounter_id
             )
         if end is not None:
-            self._emit(patient_id, end, f"ENCOUNTER_END//{class_code}", "Encounter", encounter=encounter_id)
+            disposition = _coding_code((resource.get("hospitalization") or {}).get("dischargeDisposition"))
+            self._emit(
+                patient_id, end, f"ENCOUNTER_END//{class_code}", "Encounter", text=disposition, encounter=encounter_id
+            )
 
     def _encounter_time(self, resource: dict, where: str, final: bool, field: str = "encounter") -> dt.datetime | None:
         """The end (else start) of the resource's encounter; None and queued when the encounter is not read yet."""

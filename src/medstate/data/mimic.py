@@ -32,6 +32,7 @@ EXTRA_COLUMNS: dict[str, pl.DataType] = {
     "language": pl.String,
     "marital_status": pl.String,
     "race": pl.String,
+    "hospital_expire_flag": pl.Int64,
     "drg_severity": pl.Int64,
     "drg_mortality": pl.Int64,
     "emar_id": pl.String,
@@ -162,7 +163,11 @@ TABLES: tuple[TableSpec, ...] = (
                 "admittime",
                 extras={**_HADM, **{c: c for c in ("insurance", "language", "marital_status", "race")}},
             ),
-            _event(["HOSPITAL_DISCHARGE", "$discharge_location"], "dischtime", extras=_HADM),
+            _event(
+                ["HOSPITAL_DISCHARGE", "$discharge_location"],
+                "dischtime",
+                extras={**_HADM, "hospital_expire_flag": "hospital_expire_flag"},
+            ),
         ),
     ),
     TableSpec(

@@ -12,6 +12,12 @@ Writes to OUT:
     labels.parquet      the labels alone (subject_id, visit_key, prediction_time, label, task, split)
 
 Every row carries the subject's split, so no subject crosses from training into evaluation.
+
+Date-only events (codes matching `date_only_codes`: MIMIC-IV procedures and HCPCS, dated by `chartdate`, at 00:00)
+may have happened at any time of their day, so they are placed and known at the end of their day (23:59:59.999999):
+a prediction at noon never sees a procedure done that afternoon. A finetuning input is the history known at the
+prediction time (`PatientSequence.until`): events of stays that start later are hidden whatever their own date, and
+at a discharge-time prediction the stay is closed with [VE] [REG], as pretraining shows every visit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +34,7 @@ import yaml
 
 from medstate.data.meds import scan_meds
 from medstate.ehr.sequences import PatientSequence, ValueBins, build_sequence, visit_key_columns
-from medstate.ehr.tasks import TaskSuite
+from medstate.ehr.tasks import TaskSuite, later_stay_keys
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 
@@ -51,6 +58,8 @@ class PrepareConfig:
     # at most this many samples per subject, for tasks that set no cap of their own (None: all)
     max_samples_per_subject: int | None = None
     seed: int = 0  # of the draw of capped samples
+    # codes whose times are dates (00:00 stands for "some time that day"): known at the end of the day
+    date_only_codes: tuple[str, ...] = ("^PROCEDURE//ICD//", "^HCPCS//")
 
 
 @dataclass
@@ -72,7 +81,7 @@ def prepare(
     if config.max_length < 8:
         raise MedstateError(f"max_length must be at least 8, got {config.max_length}")
     suite = TaskSuite.load(config.tasks)
-    events = read_datasets(meds_dir)
+    events = at_end_of_day(read_datasets(meds_dir), config.date_only_codes)
     splits = events.select("subject_id", "split").unique("subject_id", keep="first")
     if "train" not in set(splits["split"]):
         raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
@@ -106,9 +115,9 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     vocab.save(out / "vocab.json")
     (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
-    (out / "tasks.yaml").write_text(_suite_yaml(suite))
+    (out / "tasks.yaml").write_text(suite.to_yaml())
     sources = [str(d) for d in ([meds_dir] if isinstance(meds_dir, (str, Path)) else meds_dir)]
-    (out / "prepare.yaml").write_text(yaml.safe_dump({**asdict(config), "meds_dirs": sources}))
+    (out / "prepare.yaml").write_text(yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": sources}))
 
     pretrain = [
         {"subject_id": sid, "split": split_of[sid], **_arrays(seq.truncate(config.max_length), vocab)}
@@ -117,11 +126,13 @@ def prepare(
     pl.DataFrame(pretrain, schema={"subject_id": pl.Int64, "split": pl.String, **SEQUENCE_COLUMNS}).write_parquet(
         out / "pretrain.parquet"
     )
-    tokens_of = {t.name: t.token for t in suite.tasks}
+    task_of = {t.name: t for t in suite.tasks}
+    hidden = later_stay_keys(suite.stays(events), labels)
     finetune = []
-    for row in labels.iter_rows(named=True):
-        history = sequences[row["subject_id"]].until(row["prediction_time"])
-        prompted = history.prompted(tokens_of[row["task"]], config.max_length)
+    for row, hidden_keys in zip(labels.iter_rows(named=True), hidden):
+        task = task_of[row["task"]]
+        history = sequences[row["subject_id"]].until(row["prediction_time"], hidden_keys, close=task.closes_visit)
+        prompted = history.prompted(task.token, config.max_length)
         finetune.append({**row, **_arrays(prompted, vocab)})
     schema = {**dict(labels.schema), **SEQUENCE_COLUMNS}
     pl.DataFrame(finetune, schema=schema).write_parquet(out / "finetune.parquet")
@@ -146,6 +157,16 @@ def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int
         pl.col("_key").rank("ordinal").over("task", "subject_id").alias("_rank")
     )
     return ranked.filter(pl.col("_rank") <= cap).drop("_key", "_rank")
+
+
+def at_end_of_day(events: pl.DataFrame, date_only_codes: tuple[str, ...]) -> pl.DataFrame:
+    """Events of date-only codes dated at 00:00 moved to the last microsecond of their day."""
+    if not date_only_codes:
+        return events
+    matches = pl.any_horizontal(*(pl.col("code").str.contains(p) for p in date_only_codes))
+    midnight = pl.col("time") == pl.col("time").dt.truncate("1d")
+    end_of_day = pl.col("time") + timedelta(days=1) - timedelta(microseconds=1)
+    return events.with_columns(pl.when(matches & midnight).then(end_of_day).otherwise(pl.col("time")).alias("time"))
 
 
 def read_datasets(meds_dirs: str | Path | list[str | Path]) -> pl.DataFrame:
@@ -173,18 +194,5 @@ def _arrays(sequence: PatientSequence, vocab: Vocabulary) -> dict:
     }
 
 
-def _suite_yaml(suite: TaskSuite) -> str:
-    def task(t):
-        data = {k: v for k, v in asdict(t).items() if v not in (None, (), "", [])}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
-
-    return yaml.safe_dump(
-        {
-            "tasks": [task(t) for t in suite.tasks],
-            "visit_sets": {name: [asdict(v) for v in rules] for name, rules in suite.visit_sets.items()},
-            "code_sets": {
-                name: [{"code": c, "match": m} for c, m in entries] for name, entries in sorted(suite.code_sets.items())
-            },
-        },
-        sort_keys=False,
-    )
+def _plain(settings: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}

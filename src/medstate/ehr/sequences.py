@@ -7,17 +7,21 @@ One subject becomes
 with aligned arrays: token type, age at the token (years), time (days since the subject's first dated event),
 visit segment (1, 2, 1, 2, … per visit; 0 outside visits) and visit order (1, 2, 3, … per visit; 0 outside).
 
-- A visit is the events sharing a visit key: the `hadm_id` (MIMIC-IV admissions) or `encounter_id` (FHIR
-  encounters) column, or the calendar day. Events without a key (e.g. an outpatient lab) fall into a visit per
-  calendar day. Visits are ordered by their first event; a visit's special tokens take its first event's age and
-  time ([VE] and [REG] its last).
+- Sequences are in time order. A visit is the events sharing a visit key: the `hadm_id` (MIMIC-IV admissions) or
+  `encounter_id` (FHIR encounters) column. An event without a key (an ED lab, an outpatient measurement) that falls
+  inside a keyed visit's span belongs to that visit; otherwise it joins a visit for its calendar day. Visits whose
+  spans overlap or touch become one visit, so visits never interleave and no interval is negative. A visit's
+  special tokens take its first event's age and time ([VE] and [REG] its last).
 - Between two visits one time-interval token tells the gap from the end of one to the start of the next:
   [W0]-[W3] for 0-6, 7-13, 14-20, 21-27 days; [M1]-[M12] for whole months of 30 days (28 days to 364); [LT] for a
   year or more.
 - A numeric value becomes part of its token: `<code>//_Q<k>`, k = 1…5 from the code's quantiles fitted on the
   training split (codes with no numeric values in training keep their bare code).
 - MEDS_BIRTH gives the age and is not a token. Static facts (no time, e.g. GENDER//F) follow [CLS].
-- Truncation keeps [CLS] and the most recent tokens.
+- `until(t)` is the history known at t: tokens dated at or before t, less the events of stays that start after t
+  (`hidden_keys`); with `close=True` a visit still open at t is closed by [VE] [REG] at t, as every visit is in
+  pretraining (predictions at discharge). Truncation keeps [CLS], the static facts (and task tokens), then the
+  most recent tokens.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ YEAR_DAYS = 365.25
 
 
 def interval_token(gap_days: float) -> str:
-    """The time-interval token for a gap between two visits."""
-    days = max(0.0, gap_days)
+    """The time-interval token for a gap between two visits (visits never overlap, so a gap is never negative)."""
+    if gap_days < 0:
+        raise ValueError(f"a gap between visits cannot be negative ({gap_days} days)")
+    days = gap_days
     if days < 28:
         return f"[W{int(days // 7)}]"
     if days < 365:
@@ -72,6 +78,9 @@ class PatientSequence:
     visit_segments: np.ndarray  # int8: 0 outside visits, else 1/2 alternating
     visit_orders: np.ndarray  # int32: 0 outside visits, else 1, 2, …
     timestamps: np.ndarray  # int64 µs since 1970 (the minimum int64 for [CLS] and static facts): for cutting
+    visit_keys: list[str | None] = field(default_factory=list)  # an event's own visit key ("hadm_id:7"), else None
+    birth: datetime | None = None
+    first_time: datetime | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,21 +100,67 @@ class PatientSequence:
             self.visit_segments[keep],
             self.visit_orders[keep],
             self.timestamps[keep],
+            [self.visit_keys[i] for i in keep] if self.visit_keys else [],
+            self.birth,
+            self.first_time,
         )
 
-    def until(self, moment: datetime) -> PatientSequence:
-        """The tokens known at `moment`: static facts and everything dated at or before it (a visit still in
-        progress has no [VE]/[REG] yet; the interval token before a visit appears with the visit)."""
-        limit = int((moment - _EPOCH) / timedelta(microseconds=1))
-        return self._select(np.flatnonzero(self.timestamps <= limit))
+    def until(self, moment: datetime, hidden_keys=(), close: bool = False) -> PatientSequence:
+        """The tokens known at `moment`: static facts and everything dated at or before it, less the events whose
+        visit key is in `hidden_keys` (stays that start after `moment`). A visit left without events goes too.
+        `close`: a visit still open at `moment` gets its [VE] [REG] at `moment`; otherwise it stays open (no
+        [VE]/[REG] yet). The interval token before a visit appears with the visit."""
+        keep = self.timestamps <= _microseconds(moment)
+        if len(hidden_keys) and self.visit_keys:
+            keep &= ~np.isin(np.asarray(self.visit_keys, dtype=object), list(hidden_keys))
+        orders_with_events = set(self.visit_orders[keep & (self.token_types == TYPE_EVENT)].tolist())
+        empty_visit = (self.visit_orders > 0) & ~np.isin(self.visit_orders, list(orders_with_events))
+        keep &= ~empty_visit
+        keep[:-1] &= ~((self.token_types[:-1] == TYPE_INTERVAL) & empty_visit[1:])  # its interval token too
+        history = self._select(np.flatnonzero(keep))
+        last = len(history) - 1
+        if close and history.visit_orders[last] > 0 and history.token_types[last] != TYPE_REGISTER:
+            history = history._closed(moment)
+        return history
+
+    def _closed(self, moment: datetime) -> PatientSequence:
+        """This history with [VE] [REG] at `moment` appended to its open last visit."""
+        segment, order = int(self.visit_segments[-1]), int(self.visit_orders[-1])
+        age, days = _age(self.birth, moment), _days(self.first_time, moment)
+        return PatientSequence(
+            self.subject_id,
+            [*self.tokens, VISIT_END, REGISTER],
+            np.r_[self.token_types, TYPE_VISIT_END, TYPE_REGISTER].astype(np.int8),
+            np.r_[self.ages, age, age].astype(np.float32),
+            np.r_[self.times, days, days].astype(np.float32),
+            np.r_[self.visit_segments, segment, segment].astype(np.int8),
+            np.r_[self.visit_orders, order, order].astype(np.int32),
+            np.r_[self.timestamps, [_microseconds(moment)] * 2].astype(np.int64),
+            [*self.visit_keys, None, None] if self.visit_keys else [],
+            self.birth,
+            self.first_time,
+        )
+
+    def _head(self) -> np.ndarray:
+        """Indices of [CLS] and the static facts."""
+        return np.flatnonzero(np.isin(self.token_types, (TYPE_CLS, TYPE_STATIC)))
+
+    def truncate(self, max_length: int) -> PatientSequence:
+        """Keep [CLS], the static facts and the most recent tokens, `max_length` in all."""
+        if len(self) <= max_length:
+            return self
+        head = self._head()[: max(1, max_length - 1)]
+        body = np.setdiff1d(np.arange(len(self)), head)
+        return self._select(np.r_[head, body[len(body) - (max_length - len(head)) :]])
 
     def prompted(self, task_token: str, max_length: int) -> PatientSequence:
         """Multitask prompted form: the task token replaces [CLS] and is appended after the last event, where the
-        classifier reads it. Truncation drops the oldest history; both task tokens always stay."""
+        classifier reads it. Truncation keeps the static facts and drops the oldest history; both task tokens
+        always stay."""
         if max_length < 3:
             raise ValueError("a prompted sequence needs room for two task tokens and one event")
-        body = np.arange(max(1, len(self) - (max_length - 2)), len(self))
-        selected = self._select(np.r_[0, body, len(self) - 1])
+        kept = self.truncate(max_length - 1)
+        selected = kept._select(np.r_[np.arange(len(kept)), len(kept) - 1])
         selected.tokens[0] = selected.tokens[-1] = task_token
         for array, value in (
             (selected.token_types, TYPE_TASK),
@@ -113,14 +168,24 @@ class PatientSequence:
             (selected.visit_orders, 0),
         ):
             array[0] = array[-1] = value
+        if selected.visit_keys:
+            selected.visit_keys[0] = selected.visit_keys[-1] = None
         selected.ages[0], selected.times[0] = selected.ages[1], selected.times[1]  # the end token keeps the last's
         return selected
 
-    def truncate(self, max_length: int) -> PatientSequence:
-        """Keep [CLS] and the most recent `max_length - 1` tokens."""
-        if len(self) <= max_length:
-            return self
-        return self._select(np.r_[0, np.arange(len(self) - max_length + 1, len(self))])
+
+def _microseconds(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _age(birth: datetime | None, moment: datetime | None) -> float:
+    if birth is None or moment is None:
+        return 0.0
+    return (moment - birth).total_seconds() / DAY_SECONDS / YEAR_DAYS
+
+
+def _days(first_time: datetime | None, moment: datetime | None) -> float:
+    return 0.0 if first_time is None or moment is None else (moment - first_time).total_seconds() / DAY_SECONDS
 
 
 @dataclass
@@ -152,56 +217,101 @@ def visit_key_columns(visit: str) -> tuple[str, ...]:
     return VISIT_KEYS[visit]
 
 
+def assign_visits(times_us: np.ndarray, keys: list[str | None]) -> np.ndarray:
+    """Visit number (0, 1, …, in time order) of each event, from times sorted ascending and visit keys (None: no
+    key). Keyed events group by key; an unkeyed event inside a keyed group's span joins it, else its calendar day;
+    groups whose spans overlap or touch are one visit."""
+    n = len(times_us)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    keyed = np.asarray([k is not None for k in keys])
+    group_names = np.empty(n, dtype=object)
+    if keyed.any():
+        key_names = np.asarray(keys, dtype=object)[keyed]
+        unique, inverse = np.unique(key_names, return_inverse=True)
+        starts = np.full(len(unique), np.iinfo(np.int64).max)
+        ends = np.full(len(unique), np.iinfo(np.int64).min)
+        np.minimum.at(starts, inverse, times_us[keyed])
+        np.maximum.at(ends, inverse, times_us[keyed])
+        interval = _merge_spans(starts, ends)  # keyed spans → merged intervals
+        group_names[np.flatnonzero(keyed)] = [f"k{i}" for i in interval[inverse]]
+        interval_starts = np.asarray([starts[interval == i].min() for i in range(interval.max() + 1)])
+        interval_ends = np.asarray([ends[interval == i].max() for i in range(interval.max() + 1)])
+    else:
+        interval_starts = interval_ends = np.zeros(0, dtype=np.int64)
+    day_us = 86_400_000_000
+    for i in np.flatnonzero(~keyed):
+        j = int(np.searchsorted(interval_starts, times_us[i], side="right")) - 1
+        inside = j >= 0 and times_us[i] <= interval_ends[j]
+        group_names[i] = f"k{j}" if inside else f"d{times_us[i] // day_us}"
+    unique, inverse = np.unique(group_names.astype(str), return_inverse=True)
+    starts = np.full(len(unique), np.iinfo(np.int64).max)
+    ends = np.full(len(unique), np.iinfo(np.int64).min)
+    np.minimum.at(starts, inverse, times_us)
+    np.maximum.at(ends, inverse, times_us)
+    return _merge_spans(starts, ends)[inverse]
+
+
+def _merge_spans(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """For spans [start, end]: the number of the merged interval each belongs to (spans that overlap or touch,
+    chained, are one interval), numbered in time order."""
+    order = np.argsort(starts, kind="stable")
+    number = np.empty(len(starts), dtype=np.int64)
+    current, running_end = -1, None
+    for index in order:
+        if running_end is None or starts[index] > running_end:
+            current += 1
+            running_end = ends[index]
+        else:
+            running_end = max(running_end, ends[index])
+        number[index] = current
+    return number
+
+
 def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit: str = "auto") -> PatientSequence:
     """One subject's events (any order) → its token sequence. `events` has time, code, numeric_value and the visit
-    key columns of `visit` (absent columns and null keys fall back to the calendar day)."""
+    key columns of `visit` (absent columns and null keys: see the module's visit rules)."""
     key_columns = [c for c in visit_key_columns(visit) if c in events.columns]
     birth = events.filter(pl.col("code") == BIRTH)["time"].min()
     static = events.filter(pl.col("time").is_null() & (pl.col("code") != BIRTH))
     dated = events.filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH)).with_row_index("_order")
-    day_key = pl.lit("day:") + pl.col("time").dt.date().cast(pl.String)
     keys = [pl.lit(f"{c}:") + pl.col(c).cast(pl.String) for c in key_columns]  # null where the key is null
-    dated = dated.with_columns(pl.coalesce(*keys, day_key).alias("_visit"))
+    dated = dated.with_columns((pl.coalesce(*keys) if keys else pl.lit(None, pl.String)).alias("_key"))
     dated = dated.sort(["time", "_order"])
     first_time = dated["time"].min() if dated.height else None
+    event_keys = dated["_key"].to_list()
+    visit_of = assign_visits(dated["time"].dt.epoch("us").to_numpy(), event_keys)
 
     tokens: list[str] = [CLS]
-    types, times, ages, segments, orders, stamps = [TYPE_CLS], [0.0], [0.0], [0], [0], [STATIC_TIMESTAMP]
+    types, times, ages, segments, orders = [TYPE_CLS], [0.0], [_age(birth, first_time)], [0], [0]
+    stamps, token_keys = [STATIC_TIMESTAMP], [None]
 
-    def age_at(moment: datetime | None) -> float:
-        if birth is None or moment is None:
-            return 0.0
-        return (moment - birth).total_seconds() / DAY_SECONDS / YEAR_DAYS
-
-    def days_at(moment: datetime | None) -> float:
-        return 0.0 if first_time is None or moment is None else (moment - first_time).total_seconds() / DAY_SECONDS
-
-    def add(token, kind, moment, segment=0, order=0, static=False):
-        stamps.append(STATIC_TIMESTAMP if static else (moment - _EPOCH) // timedelta(microseconds=1))
+    def add(token, kind, moment, segment=0, order=0, static=False, key=None):
+        stamps.append(STATIC_TIMESTAMP if static else _microseconds(moment))
         tokens.append(token)
         types.append(kind)
-        ages.append(age_at(moment))
-        times.append(days_at(moment))
+        ages.append(_age(birth, moment))
+        times.append(_days(first_time, moment))
         segments.append(segment)
         orders.append(order)
+        token_keys.append(key)
 
-    ages[0] = age_at(first_time)
     for code in static["code"]:
         add(code, TYPE_STATIC, first_time, static=True)
-    visits = dated.group_by("_visit", maintain_order=True).agg("time", "code", "numeric_value")
-    visits = visits.with_columns(pl.col("time").list.min().alias("_start")).sort("_start", maintain_order=True)
+    moments, codes, values = dated["time"].to_list(), dated["code"].to_list(), dated["numeric_value"].to_list()
+    bounds = np.flatnonzero(np.diff(visit_of)) + 1
     previous_end = None
-    for order, (_, times_in_visit, codes, values, start) in enumerate(visits.iter_rows(), start=1):
-        end = max(times_in_visit)
+    for order, (lo, hi) in enumerate(zip(np.r_[0, bounds], np.r_[bounds, len(moments)]), start=1):
+        start, end = moments[lo], moments[hi - 1]
         segment = 1 if order % 2 else 2
         if previous_end is not None:
             add(interval_token((start - previous_end).total_seconds() / DAY_SECONDS), TYPE_INTERVAL, start)
         add(VISIT_START, TYPE_VISIT_START, start, segment, order)
-        for moment, code, value in zip(times_in_visit, codes, values):
-            add(bins.token(code, value), TYPE_EVENT, moment, segment, order)
+        for i in range(lo, hi):
+            add(bins.token(codes[i], values[i]), TYPE_EVENT, moments[i], segment, order, key=event_keys[i])
         add(VISIT_END, TYPE_VISIT_END, end, segment, order)
         add(REGISTER, TYPE_REGISTER, end, segment, order)
-        previous_end = end if previous_end is None else max(previous_end, end)
+        previous_end = end
     return PatientSequence(
         subject_id=subject_id,
         tokens=tokens,
@@ -211,4 +321,7 @@ def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit
         visit_segments=np.asarray(segments, dtype=np.int8),
         visit_orders=np.asarray(orders, dtype=np.int32),
         timestamps=np.asarray(stamps, dtype=np.int64),
+        visit_keys=token_keys,
+        birth=birth,
+        first_time=first_time,
     )

@@ -1,22 +1,35 @@
 """Prediction tasks as declarative labelers: a task is plain data (YAML), never code in a notebook.
 
-A task labels *anchor visits* from a named visit set: "inpatient" (the default: MIMIC-IV HOSPITAL_ADMISSION/
-DISCHARGE joined on hadm_id, and FHIR inpatient encounters ENCOUNTER_START//IMP / ENCOUNTER_END//IMP joined on
-encounter_id) or "any" (also every other FHIR encounter); a task file may define more. Each
-visit gives at most one sample: a prediction time (the visit's start or end plus an offset) and a 0/1 label. The
-model may only see events at or before the prediction time (`events_until`); every label is decided by events
-strictly after it, and a sample whose outcome is already known at the prediction time is left out.
+**Anchor visits.** A visit set names rules that find stays: an event matching `start` and one matching `end` that
+share the value of `key` (MIMIC-IV HOSPITAL_ADMISSION/DISCHARGE on hadm_id; FHIR ENCOUNTER_START/END on
+encounter_id). Two sets come built in: "inpatient" (admissions and FHIR inpatient encounters, the default) and "any"
+(also every other FHIR encounter). Stays of one subject that overlap, abut or start within `merge_within_hours`
+(default 6) of the previous one's end are one **episode** (a transfer or a continued stay, not a readmission): its
+start is the first stay's start, its end the last end, its key the first stay's. So back-to-back stays do not flip
+between "readmitted" and "not" on one minute. Each episode gives at most one sample per task.
+
+**In-hospital death.** An episode ended in death when any of its stays' end event says so (the rule's `died`:
+column → regular expression, e.g. MIMIC-IV's `HOSPITAL_DISCHARGE//DIED` or `hospital_expire_flag` 1, FHIR's
+discharge disposition `exp`), or when the subject's death (MEDS_DEATH) is dated at or before the end of the
+episode's last day. Tasks with `exclude_in_hospital_death` leave such episodes out (mortality after discharge,
+readmission), but they still count as the *next* visit of an earlier episode (a readmission that ends in death is a
+readmission).
+
+**What the model sees.** A sample's input is the subject's static facts and events dated at or before the
+prediction time, except events of a stay that starts after the prediction time, whatever their own date (the next
+stay's ED registration hours before this discharge, a mis-dated order): `later_stay_keys` lists them and
+`PatientSequence.until` leaves them out. Every label is decided by events strictly after the prediction time, and a
+sample whose outcome is already known at the prediction time is left out.
 
 Kinds of label:
 
     event_within       an event matching `codes` in (t, t + window_days]        e.g. 30-day mortality
-    duration_over      the visit lasts more than `duration_days`                e.g. length of stay > 7 days
-    next_visit_within  the next anchor visit starts in (t, t + window_days]     e.g. 30-day readmission
-    onset_next_visit   a code of `code_set` is recorded during the next visit,  e.g. hypertension onset
-                       and none at or before t
+    duration_over      the episode lasts more than `duration_days` (strictly)   e.g. length of stay > 7 days
+    next_visit_within  the next episode starts in (t, t + window_days]          e.g. 30-day readmission
+    onset_next_visit   a code of `code_set` is recorded during the next         e.g. hypertension onset
+                       episode, and none at or before t
 
-`exclude_codes` (regular expressions): a sample is left out when such an event happened at or before t (e.g.
-MEDS_DEATH for mortality and readmission: the patient died in hospital).
+`exclude_codes` (regular expressions): a sample is left out when such an event happened at or before t.
 
 `max_samples_per_subject`: visit-level tasks over outpatient data give dozens of samples per subject (every
 encounter is an anchor); `prepare` keeps at most this many per subject, drawn uniformly at random regardless of
@@ -26,7 +39,7 @@ the label.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
@@ -35,8 +48,10 @@ import polars as pl
 import yaml
 
 from medstate.errors import MedstateError
+from medstate.loading import compile_pattern, expect_mapping, from_data, parse_yaml, read_text
 
 KINDS = ("event_within", "duration_over", "next_visit_within", "onset_next_visit")
+DEATH_CODE = "MEDS_DEATH"
 LABEL_SCHEMA = {
     "subject_id": pl.Int64,
     "visit_key": pl.String,
@@ -44,28 +59,64 @@ LABEL_SCHEMA = {
     "label": pl.Int8,
     "task": pl.String,
 }
+STAY_SCHEMA = {
+    "subject_id": pl.Int64,
+    "visit_key": pl.String,
+    "start": pl.Datetime("us"),
+    "end": pl.Datetime("us"),
+    "died": pl.Boolean,
+}
 
 
 @dataclass(frozen=True)
 class VisitRule:
-    """Anchor visits: an event matching `start` and one matching `end` that share the value of `key`."""
+    """Stays: an event matching `start` and one matching `end` that share the value of `key`. `died`: column →
+    regular expression; the stay ended in death when its end event matches any of them."""
 
     start: str
     end: str
     key: str
+    died: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("start", "end"):
+            compile_pattern(getattr(self, name), name)
+        for column, pattern in self.died.items():
+            compile_pattern(pattern, f"died.{column}")
 
 
-ADMISSIONS = VisitRule(start="^HOSPITAL_ADMISSION//", end="^HOSPITAL_DISCHARGE//", key="hadm_id")
+@dataclass(frozen=True)
+class VisitSet:
+    rules: tuple[VisitRule, ...]
+    merge_within_hours: float = 6.0  # stays closer than this to the previous one's end are one episode
+
+    def __post_init__(self):
+        if not self.rules:
+            raise MedstateError("a visit set needs at least one rule")
+        if self.merge_within_hours < 0:
+            raise MedstateError(f"merge_within_hours must be 0 or more, got {self.merge_within_hours}")
+
+
+ADMISSIONS = VisitRule(
+    start="^HOSPITAL_ADMISSION//",
+    end="^HOSPITAL_DISCHARGE//",
+    key="hadm_id",
+    died={"code": "//DIED$", "hospital_expire_flag": "^1$"},
+)
+FHIR_DIED = {"text_value": "(?i)^(exp|died|expired)$"}  # HL7 discharge-disposition "exp"; MIMIC-IV FHIR "DIED"
 DEFAULT_VISIT_SETS = {
     # hospital stays: MIMIC-IV admissions and FHIR inpatient encounters
-    "inpatient": (
-        ADMISSIONS,
-        VisitRule(start="^ENCOUNTER_START//IMP$", end="^ENCOUNTER_END//IMP$", key="encounter_id"),
+    "inpatient": VisitSet(
+        (
+            ADMISSIONS,
+            VisitRule(start="^ENCOUNTER_START//IMP$", end="^ENCOUNTER_END//IMP$", key="encounter_id", died=FHIR_DIED),
+        )
     ),
     # any contact: also FHIR ambulatory and emergency encounters (where outpatient diagnoses are recorded)
-    "any": (ADMISSIONS, VisitRule(start="^ENCOUNTER_START//", end="^ENCOUNTER_END//", key="encounter_id")),
+    "any": VisitSet(
+        (ADMISSIONS, VisitRule(start="^ENCOUNTER_START//", end="^ENCOUNTER_END//", key="encounter_id", died=FHIR_DIED))
+    ),
 }
-DEFAULT_VISITS = DEFAULT_VISIT_SETS["inpatient"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +130,7 @@ class TaskSpec:
     codes: tuple[str, ...] = ()
     code_set: str | None = None
     exclude_codes: tuple[str, ...] = ()
+    exclude_in_hospital_death: bool = False
     visits: str = "inpatient"  # the name of a visit set: which visits are anchors (and "next visits")
     # keep at most this many samples per subject, drawn uniformly at random whatever their label (None: all)
     max_samples_per_subject: int | None = None
@@ -97,6 +149,8 @@ class TaskSpec:
                 problems.append(f"{self.kind} needs {name}")
         if self.max_samples_per_subject is not None and self.max_samples_per_subject < 1:
             problems.append("max_samples_per_subject must be at least 1")
+        for pattern in (*self.codes, *self.exclude_codes):
+            compile_pattern(pattern, "codes")
         if problems:
             raise MedstateError(f"task {self.name!r}: " + "; ".join(problems))
 
@@ -104,19 +158,26 @@ class TaskSpec:
     def token(self) -> str:
         return f"[TASK_{self.name.upper()}]"
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TaskSpec:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise MedstateError(f"task {data.get('name')!r}: unknown field(s) {sorted(unknown)}")
-        data = {k: tuple(v) if k in ("codes", "exclude_codes") else v for k, v in data.items()}
-        return cls(**data)
+    @property
+    def closes_visit(self) -> bool:
+        """Predicted at (or after) the visit's end: the input shows the visit closed, as pretraining does."""
+        return self.prediction == "visit_end" and self.offset_hours >= 0
+
+
+@dataclass(frozen=True)
+class CodeSetEntry:
+    code: str
+    match: str = "prefix"
+
+    def __post_init__(self):
+        if self.match not in ("prefix", "exact"):
+            raise MedstateError(f"match must be prefix or exact, got {self.match!r}")
 
 
 @dataclass(frozen=True)
 class TaskSuite:
     tasks: tuple[TaskSpec, ...]
-    visit_sets: dict[str, tuple[VisitRule, ...]] = field(default_factory=lambda: dict(DEFAULT_VISIT_SETS))
+    visit_sets: dict[str, VisitSet] = field(default_factory=lambda: dict(DEFAULT_VISIT_SETS))
     code_sets: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # name → ((code, match), …)
 
     @classmethod
@@ -124,40 +185,70 @@ class TaskSuite:
         """A YAML file with `tasks:` (and optionally `visit_sets:` and `code_sets:`); default: the six EhrMamba
         tasks."""
         if path is None:
-            text = resources.files("medstate.ehr").joinpath("resources/tasks.yaml").read_text()
+            text, where = resources.files("medstate.ehr").joinpath("resources/tasks.yaml").read_text(), "tasks.yaml"
         else:
-            try:
-                text = Path(path).read_text()
-            except OSError as err:
-                raise MedstateError(f"cannot read task file {path}: {err.strerror}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise MedstateError(f"task file {path} is not valid YAML: {err}") from None
-        tasks = tuple(TaskSpec.from_dict(t) for t in data.get("tasks") or [])
-        if not tasks:
-            raise MedstateError(f"task file {path} defines no tasks")
+            text, where = read_text(path, "task file"), f"task file {path}"
+        data = expect_mapping(parse_yaml(text, where) or {}, where)
+        unknown = sorted(set(data) - {"tasks", "visit_sets", "code_sets"})
+        if unknown:
+            raise MedstateError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: tasks, visit_sets, code_sets")
+        entries = data.get("tasks") or []
+        if not isinstance(entries, list) or not entries:
+            raise MedstateError(f"{where} defines no tasks (expected a list under tasks:)")
+        tasks = tuple(from_data(TaskSpec, t, f"{where}: tasks[{i}]") for i, t in enumerate(entries))
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
-            raise MedstateError(f"task file {path} repeats a task name: {names}")
+            raise MedstateError(f"{where} repeats a task name: {names}")
         visit_sets = dict(DEFAULT_VISIT_SETS)
-        for name, rules in (data.get("visit_sets") or {}).items():
-            visit_sets[name] = tuple(VisitRule(**rule) for rule in rules)
+        for name, value in expect_mapping(data.get("visit_sets") or {}, f"{where}: visit_sets").items():
+            value = {"rules": value} if isinstance(value, list) else value  # a bare list of rules is allowed
+            visit_sets[name] = from_data(VisitSet, value, f"{where}: visit_sets.{name}")
         code_sets = load_code_sets()
-        for name, entries in (data.get("code_sets") or {}).items():
-            code_sets[name] = tuple((e["code"], e.get("match", "prefix")) for e in entries)
+        for name, value in expect_mapping(data.get("code_sets") or {}, f"{where}: code_sets").items():
+            if not isinstance(value, list) or not value:
+                raise MedstateError(f"{where}: code_sets.{name} must be a non-empty list of {{code, match}}")
+            parsed = [from_data(CodeSetEntry, e, f"{where}: code_sets.{name}[{i}]") for i, e in enumerate(value)]
+            code_sets[name] = tuple((e.code, e.match) for e in parsed)
         for task in tasks:
             if task.code_set and task.code_set not in code_sets:
-                raise MedstateError(f"task {task.name!r}: unknown code_set {task.code_set!r}")
+                raise MedstateError(f"{where}: task {task.name!r}: unknown code_set {task.code_set!r}")
             if task.visits not in visit_sets:
-                raise MedstateError(f"task {task.name!r}: unknown visit set {task.visits!r}")
+                raise MedstateError(f"{where}: task {task.name!r}: unknown visit set {task.visits!r}")
         return cls(tasks=tasks, visit_sets=visit_sets, code_sets=code_sets)
+
+    def to_yaml(self) -> str:
+        """The suite as a task file that `load` reads back to an equal suite."""
+
+        def plain(value):
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            return value
+
+        def task(t):
+            return {k: plain(v) for k, v in asdict(t).items() if v not in (None, (), "", [], False)}
+
+        data = {
+            "tasks": [task(t) for t in self.tasks],
+            "visit_sets": {
+                name: {"rules": [asdict(r) for r in s.rules], "merge_within_hours": s.merge_within_hours}
+                for name, s in self.visit_sets.items()
+            },
+            "code_sets": {
+                name: [{"code": c, "match": m} for c, m in entries] for name, entries in sorted(self.code_sets.items())
+            },
+        }
+        return yaml.safe_dump(data, sort_keys=False)
 
     def label(self, events: pl.DataFrame) -> pl.DataFrame:
         """Labels of every task (subject_id, visit_key, prediction_time, label, task) for these events."""
-        visits = {name: anchor_visits(events, rules) for name, rules in self.visit_sets.items()}
+        visits = {name: anchor_visits(events, visit_set) for name, visit_set in self.visit_sets.items()}
         frames = [label_task(task, events, visits[task.visits], self.code_sets) for task in self.tasks]
         return pl.concat(frames).sort(["task", "subject_id", "prediction_time", "visit_key"])
+
+    def stays(self, events: pl.DataFrame) -> pl.DataFrame:
+        """Every stay of every visit set, unmerged (subject_id, visit_key, start, end, died)."""
+        frames = [find_stays(events, s.rules) for s in self.visit_sets.values()]
+        return pl.concat(frames).unique(["subject_id", "visit_key"], keep="first").sort("subject_id", "start")
 
 
 def load_code_sets() -> dict[str, tuple[tuple[str, str], ...]]:
@@ -181,8 +272,9 @@ def _matches_any(patterns: tuple[str, ...]) -> pl.Expr:
     return pl.any_horizontal(*(pl.col("code").str.contains(p) for p in patterns)) if patterns else pl.lit(False)
 
 
-def anchor_visits(events: pl.DataFrame, rules: tuple[VisitRule, ...] = DEFAULT_VISITS) -> pl.DataFrame:
-    """(subject_id, visit_key, start, end) of every anchor visit, sorted by subject and start."""
+def find_stays(events: pl.DataFrame, rules: tuple[VisitRule, ...]) -> pl.DataFrame:
+    """(subject_id, visit_key, start, end, died) of every stay the rules find, sorted by subject and start. `died`:
+    the end event matches one of the rule's `died` patterns (signals in columns the events lack are ignored)."""
     frames = []
     for rule in rules:
         if rule.key not in events.columns:
@@ -195,16 +287,51 @@ def anchor_visits(events: pl.DataFrame, rules: tuple[VisitRule, ...] = DEFAULT_V
             .group_by("subject_id", "visit_key")
             .agg(pl.col("time").min().alias("start"))
         )
+        signals = [
+            pl.col(column).cast(pl.String).str.contains(pattern).fill_null(False)
+            for column, pattern in rule.died.items()
+            if column in events.columns
+        ]
+        died = pl.any_horizontal(*signals) if signals else pl.lit(False)
         ends = (
             keyed.filter(pl.col("code").str.contains(rule.end))
+            .with_columns(died.alias("died"))
             .group_by("subject_id", "visit_key")
-            .agg(pl.col("time").max().alias("end"))
+            .agg(pl.col("time").max().alias("end"), pl.col("died").any())
         )
         frames.append(starts.join(ends, on=["subject_id", "visit_key"]).filter(pl.col("end") >= pl.col("start")))
-    schema = {"subject_id": pl.Int64, "visit_key": pl.String, "start": pl.Datetime("us"), "end": pl.Datetime("us")}
     if not frames:
-        return pl.DataFrame(schema=schema)
-    return pl.concat(frames).select(schema.keys()).cast(schema).sort(["subject_id", "start", "visit_key"])
+        return pl.DataFrame(schema=STAY_SCHEMA)
+    return pl.concat(frames).select(STAY_SCHEMA.keys()).cast(STAY_SCHEMA).sort(["subject_id", "start", "visit_key"])
+
+
+def anchor_visits(events: pl.DataFrame, visit_set: VisitSet = DEFAULT_VISIT_SETS["inpatient"]) -> pl.DataFrame:
+    """Episodes (subject_id, visit_key, start, end, died): stays chained while each starts within
+    `merge_within_hours` of the running end; died also when MEDS_DEATH is at or before the end of the last day."""
+    stays = find_stays(events, visit_set.rules)
+    gap = timedelta(hours=visit_set.merge_within_hours)
+    running_end = pl.col("end").cum_max().shift(1).over("subject_id")
+    episodes = (
+        stays.with_columns((running_end.is_null() | (pl.col("start") > running_end + gap)).alias("_new"))
+        .with_columns(pl.col("_new").cum_sum().over("subject_id").alias("_episode"))
+        .group_by("subject_id", "_episode", maintain_order=True)
+        .agg(
+            pl.col("visit_key").first(),
+            pl.col("start").min(),
+            pl.col("end").max(),
+            pl.col("died").any(),
+        )
+    )
+    deaths = (
+        events.filter((pl.col("code") == DEATH_CODE) & pl.col("time").is_not_null())
+        .group_by("subject_id")
+        .agg(pl.col("time").min().alias("_death"))
+    )
+    end_of_day = pl.col("end").dt.truncate("1d") + timedelta(days=1)
+    episodes = episodes.join(deaths, on="subject_id", how="left").with_columns(
+        (pl.col("died") | (pl.col("_death") < end_of_day).fill_null(False)).alias("died")
+    )
+    return episodes.select(STAY_SCHEMA.keys()).cast(STAY_SCHEMA).sort(["subject_id", "start", "visit_key"])
 
 
 def label_task(
@@ -212,11 +339,12 @@ def label_task(
 ) -> pl.DataFrame:
     offset = timedelta(hours=task.offset_hours)
     anchor = pl.col("start") if task.prediction == "visit_start" else pl.col("end")
-    samples = visits.with_columns(
+    episodes = visits.with_columns(
         (anchor + offset).alias("prediction_time"),
         pl.col("start").shift(-1).over("subject_id").alias("next_start"),
         pl.col("end").shift(-1).over("subject_id").alias("next_end"),
     )
+    samples = episodes.filter(~pl.col("died")) if task.exclude_in_hospital_death else episodes
     if task.exclude_codes:
         samples = _drop_if_before(samples, events.filter(_matches_any(task.exclude_codes)))
     if task.kind == "event_within":
@@ -234,8 +362,8 @@ def label_task(
         )
     elif task.kind == "next_visit_within":
         window = timedelta(days=task.window_days)
-        # the next admission is the next anchor visit that starts after the prediction time
-        later = samples.select("subject_id", pl.col("start").alias("other_start"))
+        # every later episode counts, those ending in death included
+        later = episodes.select("subject_id", pl.col("start").alias("other_start"))
         hits = samples.join(later, on="subject_id").filter(
             (pl.col("other_start") > pl.col("prediction_time"))
             & (pl.col("other_start") <= pl.col("prediction_time") + window)
@@ -273,7 +401,11 @@ def _drop_if_before(samples: pl.DataFrame, outcome: pl.DataFrame) -> pl.DataFram
     return joined.filter(pl.col("_first").is_null() | (pl.col("_first") > pl.col("prediction_time"))).drop("_first")
 
 
-def events_until(events: pl.DataFrame, subject_id: int, prediction_time) -> pl.DataFrame:
-    """The events a model may see for a sample: the subject's static facts and events at or before the time."""
-    mine = events.filter(pl.col("subject_id") == subject_id)
-    return mine.filter(pl.col("time").is_null() | (pl.col("time") <= prediction_time))
+def later_stay_keys(stays: pl.DataFrame, labels: pl.DataFrame) -> list[list[str]]:
+    """For each label row: the visit keys of the subject's stays that start after its prediction time (their events
+    are hidden from the input, whatever their own date)."""
+    rows = labels.select("subject_id", "prediction_time").with_row_index("_row")
+    joined = rows.join(stays.select("subject_id", "visit_key", "start"), on="subject_id", how="left")
+    later = joined.filter(pl.col("start") > pl.col("prediction_time")).group_by("_row").agg(pl.col("visit_key").sort())
+    hidden = rows.select("_row").join(later, on="_row", how="left").sort("_row")["visit_key"]
+    return [list(keys) if keys is not None else [] for keys in hidden.to_list()]
