@@ -13,6 +13,8 @@ from medstate.data.meds import scan_meds
 
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+DISPOSITION = "http://terminology.hl7.org/CodeSystem/discharge-disposition"
 
 
 def coded(system, code, display=None):
@@ -48,6 +50,23 @@ def hand_worked_resources():
             "subject": {"reference": "Patient/p1"},
             "class": {"code": "IMP"},
             "period": {"start": "2019-12-30T10:00:00-05:00", "end": "2020-01-01T12:00:00-05:00"},
+            "hospitalization": {"dischargeDisposition": coded(DISPOSITION, "exp")},
+        },
+        {
+            "resourceType": "Procedure",
+            "id": "pr1",
+            "subject": {"reference": "Patient/p1"},
+            "code": coded(SNOMED, "80146002"),
+            "performedPeriod": {"start": "2019-12-30T13:00:00-05:00", "end": "2019-12-30T14:30:00-05:00"},
+        },
+        {
+            "resourceType": "Condition",
+            "id": "c2",
+            "subject": {"reference": "Patient/p1"},
+            "encounter": {"reference": "Encounter/e1"},
+            "code": coded(ICD10, "E78.5"),
+            "onsetDateTime": "2019-12-15",
+            "recordedDate": "2019-12-30T10:30:00-05:00",
         },
         {
             "resourceType": "Observation",
@@ -99,7 +118,9 @@ def test_hand_worked_resources(tmp_path):
         (t(1950, 6, 15), "MEDS_BIRTH", None, None),
         (t(2020, 1, 2, 3, 4, 5), "MEDS_DEATH", None, None),  # local wall-clock time, offset dropped
         (t(2019, 12, 30, 10), "ENCOUNTER_START//IMP", None, None),
-        (t(2020, 1, 1, 12), "ENCOUNTER_END//IMP", None, None),
+        (t(2020, 1, 1, 12), "ENCOUNTER_END//IMP", None, "exp"),  # the discharge disposition: expired
+        (t(2019, 12, 30, 13), "PROCEDURE//SNOMED//80146002", None, None),  # a Period gives its start
+        (t(2019, 12, 15), "DIAGNOSIS//ICD//10//E785", None, None),  # the onset, not the recorded date
         (t(2020, 1, 1, 12), "DIAGNOSIS//ICD//10//I509", None, None),  # no onset: its encounter's end; dots gone
         (t(2019, 12, 30, 11), "VITAL//LOINC//8480-6//mm[Hg]", 120.0, None),  # one event per component
         (t(2019, 12, 30, 11), "VITAL//LOINC//8462-4//mm[Hg]", 80.0, None),
@@ -181,7 +202,7 @@ def test_mimic_fhir_agrees_with_the_csv_reader(mimic_fhir_meds, mimic_csv_meds):
         ).mean()
     ).item()
     print(f"mean per-subject Jaccard of DIAGNOSIS codes, FHIR vs CSV: {jaccard:.4f}")
-    assert jaccard >= 0.95
+    assert jaccard == 1.0  # the exactness reached: every subject's diagnoses agree
 
     def facts(frame, code):
         return dict(frame.filter(pl.col("code") == code).select("subject_id", "time").iter_rows())

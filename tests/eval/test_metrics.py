@@ -50,3 +50,31 @@ def test_calibration_error():
     assert expected_calibration_error(y, np.array([0.0, 0.0, 1.0, 1.0])) == 0.0
     assert expected_calibration_error(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.0)
     assert expected_calibration_error(np.array([1, 1]), np.array([0.25, 0.25])) == pytest.approx(0.75)
+
+
+def test_bootstrap_resamples_subjects_for_a_95_percent_interval():
+    """40 subjects of 50 identical rows, 20 of them positive; the metric is the positive rate. Resampling subjects,
+    the rate is Binomial(40, 1/2) / 40: its 2.5% and 97.5% quantiles are 14/40 and 26/40 (a 90% interval would give
+    15/40 and 25/40; resampling rows would give about 0.48 and 0.52)."""
+    from scipy.stats import binom
+
+    subjects = np.repeat(np.arange(40), 50)
+    y = (subjects < 20).astype(int)
+    result = bootstrap(lambda a, b: float(np.mean(a)), y, np.zeros(len(y)), subjects, n=4000, seed=0)
+    assert binom.ppf(0.025, 40, 0.5) / 40 == 0.35 and binom.ppf(0.975, 40, 0.5) / 40 == 0.65
+    assert result.low == pytest.approx(0.35, abs=0.01) and result.high == pytest.approx(0.65, abs=0.01)
+
+
+def test_f1_threshold_comes_from_the_tuning_split():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    y_tune, y_test = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    s_tune = np.round(np.clip(y_tune * 0.2 + rng.random(200) * 0.8, 0, 1), 2)
+    s_test = np.round(np.clip(y_test * 0.5 + rng.random(200) * 0.5, 0, 1), 2)
+    best_tune = max(np.unique(s_tune), key=lambda t: f1_score(y_tune, s_tune >= t))
+    best_test = max(np.unique(s_test), key=lambda t: f1_score(y_test, s_test >= t))
+    assert best_tune != best_test  # the splits disagree, so the test can tell which one chose
+    result = evaluate_task(y_test, s_test, np.arange(200), y_tuning=y_tune, s_tuning=s_tune, n_bootstrap=10)
+    assert result.threshold == pytest.approx(best_tune)
+    assert result.f1.value == pytest.approx(f1_score(y_test, s_test >= best_tune))
