@@ -80,3 +80,67 @@ def test_demo_learns_and_writes_run_directory(tmp_path):
     assert metrics["checkpoint_reload_identical"] is True
     assert metrics["train_loss_last"] < 0.5 * metrics["train_loss_first"]
     assert metrics["next_token_accuracy"] > 0.9
+
+
+TASKS_OK = "tasks:\n  - {name: x, kind: duration_over, duration_days: 3}\n"
+HF_CONFIG = {"model_type": "mamba", "vocab_size": 40, "hidden_size": 8, "num_hidden_layers": 1}
+BAD_INPUTS = {
+    # case: (files to write, arguments (with {d} the case's directory), words the one line must contain)
+    "k with a non-number": ({}, ["ehr", "forecast", "{d}/p", "{d}/c", "{d}/o", "--k", "5,x"], ["--k", "'x'"]),
+    "seeds with a non-number": ({}, ["ehr", "benchmark", "{d}/p", "{d}/r", "--seeds", "0,x"], ["--seeds", "'x'"]),
+    "HF config without vocab_size": (
+        {"ck/config.json": json.dumps({k: v for k, v in HF_CONFIG.items() if k != "vocab_size"})},
+        ["ssm", "info", "{d}/ck"],
+        ["config.json", "vocab_size"],
+    ),
+    "truncated shard index": (
+        {"ck/config.json": json.dumps(HF_CONFIG), "ck/model.safetensors.index.json": '{"weight_map": {"a": '},
+        ["ssm", "info", "{d}/ck"],
+        ["model.safetensors.index.json", "not valid JSON"],
+    ),
+    "benchmark model with an unknown key": (
+        {"s.yaml": "models:\n  - {name: x, kind: lstm, colour: red}\n"},
+        ["ehr", "benchmark", "{d}/p", "{d}/r", "--settings", "{d}/s.yaml"],
+        ["s.yaml", "models[0]", "colour"],
+    ),
+    "settings that are a list": (
+        {"s.yaml": "- 1\n- 2\n"},
+        ["ehr", "benchmark", "{d}/p", "{d}/r", "--settings", "{d}/s.yaml"],
+        ["s.yaml", "mapping"],
+    ),
+    "visit set with an unknown key": (
+        {"t.yaml": TASKS_OK + "visit_sets:\n  v: {rules: [{start: a, end: b, key: k}], colour: red}\n"},
+        ["ehr", "prepare", "{d}/meds", "--out", "{d}/out", "--tasks", "{d}/t.yaml"],
+        ["t.yaml", "visit_sets.v", "colour"],
+    ),
+    "code set entry without code": (
+        {"t.yaml": TASKS_OK + "code_sets:\n  c: [{match: exact}]\n"},
+        ["ehr", "prepare", "{d}/meds", "--out", "{d}/out", "--tasks", "{d}/t.yaml"],
+        ["t.yaml", "code_sets.c[0]", "code"],
+    ),
+    "exclude-codes that is no pattern": (
+        {},
+        ["data", "compare", "{d}/a", "{d}/b", "--exclude-codes", "("],
+        ["--exclude-codes", "regular expression"],
+    ),
+    "EHR checkpoint config with a wrong type": (
+        {"ck/config.json": json.dumps({"model_type": "medstate-ehrmamba", "vocab_size": "many"})},
+        ["ehr", "forecast", "{d}/p", "{d}/ck", "{d}/o"],
+        ["config.json", "vocab_size"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_a_users_mistake_is_one_line_exit_2(case, tmp_path):
+    files, args, words = BAD_INPUTS[case]
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    result = runner.invoke(app, [a.replace("{d}", str(tmp_path)) for a in args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("medstate: error:"), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], (word, lines[0])

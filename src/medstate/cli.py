@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from medstate import __version__
 from medstate.errors import MedstateError
+from medstate.loading import compile_pattern, parse_list
 
 console = Console()
 
@@ -111,10 +112,7 @@ def ssm_generate(
         encoder = Tokenizer.from_file(str(tokenizer))
         prompt_ids = encoder.encode(prompt).ids
     else:
-        try:
-            prompt_ids = [int(tok) for tok in ids.split(",") if tok.strip()]
-        except ValueError:
-            raise MedstateError(f"--ids must be comma-separated integers, got {ids!r}") from None
+        prompt_ids = parse_list(ids, int, "--ids")
     if not prompt_ids:
         raise MedstateError("give a prompt with --ids 1,2,3 or --prompt TEXT --tokenizer FILE")
     model = load_pretrained(checkpoint)
@@ -202,10 +200,7 @@ def data_convert(
 
     from medstate.data.convert import convert
 
-    try:
-        fractions = tuple(float(x) for x in split.split(","))
-    except ValueError:
-        raise MedstateError(f"--split must be three comma-separated fractions, got {split!r}") from None
+    fractions = tuple(parse_list(split, float, "--split"))
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
     ) as bar:
@@ -224,7 +219,7 @@ def data_convert(
             shards=shards,
             seed=seed,
             split_fractions=fractions,
-            tables=tables.split(",") if tables else None,
+            tables=parse_list(tables, str, "--tables") if tables else None,
             exclude_files=exclude_files,
             overwrite=overwrite,
             workers=workers,
@@ -264,7 +259,9 @@ def data_compare(
 
     from medstate.data.compare import compare_meds
 
-    exclude = pl.col("code").str.contains(exclude_codes) if exclude_codes else None
+    exclude = None
+    if exclude_codes:
+        exclude = pl.col("code").str.contains(compile_pattern(exclude_codes, "--exclude-codes").pattern)
     agreement = compare_meds(candidate, reference, exclude=exclude)
     table = Table(title=f"{candidate} vs {reference} (reference subjects)")
     for column in ("family", "reference", "candidate", "matched", "recall", "extra", "numeric equal"):
@@ -430,7 +427,7 @@ def ehr_finetune(
     else:
         model = new_model(prepared, kind=model_kind)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
-    names = tasks.split(",") if tasks else None
+    names = parse_list(tasks, str, "--tasks") if tasks else None
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
 
 
@@ -550,7 +547,7 @@ def ehr_forecast(
     from medstate.ehr.forecast import ForecastConfig, evaluate_forecast
     from medstate.ehr.training import load_model
 
-    ks = tuple(int(v) for v in k.split(","))
+    ks = tuple(parse_list(k, int, "--k"))
     config = ForecastConfig(samples, temperature, top_p, max_new_tokens, ks, seed)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling next visits", total=None)
@@ -593,9 +590,9 @@ def ehr_benchmark(
 
     chosen = BenchmarkSettings.from_yaml(settings) if settings else BenchmarkSettings()
     if seeds:
-        chosen.seeds = [int(s) for s in seeds.split(",")]
+        chosen.seeds = parse_list(seeds, int, "--seeds")
     if models:
-        names = models.split(",")
+        names = parse_list(models, str, "--models")
         unknown = set(names) - {m.name for m in chosen.models}
         if unknown:
             raise MedstateError(f"unknown model(s) {', '.join(sorted(unknown))}")

@@ -91,11 +91,11 @@ def test_meds_in_meds_out_keeps_rows_and_splits(shared_data, tmp_path):
     assert dict(after.select("subject_id", "split").unique().iter_rows()) == dict(
         before.select("subject_id", "split").unique().iter_rows()
     )
-    assert sorted(p.name for p in (tmp_path / "out" / "data" / "tuning").glob("*.parquet")) <= [
-        "0.parquet",
-        "1.parquet",
-        "2.parquet",
-    ]
+    shards = sorted((tmp_path / "out" / "data").rglob("*.parquet"))
+    assert shards and {p.name for p in shards} <= {"0.parquet", "1.parquet", "2.parquet"}
+    for shard in shards:
+        ids = pl.read_parquet(shard)["subject_id"]
+        assert (ids % 3 == int(shard.stem)).all(), shard
     codes = pl.read_parquet(tmp_path / "out" / "metadata" / "codes.parquet")
     assert codes.filter(pl.col("code") == "DIAGNOSIS//ICD//9//4280")["description"].item() is not None
 

@@ -1,5 +1,6 @@
 """Training: exact resume after the process is killed, and predictions as probabilities."""
 
+import math
 import os
 import signal
 import subprocess
@@ -53,13 +54,27 @@ def test_resume_after_kill_gives_the_same_run(prepared, tmp_path):
     assert (killed / "checkpoints" / "last" / "vocab.json").is_file()
 
 
-def test_predictions_are_probabilities(prepared, tmp_path):
+def test_predictions_are_each_samples_own_probability(prepared, tmp_path):
+    """Packed prediction against each sample scored alone: sigmoid of the class logit at its last token, in the
+    row of its own (subject, task, visit), with its own label."""
+    from medstate.ehr.batching import collate
+    from medstate.ehr.model import ARRAYS
+
     subprocess.run(pretrain_command(prepared, tmp_path / "run"), check=True, capture_output=True)
-    model = EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last")
+    model = EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last").eval()
     predictions = predict(model, prepared, "held_out")
     assert predictions.columns == ["subject_id", "task", "visit_key", "prediction_time", "y_true", "y_score"]
-    assert predictions.height > 0 and predictions["y_score"].is_between(0, 1).all()
-    assert predictions["y_score"].n_unique() > 10  # scores, not hard labels
+    samples = pl.read_parquet(prepared / "finetune.parquet").filter(pl.col("split") == "held_out")
+    assert predictions.height == samples.height
+    key = ["subject_id", "task", "visit_key"]
+    by_key = {tuple(r[k] for k in key): r for r in predictions.iter_rows(named=True)}
+    for row in samples.sample(25, seed=0).iter_rows(named=True):
+        alone = collate([{name: row[name] for name in ARRAYS}])
+        with torch.no_grad():
+            logit = model(alone, ends=alone["ends"]).class_logits.double().item()
+        got = by_key[tuple(row[k] for k in key)]
+        assert got["y_score"] == pytest.approx(1 / (1 + math.exp(-logit)), rel=1e-4, abs=1e-6)
+        assert got["y_true"] == row["label"]
 
 
 def test_schedules():

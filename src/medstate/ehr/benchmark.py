@@ -40,6 +40,7 @@ from medstate.ehr.training import (
 )
 from medstate.errors import MedstateError
 from medstate.eval.report import write_report
+from medstate.loading import from_data, read_yaml
 from medstate.train.loop import TrainConfig, checkpoint_step, seed_everything
 
 FINETUNE_MODES = ("multitask", "single")
@@ -82,15 +83,7 @@ class BenchmarkSettings:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> BenchmarkSettings:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise MedstateError(f"cannot read benchmark settings {path}: {err}") from None
-        models = [ModelSpec(**m) for m in data.pop("models", [asdict(m) for m in DEFAULT_MODELS])]
-        try:
-            return cls(models=models, **data)
-        except TypeError as err:
-            raise MedstateError(f"{path}: {err}") from None
+        return from_data(cls, read_yaml(path, "benchmark settings") or {}, f"benchmark settings {path}")
 
     def validate(self) -> None:
         kinds = ("ehrmamba", "lstm", "bert", "bigbird", "xgboost")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medstate.errors import MedstateError
+from medstate.loading import expect_mapping, from_data, read_json
 
 
 def _tied_aliases(module: nn.Module) -> tuple[dict, set[str]]:
@@ -44,13 +45,11 @@ class CheckpointMixin:
     @classmethod
     def from_pretrained(cls, directory: str | Path):
         directory = Path(directory)
-        try:
-            data = json.loads((directory / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise MedstateError(f"{directory} has no readable config.json ({err})") from None
+        path = directory / "config.json"
+        data = dict(expect_mapping(read_json(path, "checkpoint config"), str(path)))
         if data.pop("model_type", None) != cls.MODEL_TYPE:
             raise MedstateError(f"{directory} does not hold a {cls.__name__} checkpoint")
-        model = cls(cls.CONFIG_CLASS(**data))
+        model = cls(from_data(cls.CONFIG_CLASS, data, str(path)))
         missing, unexpected = model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
         if unexpected or set(missing) - _tied_aliases(model)[1]:
             raise MedstateError(

@@ -24,6 +24,7 @@ from medstate.ehr.batching import collate, token_budget_batches
 from medstate.ehr.model import ARRAYS, EhrMamba, EhrMambaConfig
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
+from medstate.loading import expect_mapping, read_json
 from medstate.train.loop import TrainConfig, Trainer, TrainResult
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
@@ -80,15 +81,12 @@ def prepared_max_length(prepared: Path) -> int:
 
 def load_model(directory: str | Path):
     """Any medstate EHR checkpoint, by the model_type in its config.json."""
-    import json
 
     from medstate.ehr.baselines.lstm import EhrLSTM
     from medstate.ehr.baselines.transformer import EhrTransformer
 
-    try:
-        model_type = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as err:
-        raise MedstateError(f"{directory} has no readable config.json ({err})") from None
+    path = Path(directory) / "config.json"
+    model_type = expect_mapping(read_json(path, "checkpoint config"), str(path)).get("model_type")
     classes = {cls.MODEL_TYPE: cls for cls in (EhrMamba, EhrLSTM, EhrTransformer)}
     if model_type not in classes:
         raise MedstateError(f"{directory}: unknown model_type {model_type!r}")

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medstate.errors import MedstateError
+from medstate.loading import expect_mapping, read_json
 from medstate.ssm.config import SSMConfig
 from medstate.ssm.model import MambaLM
 
@@ -34,14 +35,16 @@ def read_config(directory: Path) -> SSMConfig:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise MedstateError(f"{directory} has no config.json; expected a Hugging Face or mamba_ssm checkpoint")
+    data = expect_mapping(read_json(config_path, "checkpoint config"), str(config_path))
     try:
-        data = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MedstateError(f"{config_path} is not valid JSON ({err})") from None
-    if "model_type" in data:
-        return SSMConfig.from_hf_dict(data)
-    if {"d_model", "n_layer"} <= data.keys():
-        return SSMConfig.from_mamba_ssm_dict(data)
+        if "model_type" in data:
+            return SSMConfig.from_hf_dict(data)
+        if {"d_model", "n_layer"} <= data.keys():
+            return SSMConfig.from_mamba_ssm_dict(data)
+    except KeyError as err:
+        raise MedstateError(f"{config_path}: missing key {err.args[0]}") from None
+    except (TypeError, ValueError) as err:
+        raise MedstateError(f"{config_path}: a value has the wrong type ({err})") from None
     raise MedstateError(f"{config_path}: neither a Hugging Face config (model_type) nor a mamba_ssm config (d_model)")
 
 
@@ -60,8 +63,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            index = json.loads(path.read_text())
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            index = expect_mapping(read_json(path, "shard index"), str(path))
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MedstateError(f"{path}: weight_map must map parameter names to shard files")
+            shards = sorted(set(weight_map.values()))
             if not shards:
                 raise MedstateError(f"{path} lists no shards in weight_map")
             weights: dict[str, torch.Tensor] = {}
