@@ -47,3 +47,21 @@ def test_report_matches_scikit_learn(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2
     assert (tmp_path / "plots" / "mortality_30d.png").stat().st_size > 10_000
+
+
+def test_seed_spread_single_seed_interval_and_undefined_f1(tmp_path):
+    frame = predictions()
+    result = write_report(frame, tmp_path / "two", n_bootstrap=50)
+    per_seed = {(r["model"], r["seed"], r["task"]): r for r in result["per_seed"]}
+    entry = next(s for s in result["summary"] if (s["model"], s["task"]) == ("ehrmamba", "mortality_30d"))
+    values = [per_seed[("ehrmamba", seed, "mortality_30d")]["auroc"]["value"] for seed in (0, 1)]
+    assert entry["auroc"]["std"] == pytest.approx(abs(values[0] - values[1]) / np.sqrt(2))  # sample sd of two
+    report = (tmp_path / "two" / "report.md").read_text()
+    assert f"{np.mean(values):.3f} ± {abs(values[0] - values[1]) / np.sqrt(2):.3f}" in report
+    rare = next(s for s in result["summary"] if (s["model"], s["task"]) == ("ehrmamba", "rare_onset"))
+    assert rare["f1"]["mean"] is None and rare["f1"]["status"].startswith("undefined")  # no held-out positives
+    one = write_report(frame.filter(pl.col("seed") == 0), tmp_path / "one", n_bootstrap=50)
+    seed0 = per_seed[("ehrmamba", 0, "mortality_30d")]["auroc"]
+    single = (tmp_path / "one" / "report.md").read_text()
+    assert f"{seed0['value']:.3f} ({seed0['low']:.3f}–{seed0['high']:.3f})" in single and "± 0.000" not in single
+    assert all(s["auroc"]["std"] is None for s in one["summary"])

@@ -60,13 +60,14 @@ def average_precision(y_true, y_score) -> float | None:
 
 
 def f1_at(y_true, y_score, threshold: float) -> float | None:
+    """F1 of `score >= threshold`; undefined (None) without positives, where recall is undefined."""
     y, s = _check(y_true, y_score)
+    if y.sum() == 0:
+        return None
     predicted = s >= threshold
     tp = int((predicted & (y == 1)).sum())
     fp = int((predicted & (y == 0)).sum())
     fn = int((~predicted & (y == 1)).sum())
-    if tp + fp + fn == 0:
-        return None
     return 2 * tp / (2 * tp + fp + fn)
 
 

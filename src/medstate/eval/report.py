@@ -2,8 +2,9 @@
 
 `predictions` has one row per (model, seed, task, split, sample): subject_id, y_true, y_score (a probability).
 Metrics are computed on the `held_out` split; the F1 threshold of each (model, seed, task) is chosen on its
-`tuning` predictions. Seeds are summarised as mean ± standard deviation, and each seed carries its
-subject-bootstrap 95% interval.
+`tuning` predictions. Several seeds are summarised as mean ± the sample standard deviation over seeds (n − 1 in
+the denominator); a single seed shows its value with its subject-bootstrap 95% interval. Every seed's interval is
+in metrics.json. A metric that is undefined (no positives, one class) says so instead of a number.
 """
 
 from __future__ import annotations
@@ -60,19 +61,29 @@ def summarise(rows: list[dict]) -> list[dict]:
         }
         for metric in METRICS:
             values = [m[metric]["value"] for m in members if m[metric]["value"] is not None]
-            entry[metric] = (
-                {"mean": float(np.mean(values)), "std": float(np.std(values)), "seeds_defined": len(values)}
-                if values
-                else {"mean": None, "std": None, "seeds_defined": 0, "status": members[0][metric]["status"]}
-            )
+            if not values:
+                entry[metric] = {"mean": None, "std": None, "seeds_defined": 0, "status": members[0][metric]["status"]}
+                continue
+            entry[metric] = {
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,  # sample sd over seeds
+                "seeds_defined": len(values),
+            }
+            if len(members) == 1:
+                entry[metric] |= {"low": members[0][metric]["low"], "high": members[0][metric]["high"]}
         summary.append(entry)
     return summary
 
 
 def _cell(entry: dict) -> str:
     if entry["mean"] is None:
-        return entry.get("status", "undefined")
-    return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+        status = entry.get("status") or "undefined"
+        return status if status.startswith("undefined") else f"undefined: {status}"
+    if entry["std"] is not None:
+        return f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+    if entry.get("low") is not None:
+        return f"{entry['mean']:.3f} ({entry['low']:.3f}–{entry['high']:.3f})"
+    return f"{entry['mean']:.3f}"
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -137,8 +148,9 @@ def write_report(
     plots = {task: plot_task(predictions, task, out / "plots" / f"{task}.png") for task in tasks}
     table = markdown_table(summary)
     note = (
-        "Held-out split; mean ± std over seeds; F1 at the threshold that maximises F1 on the tuning split. "
-        "Per-seed subject-bootstrap 95% intervals are in metrics.json."
+        "Held-out split; F1 at the threshold that maximises F1 on the tuning split. Several seeds: mean ± sample "
+        "standard deviation over seeds (n − 1); one seed: the value (subject-bootstrap 95% interval). "
+        "Every seed's interval is in metrics.json."
     )
     (out / "report.md").write_text(
         f"# {title}\n\n{note}\n\n{table}\n\n" + "\n".join(f"![{t}](plots/{t}.png)" for t in tasks) + "\n"
