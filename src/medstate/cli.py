@@ -372,9 +372,11 @@ def ehr_pretrain(
     model_kind: Annotated[
         str, typer.Option("--model", help="ehrmamba (next-event), or bert / bigbird (masked language model)")
     ] = "ehrmamba",
-    d_model: Annotated[int, typer.Option(min=8)] = 128,
-    n_layer: Annotated[int, typer.Option(min=1)] = 4,
-    ssm_version: Annotated[int, typer.Option(min=1, max=2, help="EhrMamba mixer: 1 Mamba (paper), 2 Mamba-2")] = 1,
+    d_model: Annotated[int | None, typer.Option(min=8, help="width (default 128; a resumed run keeps its own)")] = None,
+    n_layer: Annotated[int | None, typer.Option(min=1, help="layers (default 4)")] = None,
+    ssm_version: Annotated[
+        int | None, typer.Option(min=1, max=2, help="EhrMamba mixer: 1 Mamba (paper, default), 2 Mamba-2")
+    ] = None,
     max_steps: MaxSteps = 200,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
@@ -384,15 +386,14 @@ def ehr_pretrain(
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
 ) -> None:
     """Pretrain on the training split: EhrMamba by next-event prediction, the Transformer baselines by MLM."""
-    from medstate.ehr.training import load_model, new_model, pretrain
+    from medstate.ehr.training import pretrain, start_model
     from medstate.train.loop import seed_everything
 
     seed_everything(seed)
-    checkpoint = run_dir / "checkpoints" / "last"
     sizes = {"d_model": d_model, "n_layer": n_layer}
     if model_kind == "ehrmamba":
         sizes["ssm_version"] = ssm_version
-    model = load_model(checkpoint) if checkpoint.is_dir() else new_model(prepared, sizes, model_kind)
+    model, _ = start_model(run_dir, prepared, kind=model_kind, sizes=sizes)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
     _train("pretrain", prepared, run_dir, lambda p: pretrain(prepared, run_dir, model, config, token_budget, p))
 
@@ -415,17 +416,11 @@ def ehr_finetune(
     bf16: bool = False,
 ) -> None:
     """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model."""
-    from medstate.ehr.training import finetune, load_model, new_model
+    from medstate.ehr.training import finetune, start_model
     from medstate.train.loop import seed_everything
 
     seed_everything(seed)
-    checkpoint = run_dir / "checkpoints" / "last"
-    if checkpoint.is_dir():
-        model = load_model(checkpoint)
-    elif init is not None:
-        model = load_model(init)
-    else:
-        model = new_model(prepared, kind=model_kind)
+    model, _ = start_model(run_dir, prepared, init=init, kind=model_kind)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
     names = parse_list(tasks, str, "--tasks") if tasks else None
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
@@ -471,61 +466,25 @@ def ehr_explain(
     top: Annotated[int, typer.Option(min=1, help="tokens listed and labelled per sample")] = 10,
 ) -> None:
     """Integrated gradients from a task probability to each event of a patient's history, with a timeline plot."""
-    import numpy as np
-    import polars as pl
     from rich.progress import Progress
 
-    from medstate.ehr.model import EhrMamba
-    from medstate.ehr.training import Samples, load_model, predict
-    from medstate.ehr.vocab import Vocabulary
-    from medstate.interp import integrated_gradients, plot_timeline
+    from medstate.ehr.training import load_model
+    from medstate.interp import explain
 
-    model = load_model(checkpoint)
-    if not isinstance(model, EhrMamba):
-        raise MedstateError(f"{checkpoint} is not an EhrMamba checkpoint; explain needs one")
-    samples = Samples.read(prepared / "finetune.parquet", split, [task])
-    if not samples.arrays:
-        raise MedstateError(f"no {task!r} samples in split {split!r} of {prepared}")
-    frame = samples.frame.with_row_index("_i")
-    if subject is not None:
-        chosen = frame.filter(pl.col("subject_id") == subject)["_i"].to_list()
-        if not chosen:
-            raise MedstateError(f"subject {subject} has no {task!r} sample in split {split!r}")
-    else:
-        scores = predict(model, prepared, split, [task])["y_score"].to_numpy()
-        positives = np.flatnonzero(frame["label"].to_numpy() == 1)
-        pool = positives if len(positives) else np.arange(len(scores))
-        chosen = pool[np.argsort(-scores[pool])][:count].tolist()
-    vocab = Vocabulary.load(prepared / "vocab.json")
-    output.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console, transient=True) as bar:
+        progress = bar.add_task("integrated gradients", total=None)
+        results = explain(
+            prepared, load_model(checkpoint), output, task, subject, split, count, steps, top,
+            lambda done, total: bar.update(progress, completed=done, total=total),
+        )  # fmt: skip
     table = Table(title=f"{task}: largest attributions")
     for column in ("sample", "p", "label", "top events (attribution)"):
         table.add_column(column)
-    with Progress(console=console, transient=True) as bar:
-        progress = bar.add_task("integrated gradients", total=len(chosen))
-        for index in chosen:
-            row = frame.row(index, named=True)
-            arrays = samples.arrays[index]
-            tokens = [vocab.tokens[i] for i in arrays["input_ids"]]
-            result = integrated_gradients(model, arrays, tokens, steps=steps)
-            name = f"{row['subject_id']}-{row['prediction_time']:%Y%m%dT%H%M}"
-            pl.DataFrame(
-                {
-                    "position": np.arange(len(tokens)),
-                    "token": tokens,
-                    "days": arrays["times"],
-                    "attribution": result.scores,
-                }
-            ).write_csv(output / f"{name}.csv")
-            plot_timeline(result, arrays["times"], output / f"{name}.png", top=top)
-            best = np.argsort(-np.abs(result.scores))[:top]
-            table.add_row(
-                name, f"{result.probability:.3f}", str(row["label"]),
-                ", ".join(f"{tokens[i]} ({result.scores[i]:+.3f})" for i in best[:5]),
-            )  # fmt: skip
-            bar.advance(progress)
+    for item in results:
+        top_events = ", ".join(f"{token} ({score:+.3f})" for token, score in item.top(5))
+        table.add_row(item.name, f"{item.attribution.probability:.3f}", str(item.label), top_events)
     console.print(table)
-    _summary("explain", {"samples": len(chosen), "integration steps": steps, "output": str(output)})
+    _summary("explain", {"samples": len(results), "integration steps": steps, "output": str(output)})
 
 
 @ehr_app.command("forecast")
@@ -544,7 +503,7 @@ def ehr_forecast(
     """Sample each subject's next visit and score next-visit code recall@k against code-frequency baselines."""
     from rich.progress import Progress
 
-    from medstate.ehr.forecast import ForecastConfig, evaluate_forecast
+    from medstate.ehr.forecast import ForecastConfig, evaluate_forecast, write_forecast
     from medstate.ehr.training import load_model
 
     ks = tuple(parse_list(k, int, "--k"))
@@ -554,17 +513,7 @@ def ehr_forecast(
         result = evaluate_forecast(
             load_model(checkpoint), prepared, split, config, lambda d, t: bar.update(task, completed=d, total=t)
         )
-    output.mkdir(parents=True, exist_ok=True)
-    result["per_subject"].write_parquet(output / "forecast_per_subject.parquet")
-    summary = {key: value for key, value in result.items() if key != "per_subject"}
-    (output / "forecast.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    lines = ["| ranking | " + " | ".join(f"recall@{v}" for v in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for name in dict.fromkeys(r["ranking"] for r in result["summary"]):
-        cells = [r for r in result["summary"] if r["ranking"] == name]
-        lines.append(f"| {name} | " + " | ".join(
-            f"{r['recall']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})" for r in cells) + " |")  # fmt: skip
-    (output / "forecast.md").write_text("\n".join(lines) + "\n")
-    console.print("\n".join(lines))
+    console.print(write_forecast(result, output))
     _summary(
         "forecast",
         {"subjects": result["subjects"], "mean codes in the true next visit": round(result["mean_true_codes"], 1),

@@ -15,8 +15,8 @@ from medstate.ehr.forecast import (
     evaluate_forecast,
     interval_days,
 )
-from medstate.ehr.model import ARRAYS, EhrMamba, EhrMambaConfig
-from medstate.ehr.sequences import TYPE_INTERVAL, TYPE_REGISTER, TYPE_VISIT_START, interval_token
+from medstate.ehr.model import EhrMamba, EhrMambaConfig
+from medstate.ehr.sequences import ARRAYS, TYPE_INTERVAL, TYPE_REGISTER, TYPE_VISIT_START, interval_token
 from medstate.ehr.vocab import Vocabulary
 
 

@@ -58,7 +58,7 @@ def test_predictions_are_each_samples_own_probability(prepared, tmp_path):
     """Packed prediction against each sample scored alone: sigmoid of the class logit at its last token, in the
     row of its own (subject, task, visit), with its own label."""
     from medstate.ehr.batching import collate
-    from medstate.ehr.model import ARRAYS
+    from medstate.ehr.sequences import ARRAYS
 
     subprocess.run(pretrain_command(prepared, tmp_path / "run"), check=True, capture_output=True)
     model = EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last").eval()
@@ -86,3 +86,19 @@ def test_schedules():
     assert learning_rate_factor(55, TrainConfig(max_steps=100, warmup_steps=10, schedule="linear")) == pytest.approx(
         0.5
     )
+
+
+def test_a_resumed_run_refuses_other_sizes(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from medstate.cli import app
+
+    base = ["ehr", "pretrain", str(prepared), str(tmp_path / "run"), "--n-layer", "1", "--token-budget", "1024"]
+    first = CliRunner().invoke(app, [*base, "--d-model", "16", "--max-steps", "2", "--save-every", "1"])
+    assert first.exit_code == 0, first.output
+    other = CliRunner().invoke(app, [*base, "--d-model", "32", "--max-steps", "3"])
+    assert other.exit_code == 2 and "resumes a run at step 2 with d_model=16, not d_model=32" in other.output
+    same = CliRunner().invoke(app, [*base, "--max-steps", "3"])  # sizes left out: the run's own
+    assert same.exit_code == 0, same.output
+    assert EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last").config.d_model == 16
+    assert pl.read_csv(tmp_path / "run" / "log.csv")["step"].to_list() == [1, 2, 3]

@@ -6,16 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medstate.ehr.model import ARRAYS
+from medstate.ehr.sequences import ARRAY_DTYPES, ARRAYS
 
-DTYPES = {
-    "input_ids": torch.long,
-    "token_types": torch.long,
-    "ages": torch.float32,
-    "times": torch.float32,
-    "visit_segments": torch.long,
-    "visit_orders": torch.long,
-}
+# floats stay float32; ids, types, segments and orders index embeddings (long)
+DTYPES = {name: torch.float32 if dtype.is_float() else torch.long for name, dtype in ARRAY_DTYPES.items()}
 
 
 def token_budget_batches(lengths: list[int], budget: int, order: np.ndarray | None = None) -> list[list[int]]:

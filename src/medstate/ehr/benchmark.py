@@ -32,11 +32,12 @@ import yaml
 
 from medstate.ehr.baselines import xgboost_counts
 from medstate.ehr.training import (
+    MODEL_KINDS,
     finetune,
     load_model,
-    new_model,
     predictions_for_report,
     pretrain,
+    start_model,
 )
 from medstate.errors import MedstateError
 from medstate.eval.report import write_report
@@ -49,7 +50,7 @@ FINETUNE_MODES = ("multitask", "single")
 @dataclass
 class ModelSpec:
     name: str
-    kind: str  # ehrmamba | lstm | bert | bigbird | xgboost
+    kind: str  # one of training.MODEL_KINDS, or xgboost
     pretrained: bool = False
     finetune: str = "multitask"  # multitask | single
 
@@ -86,7 +87,7 @@ class BenchmarkSettings:
         return from_data(cls, read_yaml(path, "benchmark settings") or {}, f"benchmark settings {path}")
 
     def validate(self) -> None:
-        kinds = ("ehrmamba", "lstm", "bert", "bigbird", "xgboost")
+        kinds = (*MODEL_KINDS, "xgboost")
         for spec in self.models:
             if spec.kind not in kinds:
                 raise MedstateError(f"model {spec.name}: unknown kind {spec.kind!r}; choose one of {', '.join(kinds)}")
@@ -221,14 +222,11 @@ class _Cell:
     def _train(self, directory: Path, config: TrainConfig, stage: str, start: Path | None, tasks: list[str] | None):
         """One training run: from its own checkpoint where it has one (marked resumed), else from `start` (pretrained
         weights) or a new model. Pretraining when `tasks` is None, finetuning on `tasks` otherwise."""
-        checkpoint = directory / "checkpoints" / "last"
-        done = checkpoint_step(checkpoint)
-        if done >= config.max_steps:
+        if checkpoint_step(directory / "checkpoints" / "last") >= config.max_steps:
             return
+        seed_everything(self.seed)
+        model, done = start_model(directory, self.prepared, init=start, kind=self.spec.kind, sizes=self._sizes())
         with self.timings.stage(self.spec.name, self.seed, stage, resumed=done > 0):
-            seed_everything(self.seed)
-            source = checkpoint if done else start
-            model = load_model(source) if source else new_model(self.prepared, self._sizes(), self.spec.kind)
             if tasks is None:
                 pretrain(self.prepared, directory, model, config, self.settings.token_budget, self.progress)
             else:

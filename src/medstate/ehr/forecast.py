@@ -19,6 +19,7 @@ Each mean comes with a 95% interval from a bootstrap over subjects.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ import polars as pl
 import torch
 
 from medstate.ehr.batching import collate
-from medstate.ehr.model import ARRAYS, EhrMamba
+from medstate.ehr.model import EhrMamba
 from medstate.ehr.sequences import (
+    ARRAYS,
     INTERVAL_TOKENS,
     REGISTER,
     SPECIAL_TOKENS,
@@ -268,3 +270,26 @@ def evaluate_forecast(
         "summary": summary,
         "per_subject": frame,
     }
+
+
+def forecast_markdown(result: dict) -> str:
+    """recall@k (95% bootstrap interval) per ranking, one row each."""
+    ks = result["config"]["ks"]
+    lines = ["| ranking | " + " | ".join(f"recall@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for name in dict.fromkeys(r["ranking"] for r in result["summary"]):
+        cells = [r for r in result["summary"] if r["ranking"] == name]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{r['recall']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})" for r in cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_forecast(result: dict, output: str | Path) -> str:
+    """OUTPUT/forecast.json (summary), forecast_per_subject.parquet and forecast.md; returns the markdown table."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    result["per_subject"].write_parquet(output / "forecast_per_subject.parquet")
+    summary = {key: value for key, value in result.items() if key != "per_subject"}
+    (output / "forecast.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    table = forecast_markdown(result)
+    (output / "forecast.md").write_text(table + "\n")
+    return table

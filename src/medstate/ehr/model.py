@@ -19,8 +19,6 @@ from medstate.ehr.checkpoints import CheckpointMixin
 from medstate.ehr.sequences import N_TOKEN_TYPES, YEAR_DAYS
 from medstate.ssm import MambaLM, SSMConfig
 
-ARRAYS = ("input_ids", "token_types", "ages", "times", "visit_segments", "visit_orders")
-
 
 @dataclass
 class EhrMambaConfig:

@@ -22,6 +22,7 @@ at a discharge-time prediction the stay is closed with [VE] [REG], as pretrainin
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,19 +34,12 @@ import polars as pl
 import yaml
 
 from medstate.data.meds import scan_meds
-from medstate.ehr.sequences import PatientSequence, ValueBins, build_sequence, visit_key_columns
+from medstate.ehr.sequences import ARRAY_DTYPES, PatientSequence, ValueBins, build_sequence, visit_key_columns
 from medstate.ehr.tasks import TaskSuite, later_stay_keys
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 
-SEQUENCE_COLUMNS = {
-    "input_ids": pl.List(pl.Int32),
-    "token_types": pl.List(pl.Int8),
-    "ages": pl.List(pl.Float32),
-    "times": pl.List(pl.Float32),
-    "visit_segments": pl.List(pl.Int8),
-    "visit_orders": pl.List(pl.Int32),
-}
+SEQUENCE_COLUMNS = {name: pl.List(dtype) for name, dtype in ARRAY_DTYPES.items()}
 
 
 @dataclass
@@ -151,7 +145,9 @@ def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int
     the label, so the kept rows are an unbiased sample of each subject's prediction times."""
     if any(cap is not None and cap < 1 for cap in caps.values()):
         raise MedstateError(f"max_samples_per_subject must be at least 1, got {caps}")
-    keys = np.random.default_rng(seed).random(len(labels))
+    # each row's draw depends only on (seed, task, subject, visit), so a change elsewhere in the labels never redraws it
+    text = labels.select(pl.format("{}|{}|{}|{}", pl.lit(seed), "task", "subject_id", "visit_key")).to_series()
+    keys = np.asarray([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") for t in text])
     cap = pl.col("task").replace_strict({t: c or len(labels) for t, c in caps.items()}, return_dtype=pl.Int64)
     ranked = labels.with_columns(pl.Series("_key", keys)).with_columns(
         pl.col("_key").rank("ordinal").over("task", "subject_id").alias("_rank")

@@ -46,6 +46,17 @@ VISIT_KEYS = {
     "day": (),
 }
 
+# the aligned arrays of a sequence and how they are stored; prepare, batching and the model take the names from here
+ARRAY_DTYPES = {
+    "input_ids": pl.Int32,
+    "token_types": pl.Int8,
+    "ages": pl.Float32,
+    "times": pl.Float32,
+    "visit_segments": pl.Int8,
+    "visit_orders": pl.Int32,
+}
+ARRAYS = tuple(ARRAY_DTYPES)
+
 # token types (an embedding each)
 TYPE_PAD, TYPE_CLS, TYPE_STATIC, TYPE_VISIT_START, TYPE_EVENT, TYPE_VISIT_END, TYPE_REGISTER, TYPE_INTERVAL = range(8)
 TYPE_TASK = 8

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from medstate.ehr.batching import collate, token_budget_batches
-from medstate.ehr.model import ARRAYS, EhrMamba, EhrMambaConfig
+from medstate.ehr.model import EhrMamba, EhrMambaConfig
+from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.loading import expect_mapping, read_json
-from medstate.train.loop import TrainConfig, Trainer, TrainResult
+from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
 
@@ -71,6 +72,33 @@ def new_model(prepared: Path, model_config: dict | None = None, kind: str = "ehr
         context = 512 if kind == "bert" else prepared_max_length(prepared)
         return EhrTransformer(EhrTransformerConfig(**{"architecture": kind, "context": context, **sizes}))
     raise MedstateError(f"unknown model kind {kind!r}; choose one of {', '.join(MODEL_KINDS)}")
+
+
+def start_model(
+    run_dir: str | Path,
+    prepared: str | Path,
+    init: str | Path | None = None,
+    kind: str = "ehrmamba",
+    sizes: dict | None = None,
+) -> tuple[object, int]:
+    """The model a training run starts from, decided here and nowhere else: the run's own last checkpoint when it
+    has one (a resume; sizes the caller sets must match it), else the weights of `init`, else a new `kind` model
+    with `sizes` (a size left None takes the config's default). Returns the model and the step it resumes from
+    (0: a fresh start)."""
+    sizes = {name: value for name, value in (sizes or {}).items() if value is not None}
+    checkpoint = Path(run_dir) / "checkpoints" / "last"
+    done = checkpoint_step(checkpoint)
+    source = checkpoint if done else init
+    if source is None:
+        return new_model(Path(prepared), sizes, kind), 0
+    model = load_model(source)
+    different = {k: v for k, v in sizes.items() if getattr(model.config, k, v) != v}
+    if different:
+        held = ", ".join(f"{k}={getattr(model.config, k)}" for k in different)
+        asked = ", ".join(f"{k}={v}" for k, v in different.items())
+        what = f"{run_dir} resumes a run at step {done}" if done else f"{init} holds a model"
+        raise MedstateError(f"{what} with {held}, not {asked}: use a new run directory, or leave the sizes out")
+    return model, done
 
 
 def prepared_max_length(prepared: Path) -> int:

@@ -117,7 +117,7 @@ class Trainer:
         seed_everything(self.config.seed)
         step, epoch, index = 0, 0, 0
         resumed = None
-        if (self.checkpoint_dir / "trainer_state.pt").is_file():
+        if checkpoint_step(self.checkpoint_dir):  # the one test of "resume or start" (ehr.training.start_model too)
             step, epoch, index = self._load()
             resumed = step
         log = _Log(self.run_dir, append=resumed is not None, step=step)
