@@ -226,12 +226,15 @@ def data_convert(
             progress=progress,
         )
     table = Table(title=f"{format} → {output}")
-    for column in ("source", "read", "events written", "skipped", "values blanked"):
+    for column in ("source", "read", "converted", "ignored", "skipped", "events written", "values reduced"):
         table.add_column(column, justify="left" if column == "source" else "right")
     for name, counts in sorted(result.report.sources.items()):
         skipped = sum(counts.skipped.values())
-        blanked = sum(counts.coerced.values())
-        table.add_row(name, f"{counts.read:,}", f"{counts.written:,}", f"{skipped:,}", f"{blanked:,}")
+        reduced = sum(counts.coerced.values())
+        ignored = result.report.ignored[name]
+        converted = "-" if counts.converted is None else f"{counts.converted:,}"  # not counted by this reader
+        table.add_row(name, f"{counts.read:,}", converted, f"{ignored:,}", f"{skipped:,}",
+                      f"{counts.written:,}", f"{reduced:,}")  # fmt: skip
     console.print(table)
     summary = result.summary
     _summary(
@@ -243,6 +246,7 @@ def data_convert(
             "splits": ", ".join(f"{k} {v}" for k, v in sorted(summary.subjects_per_split.items())),
             "shards per split": summary.shards,
             "records skipped": f"{result.report.total_skipped:,} (reasons in report.json)",
+            "files lost": f"{len(result.report.lost_files)} (listed in report.json)",
             "report": str(summary.output / "report.json"),
         },
     )

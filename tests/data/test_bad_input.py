@@ -72,16 +72,6 @@ def test_truncated_gzip_csv(tmp_path):
     assert "labevents.csv.gz" in message and "truncated" in message
 
 
-def test_truncated_gzip_ndjson(tmp_path):
-    path = tmp_path / "in" / "Condition.ndjson.gz"
-    write_ndjson(path, [patient("a")] + [condition("a", f"2019-01-{d:02d}") for d in range(1, 29)] * 50, compress=True)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) - 40])
-    result = convert(tmp_path / "in", tmp_path / "out", "fhir")
-    assert result.report.sources["(unreadable file)"].skipped
-    assert "Condition.ndjson.gz" in strict_cli(tmp_path / "in", tmp_path / "strict", "fhir")
-
-
 def test_invalid_json_lines(tmp_path):
     write_ndjson(tmp_path / "in" / "all.ndjson", [patient("a"), '{"resourceType": "Condition", ', condition("a")])
     result = convert(tmp_path / "in", tmp_path / "out", "fhir")

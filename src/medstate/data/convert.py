@@ -67,7 +67,7 @@ def convert(
         extras = _meds_extra_columns(input, files)
         events, size = _read_meds(input, files, report, progress), sum(f.stat().st_size for f in files)
         name, describe_codes, splits = "MEDS", _meds_code_metadata(input), _meds_splits(input)
-    writer = MedsWriter(output, report, extras, shards or auto_shards(size), overwrite, workers)
+    writer = MedsWriter(output, report, extras, shards or auto_shards(size), overwrite, workers, input=input)
     try:
         for source, batch in events:
             writer.add(batch, source)

@@ -49,6 +49,7 @@ from medstate.errors import MedstateError
 EXTRA_COLUMNS: dict[str, pl.DataType] = {"unit": pl.String, "encounter_id": pl.String}
 BATCH_ROWS = 200_000
 SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
+BOM = b"\xef\xbb\xbf"
 GENDERS = {"female": "F", "male": "M", "other": "O", "unknown": "UNK"}
 MEDICATION_KINDS = {
     "MedicationRequest": ("REQUEST", ("authoredOn",)),
@@ -148,6 +149,7 @@ class FhirReader:
         self.referenced: Counter = Counter()  # events per referenced Patient.id
         self.pending: list[tuple[dict, str]] = []
         self._rows: dict[str, list] = self._empty_rows()
+        self._current: list[tuple] = []  # the events of the resource being converted, kept only if it converts
 
     @property
     def input_bytes(self) -> int:
@@ -190,44 +192,43 @@ class FhirReader:
         if self._rows["code"]:
             yield None, self._flush()
 
-    def _resources(self, path: Path) -> Iterator[tuple[dict, str]]:
+    def _resources(self, path: Path) -> Iterator[tuple[object, str]]:
+        """Every resource of a file with where it was found. A Bundle (a file, an NDJSON line or an array item)
+        gives its entries; a JSON array gives its items; a UTF-8 byte-order mark is read past. A file that cannot
+        be read to its end is a lost file (report.lost_files), apart from its records."""
         opener = gzip.open if path.name.endswith(".gz") else open
+        count = 0
         try:
             with opener(path, "rb") as handle:
                 if path.name.endswith((".ndjson", ".ndjson.gz")):
                     for number, line in enumerate(handle, start=1):
+                        line = line.removeprefix(BOM) if number == 1 else line
                         if not line.strip():
                             continue
                         where = f"{path} line {number}"
                         try:
-                            resource = orjson.loads(line)
+                            document = orjson.loads(line)
                         except orjson.JSONDecodeError as err:
                             self.report.read("(invalid JSON)")
+                            self.report.counts_conversions("(invalid JSON)")
                             self.report.problem("(invalid JSON)", "invalid JSON line", f"{where}: {err}")
                             continue
-                        yield resource, where
+                        for resource, place in _unpack(document, where):
+                            count += 1
+                            yield resource, place
                 else:
+                    data = handle.read().removeprefix(BOM)
                     try:
-                        document = orjson.loads(handle.read())
+                        document = orjson.loads(data)
                     except orjson.JSONDecodeError as err:
-                        self.report.read("(invalid JSON)")
-                        self.report.problem("(invalid JSON)", "invalid JSON file", f"{path}: {err}")
+                        estimate = max(0, data.count(b'"resourceType"') - 1) or None
+                        self.report.lost_file(path, f"not valid JSON, possibly truncated ({err})", 0, estimate)
                         return
-                    yield from self._bundle_entries(document, path)
+                    for resource, place in _unpack(document, str(path)):
+                        count += 1
+                        yield resource, place
         except (EOFError, OSError, zlib.error) as err:
-            self.report.read("(unreadable file)")
-            self.report.problem(
-                "(unreadable file)", "unreadable or truncated file (rest of the file lost)", f"{path}: {err}"
-            )
-
-    def _bundle_entries(self, document: object, path: Path) -> Iterator[tuple[dict, str]]:
-        if isinstance(document, dict) and document.get("resourceType") == "Bundle":
-            entries = [e.get("resource") for e in document.get("entry") or [] if isinstance(e, dict)]
-            numbered = sorted(enumerate(entries), key=lambda e: _type_priority(_resource_type(e[1])))
-            for index, resource in numbered:
-                yield resource, f"{path} entry {index}"
-        else:
-            yield document, str(path)
+            self.report.lost_file(path, f"unreadable or truncated file, the rest of it lost ({err})", count)
 
     # ----------------------------------------------------------------------------------------------------------
     # one resource → events
@@ -236,10 +237,12 @@ class FhirReader:
         resource_type = _resource_type(resource)
         if resource_type is None:
             self.report.read("(no resourceType)")
+            self.report.counts_conversions("(no resourceType)")
             self.report.problem("(no resourceType)", "not a FHIR resource (no resourceType)", where)
             return
         if not final:
             self.report.read(resource_type)
+            self.report.counts_conversions(resource_type)
         where = f"{where} ({resource_type}/{resource.get('id', '?')})"
         handler = _HANDLERS.get(resource_type)
         if handler is None:
@@ -247,10 +250,21 @@ class FhirReader:
                 self._register_medication(resource)
             self.report.ignore(resource_type)
             return
+        self._current = []
+        waiting = len(self.pending)
         try:
             handler(self, resource, where, final)
         except _Skip as skip:
             self.report.problem(resource_type, str(skip), where)
+            return
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError):
+            # a field of an unexpected JSON shape that no check above names: skipped and counted, never a traceback
+            self.report.problem(resource_type, "malformed resource (a field has an unexpected JSON type)", where)
+            return
+        if len(self.pending) > waiting:
+            return  # read again once its encounter or medication is known
+        self._commit()
+        self.report.converted(resource_type)
 
     def _subject(self, resource: dict, field: str = "subject") -> str:
         reference = resource.get(field) or resource.get("patient")
@@ -275,7 +289,11 @@ class FhirReader:
 
     def _code(self, concept: object) -> str:
         """'<vocabulary>//<code>' (or the bare code) from the first coding whose system the table knows."""
+        if concept is not None and not isinstance(concept, dict):
+            raise _Skip("malformed: a code is not a CodeableConcept object")
         codings = concept.get("coding") if isinstance(concept, dict) else None
+        if codings is not None and not (isinstance(codings, list) and all(isinstance(c, dict) for c in codings)):
+            raise _Skip("malformed: coding is not a list of Coding objects")
         if not codings:
             text = concept.get("text") if isinstance(concept, dict) else None
             if isinstance(text, str) and text.strip():  # free text only: kept, marked as such
@@ -290,16 +308,21 @@ class FhirReader:
         raise _Skip(f"unknown code system {codings[0].get('system')}")
 
     def _emit(self, patient_id, time, code, source, numeric=None, text=None, unit=None, encounter=None) -> None:
+        self._current.append((patient_id, time, code, numeric, text, unit, encounter, source))
+
+    def _commit(self) -> None:
         rows = self._rows
-        rows["patient"].append(patient_id)
-        rows["time"].append(time)
-        rows["code"].append(code)
-        rows["numeric_value"].append(numeric)
-        rows["text_value"].append(text)
-        rows["unit"].append(unit)
-        rows["encounter_id"].append(encounter)
-        rows["_source"].append(source)
-        self.referenced[patient_id] += 1
+        for patient_id, time, code, numeric, text, unit, encounter, source in self._current:
+            rows["patient"].append(patient_id)
+            rows["time"].append(time)
+            rows["code"].append(code)
+            rows["numeric_value"].append(numeric)
+            rows["text_value"].append(text)
+            rows["unit"].append(unit)
+            rows["encounter_id"].append(encounter)
+            rows["_source"].append(source)
+            self.referenced[patient_id] += 1
+        self._current = []
 
     def _number(self, value: object, source: str, where: str) -> float | None:
         if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
@@ -323,8 +346,9 @@ class FhirReader:
         ]
         birth = self._time(resource, ("birthDate",))
         death = self._time(resource, ("deceasedDateTime",))
+        gender = resource.get("gender")
+        gender = GENDERS.get(gender, "UNK") if isinstance(gender, str) or gender is None else "UNK"
         self.patients[patient_id] = identifiers or [(None, None)]
-        gender = GENDERS.get(resource.get("gender"), "UNK")
         self._emit(patient_id, None, f"GENDER//{gender}", "Patient")
         if birth is not None:
             self._emit(patient_id, birth, "MEDS_BIRTH", "Patient")
@@ -336,6 +360,8 @@ class FhirReader:
     def _encounter(self, resource: dict, where: str, final: bool) -> None:
         patient_id = self._subject(resource)
         period = resource.get("period") or {}
+        if not isinstance(period, dict):
+            raise _Skip("malformed: period is not a Period object")
         try:
             start = parse_fhir_time(period["start"]) if period.get("start") else None
             end = parse_fhir_time(period["end"]) if period.get("end") else None
@@ -413,11 +439,10 @@ class FhirReader:
             time = self._encounter_time(resource, where, final)
             if time is None:
                 return
-        categories = {
-            (c.get("code") or "").lower()
-            for concept in resource.get("category") or []
-            for c in (concept.get("coding") or [])
-        }
+        concepts = resource.get("category") or []
+        if not isinstance(concepts, list) or not all(isinstance(c, dict) for c in concepts):
+            raise _Skip("malformed: category is not a list of CodeableConcept objects")
+        categories = {(c.get("code") or "").lower() for concept in concepts for c in (concept.get("coding") or []) if c}
         family = "LAB" if "laboratory" in categories else "VITAL" if "vital-signs" in categories else "OBSERVATION"
         encounter = _reference_id(resource.get("encounter"))
         parts = [resource] if _has_value(resource) or not resource.get("component") else []
@@ -431,13 +456,25 @@ class FhirReader:
             self._emit(patient_id, time, code, "Observation", numeric, text, unit, encounter)
 
     def _value(self, element: dict, source: str, where: str) -> tuple[float | None, str | None, str | None]:
+        """(numeric_value, text_value, unit) of an Observation value. Forms kept only in part are counted by reason
+        (strict mode stops on them)."""
         if "valueQuantity" in element:
-            quantity = element["valueQuantity"] or {}
+            quantity = element["valueQuantity"]
+            if not isinstance(quantity, dict):
+                raise _Skip("malformed: valueQuantity is not a Quantity object")
             unit = quantity.get("unit") or quantity.get("code")
-            return self._number(quantity.get("value"), source, where), None, unit
+            number = self._number(quantity.get("value"), source, where)
+            comparator = quantity.get("comparator")
+            if comparator and number is not None:  # a censored value: "<40" is not 40
+                self.report.problem(source, "value with a comparator: number kept, comparator in text_value", where,
+                                    kept=True)  # fmt: skip
+                return number, f"{comparator}{quantity.get('value')}", unit
+            return number, None, unit
         if "valueCodeableConcept" in element:
             concept = element["valueCodeableConcept"] or {}
-            coding = (concept.get("coding") or [{}])[0]
+            if not isinstance(concept, dict):
+                raise _Skip("malformed: valueCodeableConcept is not an object")
+            coding = next((c for c in concept.get("coding") or [] if isinstance(c, dict)), {})
             return None, concept.get("text") or coding.get("display") or coding.get("code"), None
         for name in ("valueString", "valueDateTime", "valueTime", "valueCode"):
             if name in element:
@@ -446,6 +483,28 @@ class FhirReader:
             return None, "true" if element["valueBoolean"] else "false", None
         if "valueInteger" in element:
             return self._number(element["valueInteger"], source, where), None, None
+        if "valueRange" in element:
+            low, high = (_quantity(element["valueRange"], side) for side in ("low", "high"))
+            self.report.problem(source, "valueRange kept as text (low-high)", where, kept=True)
+            return (
+                None,
+                f"{low[0] if low[0] is not None else ''}-{high[0] if high[0] is not None else ''}",
+                (low[1] or high[1]),
+            )
+        if "valueRatio" in element:
+            numerator, denominator = (_quantity(element["valueRatio"], side) for side in ("numerator", "denominator"))
+            self.report.problem(source, "valueRatio kept as text (numerator/denominator)", where, kept=True)
+            return None, f"{numerator[0]}/{denominator[0]}", None
+        if "valuePeriod" in element:
+            period = element["valuePeriod"]
+            if not isinstance(period, dict):
+                raise _Skip("malformed: valuePeriod is not a Period object")
+            self.report.problem(source, "valuePeriod kept as text (start/end)", where, kept=True)
+            return None, f"{period.get('start', '')}/{period.get('end', '')}", None
+        for name in ("valueSampledData", "valueAttachment"):
+            if name in element:
+                self.report.problem(source, f"{name} not carried (blanked)", where, kept=True)
+                return None, None, None
         return None, None, None
 
     def _medication_use(self, resource: dict, where: str, final: bool) -> None:
@@ -484,11 +543,15 @@ class FhirReader:
         try:
             self.medications[medication_id] = self._code(resource.get("code"))
         except _Skip:
-            identifiers = [i.get("value") for i in resource.get("identifier") or [] if i.get("value")]
+            identifiers = [i.get("value") for i in resource.get("identifier") or [] if isinstance(i, dict)]
+            identifiers = [i for i in identifiers if isinstance(i, str) and i]
             self.medications[medication_id] = f"MIX//{identifiers[0]}" if identifiers else "UNK"
 
     def _diagnostic_report(self, resource: dict, where: str, final: bool) -> None:
-        texts = [_decode_attachment(a) for a in resource.get("presentedForm") or []]
+        forms = resource.get("presentedForm") or []
+        texts = [_decode_attachment(a) for a in forms]
+        if any(text is None and isinstance(a, dict) and a.get("data") for a, text in zip(forms, texts)):
+            self.report.problem("DiagnosticReport", "presentedForm not base64 UTF-8 text (blanked)", where, kept=True)
         text = "\n".join(t for t in texts if t) or resource.get("conclusion")
         self._simple(resource, where, final, "REPORT", ("effectiveDateTime", "effectivePeriod", "issued"), text=text)
 
@@ -508,6 +571,10 @@ class FhirReader:
                 if decoded is None and attachment.get("data"):
                     self.report.problem(
                         "DocumentReference", "attachment not base64 UTF-8 text (blanked)", where, kept=True
+                    )
+                elif decoded is None and attachment.get("url"):
+                    self.report.problem(
+                        "DocumentReference", "attachment only by url (text not carried)", where, kept=True
                     )
                 texts.append(decoded)
         text = "\n".join(t for t in texts if t) or None
@@ -560,10 +627,39 @@ class FhirReader:
         ).sort("subject_id")
 
 
+def _unpack(document: object, where: str) -> Iterator[tuple[object, str]]:
+    """A Bundle → its entries' resources (Patients and Encounters first); a JSON array → its items; else itself."""
+    if isinstance(document, list):
+        for index, item in enumerate(document):
+            yield from _unpack(item, f"{where} item {index}")
+    elif isinstance(document, dict) and document.get("resourceType") == "Bundle":
+        entries = document.get("entry") or []
+        resources = (
+            [e.get("resource") if isinstance(e, dict) else e for e in entries] if isinstance(entries, list) else []
+        )
+        numbered = sorted(enumerate(resources), key=lambda e: _type_priority(_resource_type(e[1])))
+        for index, resource in numbered:
+            yield from _unpack(resource, f"{where} entry {index}")
+    else:
+        yield document, where
+
+
 def _resource_type(resource: object) -> str | None:
     if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
         return resource["resourceType"]
     return None
+
+
+def _quantity(container: object, side: str) -> tuple[object, str | None]:
+    """(value, unit) of `container[side]`, a Quantity; (None, None) where absent."""
+    if not isinstance(container, dict):
+        raise _Skip("malformed: a Range or Ratio is not an object")
+    quantity = container.get(side)
+    if quantity is None:
+        return None, None
+    if not isinstance(quantity, dict):
+        raise _Skip(f"malformed: {side} is not a Quantity object")
+    return quantity.get("value"), quantity.get("unit") or quantity.get("code")
 
 
 def _has_value(element: dict) -> bool:

@@ -18,6 +18,7 @@ from medstate.errors import MedstateError
 @dataclass
 class SourceCounts:
     read: int = 0
+    converted: int | None = None  # records that became events, where the reader counts them (FHIR resources)
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     coerced: Counter = field(default_factory=Counter)
@@ -28,6 +29,7 @@ class SourceCounts:
     def as_dict(self) -> dict:
         return {
             "read": self.read,
+            "converted": self.converted,
             "written": self.written,
             "skipped": dict(sorted(self.skipped.items())),
             "coerced": dict(sorted(self.coerced.items())),
@@ -43,6 +45,7 @@ class ConversionReport:
         self.sources: dict[str, SourceCounts] = defaultdict(SourceCounts)
         self.notes: list[str] = []
         self.ignored: Counter = Counter()  # records read that carry no event by design (e.g. FHIR Organization)
+        self.lost_files: list[dict] = []  # files (or their rest) that could not be read at all
 
     def read(self, source: str, n: int = 1) -> None:
         self.sources[source].read += n
@@ -66,6 +69,36 @@ class ConversionReport:
     def ignore(self, source: str) -> None:
         self.ignored[source] += 1
 
+    def converted(self, source: str) -> None:
+        counts = self.sources[source]
+        counts.converted = (counts.converted or 0) + 1
+
+    def counts_conversions(self, source: str) -> None:
+        """This source's reader counts converted records (so read = converted + skipped + ignored must hold)."""
+        counts = self.sources[source]
+        counts.converted = counts.converted or 0
+
+    def lost_file(self, path: Path, reason: str, resources_read: int, resources_estimated: int | None = None) -> None:
+        """A file, or the rest of it, that could not be read: listed apart from skipped records (strict: stop)."""
+        size = Path(path).stat().st_size if Path(path).is_file() else None
+        if self.strict:
+            raise MedstateError(
+                f"{path}: {reason} (strict mode stops at a file it cannot read; drop --strict to go on)"
+            )
+        self.lost_files.append(
+            {"path": str(path), "bytes": size, "reason": reason, "resources_read_before": resources_read,
+             "resources_in_file_estimated": resources_estimated}
+        )  # fmt: skip
+
+    def unaccounted(self) -> dict[str, int]:
+        """Per source whose reader counts converted records: read - (converted + skipped + ignored), 0 when every
+        record is accounted for."""
+        out = {}
+        for name, counts in self.sources.items():
+            if counts.converted is not None:
+                out[name] = counts.read - counts.converted - sum(counts.skipped.values()) - self.ignored[name]
+        return out
+
     def note(self, text: str) -> None:
         self.notes.append(text)
 
@@ -87,6 +120,7 @@ class ConversionReport:
             "totals": {"read": self.total_read, "written": self.total_written, "skipped": self.total_skipped},
             "sources": {name: counts.as_dict() for name, counts in sorted(self.sources.items())},
             "ignored": dict(sorted(self.ignored.items())),
+            "lost_files": self.lost_files,
             "notes": self.notes,
         }
 

@@ -6,6 +6,10 @@ of the data), drops exact duplicate rows (counted), sorts by subject_id then tim
 first), and writes `data/<split>/<shard>.parquet`. Splits are drawn per subject from a seeded permutation, so the
 same input and seed give the same dataset. The dataset is assembled in `<output>.partial/` and renamed into place
 at the end: an interrupted conversion never leaves a half-written dataset where a finished one is expected.
+
+Never delete what medstate did not write: the output may not be, contain or lie inside the input; `--overwrite`
+replaces only a directory that holds medstate's marker file (`.medstate-output`) and nothing but what medstate
+writes; a leftover `<output>.partial/` is removed only when it carries the marker too.
 """
 
 from __future__ import annotations
@@ -34,6 +38,35 @@ SPLITS = ("train", "tuning", "held_out")
 _SOURCE = "_source"
 _STAGING_BYTES_PER_SHARD = 16 << 20
 _SHARDS_PER_WORKER = 4
+MARKER = ".medstate-output"  # left in every directory medstate writes: the only ones --overwrite may replace
+_WRITTEN = {MARKER, "data", "metadata", "report.json"}
+
+
+def check_output(output: Path, input: Path | None, overwrite: bool) -> None:
+    """Refuse an output that would delete or mix with anything medstate did not write (see the module doc)."""
+    if output.exists() and not output.is_dir():
+        raise MedstateError(f"output {output} is a file, not a directory; choose a directory path")
+    if input is not None:
+        source, target = input.resolve(), output.resolve()
+        if source == target or source in target.parents or target in source.parents:
+            raise MedstateError(
+                f"output {output} is, contains or lies inside the input {input}; choose a directory outside it"
+            )
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise MedstateError(f"output directory {output} is not empty; choose another or pass --overwrite")
+        _refuse_foreign(output, "--overwrite")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists():
+        _refuse_foreign(partial, "a leftover partial conversion")
+
+
+def _refuse_foreign(directory: Path, why: str) -> None:
+    if not directory.is_dir() or not (directory / MARKER).is_file():
+        raise MedstateError(f"{why} would delete {directory}, which medstate did not write (no {MARKER}); move it away")
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in _WRITTEN)
+    if foreign:
+        raise MedstateError(f"{why} would delete {directory / foreign[0]}, which medstate did not write; move it away")
 
 
 def auto_shards(input_bytes: int) -> int:
@@ -63,12 +96,13 @@ class MedsWriter:
         shards: int = 1,
         overwrite: bool = False,
         workers: int | None = None,
+        input: str | Path | None = None,
     ):
-        """`workers`: processes that sort shards at the end (default: up to 2; 0 sorts in this process)."""
+        """`workers`: processes that sort shards at the end (default: up to 2; 0 sorts in this process). `input`:
+        the data being converted, which the output must not touch."""
         self.output = Path(output)
         self.workers = min(2, os.cpu_count() or 1) if workers is None else workers
-        if self.output.exists() and any(self.output.iterdir()) and not overwrite:
-            raise MedstateError(f"output directory {self.output} is not empty; choose another or pass --overwrite")
+        check_output(self.output, None if input is None else Path(input), overwrite)
         if shards < 1:
             raise MedstateError(f"--shards must be at least 1, got {shards}")
         self.report = report
@@ -76,8 +110,9 @@ class MedsWriter:
         self.overwrite = overwrite
         self.schema = {**MEDS_SCHEMA, **(extra_columns or {}), _SOURCE: pl.String}
         self.partial = self.output.with_name(self.output.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
+        shutil.rmtree(self.partial, ignore_errors=True)  # only ever one of ours (check_output)
         (self.partial / "staging").mkdir(parents=True)
+        (self.partial / MARKER).write_text(f"written by medstate {__version__}\n")
         self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
     def add(self, events: pl.DataFrame, source: str | None = None) -> None:
@@ -173,7 +208,8 @@ class MedsWriter:
             + "\n"
         )
         self.report.write(self.partial / "report.json")
-        if self.output.exists():  # empty, or the user asked to overwrite it (checked when the writer was made)
+        if self.output.exists():  # empty, or one of ours that the user asked to overwrite (check_output)
+            check_output(self.output, None, self.overwrite)  # again: nothing foreign arrived meanwhile
             shutil.rmtree(self.output)
         self.partial.rename(self.output)
         per_split = splits.group_by("split").len()
