@@ -308,6 +308,9 @@ class FhirReader:
         raise _Skip(f"unknown code system {codings[0].get('system')}")
 
     def _emit(self, patient_id, time, code, source, numeric=None, text=None, unit=None, encounter=None) -> None:
+        for name, value in (("text", text), ("unit", unit), ("encounter reference", encounter)):
+            if value is not None and not isinstance(value, str):
+                raise _Skip(f"malformed: a {name} is not a string")
         self._current.append((patient_id, time, code, numeric, text, unit, encounter, source))
 
     def _commit(self) -> None:
