@@ -190,10 +190,13 @@ def data_convert(
     exclude_files: Annotated[
         list[str] | None, typer.Option(help="FHIR only: leave out files whose name matches this glob (repeatable)")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if it is not empty")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace OUTPUT if medstate wrote it (never anything else)")] = False,
     workers: Annotated[
         int | None, typer.Option(min=0, help="processes sorting shards at the end (default ≤2; 0: less memory)")
     ] = None,
+    timezone: Annotated[
+        str, typer.Option(help="FHIR: the zone times are written in (offsets converted, naive times read as in it)")
+    ] = "UTC",
 ) -> None:
     """Convert clinical data into a MEDS dataset; bad records are counted by reason in OUTPUT/report.json."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -223,6 +226,7 @@ def data_convert(
             exclude_files=exclude_files,
             overwrite=overwrite,
             workers=workers,
+            timezone=timezone,
             progress=progress,
         )
     table = Table(title=f"{format} → {output}")

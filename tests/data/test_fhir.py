@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from medstate.data.convert import convert
-from medstate.data.fhir import parse_fhir_time, stable_subject_id
+from medstate.data.fhir import parse_fhir_time, stable_subject_id, time_zone
 from medstate.data.meds import scan_meds
 
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -116,14 +116,14 @@ def test_hand_worked_resources(tmp_path):
     assert got == {
         (None, "GENDER//F", None, None),
         (t(1950, 6, 15), "MEDS_BIRTH", None, None),
-        (t(2020, 1, 2, 3, 4, 5), "MEDS_DEATH", None, None),  # local wall-clock time, offset dropped
-        (t(2019, 12, 30, 10), "ENCOUNTER_START//IMP", None, None),
-        (t(2020, 1, 1, 12), "ENCOUNTER_END//IMP", None, "exp"),  # the discharge disposition: expired
-        (t(2019, 12, 30, 13), "PROCEDURE//SNOMED//80146002", None, None),  # a Period gives its start
+        (t(2020, 1, 2, 8, 4, 5), "MEDS_DEATH", None, None),  # 03:04:05-05:00 in UTC
+        (t(2019, 12, 30, 15), "ENCOUNTER_START//IMP", None, None),
+        (t(2020, 1, 1, 17), "ENCOUNTER_END//IMP", None, "exp"),  # the discharge disposition: expired
+        (t(2019, 12, 30, 18), "PROCEDURE//SNOMED//80146002", None, None),  # a Period gives its start
         (t(2019, 12, 15), "DIAGNOSIS//ICD//10//E785", None, None),  # the onset, not the recorded date
-        (t(2020, 1, 1, 12), "DIAGNOSIS//ICD//10//I509", None, None),  # no onset: its encounter's end; dots gone
-        (t(2019, 12, 30, 11), "VITAL//LOINC//8480-6//mm[Hg]", 120.0, None),  # one event per component
-        (t(2019, 12, 30, 11), "VITAL//LOINC//8462-4//mm[Hg]", 80.0, None),
+        (t(2020, 1, 1, 17), "DIAGNOSIS//ICD//10//I509", None, None),  # no onset: its encounter's end; dots gone
+        (t(2019, 12, 30, 16), "VITAL//LOINC//8480-6//mm[Hg]", 120.0, None),  # one event per component
+        (t(2019, 12, 30, 16), "VITAL//LOINC//8462-4//mm[Hg]", 80.0, None),
         (t(2019, 12, 31), "MEDICATION//REQUEST//RXNORM//197361", None, None),  # reference resolved afterwards
         (t(2020, 1, 1, 9), "NOTE//LOINC//11506-3", None, "Chest pain, resolved."),  # base64 decoded
     }
@@ -149,8 +149,13 @@ def test_icd9_condition_matches_the_mimic_csv_code(tmp_path):
 def test_time_parsing():
     assert parse_fhir_time("2020") == datetime(2020, 1, 1)
     assert parse_fhir_time("2020-02") == datetime(2020, 2, 1)
-    assert parse_fhir_time("2020-02-29T23:59:58.123+02:00") == datetime(2020, 2, 29, 23, 59, 58, 123000)
+    assert parse_fhir_time("2020-02-29T23:59:58.123+02:00") == datetime(2020, 2, 29, 21, 59, 58, 123000)  # in UTC
     assert parse_fhir_time("2020-02-29T23:59:58Z") == datetime(2020, 2, 29, 23, 59, 58)
+    assert parse_fhir_time("2020-02-29T23:59:58") == datetime(2020, 2, 29, 23, 59, 58)  # naive: read as UTC
+    new_york = time_zone("America/New_York")
+    assert parse_fhir_time("2020-07-01T12:00:00Z", new_york) == datetime(2020, 7, 1, 8)  # EDT, -04:00
+    assert parse_fhir_time("2020-01-01T12:00:00Z", new_york) == datetime(2020, 1, 1, 7)  # EST, -05:00
+    assert parse_fhir_time("2020-01-01T12:00:00", new_york) == datetime(2020, 1, 1, 12)
     with pytest.raises(ValueError):
         parse_fhir_time("2019-02-29")
 
@@ -226,3 +231,28 @@ def test_gzipped_ndjson_bulk_export(shared_data, tmp_path):
     assert result.summary.subjects == 13
     # the bulk-export log is not a FHIR resource: counted, not silently passed over
     assert result.report.sources["(no resourceType)"].skipped
+
+
+def test_mixed_offsets_never_reorder_a_patients_events(tmp_path):
+    """An encounter at 22:00-05:00 (03:00 UTC the next day) and its lab at 03:30Z: by wall clock the lab would
+    come 19 hours before the encounter that ordered it."""
+    resources = [
+        {"resourceType": "Patient", "id": "p", "birthDate": "1970-01-01"},
+        {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/p"}, "class": {"code": "EMER"},
+         "period": {"start": "2020-01-01T22:00:00-05:00", "end": "2020-01-02T01:00:00-05:00"}},
+        {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/p"},
+         "effectiveDateTime": "2020-01-02T03:30:00Z", "code": coded(LOINC, "2345-7"),
+         "valueQuantity": {"value": 5.0, "unit": "mmol/L"}},
+    ]  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.json").write_text(json.dumps(bundle(*resources)))
+    convert(tmp_path / "in", tmp_path / "utc", "fhir")
+    events = scan_meds(tmp_path / "utc").collect().drop_nulls("time").filter(pl.col("code") != "MEDS_BIRTH")
+    assert events["code"].to_list() == ["ENCOUNTER_START//EMER", "OBSERVATION//LOINC//2345-7//mmol/L",
+                                        "ENCOUNTER_END//EMER"]  # fmt: skip
+    assert events["time"].to_list() == [datetime(2020, 1, 2, 3), datetime(2020, 1, 2, 3, 30), datetime(2020, 1, 2, 6)]
+    dataset = json.loads((tmp_path / "utc" / "metadata" / "dataset.json").read_text())
+    assert dataset["time_zone"].startswith("UTC")
+    convert(tmp_path / "in", tmp_path / "ny", "fhir", timezone="America/New_York")
+    local = scan_meds(tmp_path / "ny").collect().drop_nulls("time").filter(pl.col("code") != "MEDS_BIRTH")
+    assert local["time"].to_list() == [datetime(2020, 1, 1, 22), datetime(2020, 1, 1, 22, 30), datetime(2020, 1, 2, 1)]

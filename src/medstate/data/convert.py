@@ -38,6 +38,7 @@ def convert(
     exclude_files: list[str] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    timezone: str = "UTC",
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert `input` into a MEDS dataset at `output`.
@@ -45,7 +46,8 @@ def convert(
     Lenient (default): bad records are skipped and counted by reason in `output/report.json`. Strict: the first bad
     record raises a MedstateError naming its file and line or record, and nothing is written.
     `tables` chooses MIMIC-IV tables; `exclude_files` leaves out FHIR files by glob pattern on their names;
-    `workers` processes sort the shards at the end (default up to 2; 0 sorts in this process, using less memory)."""
+    `workers` processes sort the shards at the end (default up to 2; 0 sorts in this process, using less memory).
+    `timezone` (FHIR): the zone every time is written in; offset-aware times converted, naive ones read as in it."""
     input = Path(input)
     if format not in FORMATS:
         raise MedstateError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -59,7 +61,7 @@ def convert(
         extras, size = mimic.EXTRA_COLUMNS, mimic.input_bytes(input, specs)
         name, describe_codes, splits = "MIMIC-IV", mimic.code_metadata(input), None
     elif format == "fhir":
-        reader = fhir.FhirReader(input, report, progress=progress, exclude_files=exclude_files)
+        reader = fhir.FhirReader(input, report, progress=progress, exclude_files=exclude_files, timezone=timezone)
         events, extras, size = reader.events(), fhir.EXTRA_COLUMNS, reader.input_bytes
         name, describe_codes, splits = "FHIR", None, None
     else:
@@ -78,6 +80,9 @@ def convert(
             code_metadata=describe_codes,
             subject_map=reader.subject_map() if format == "fhir" else None,
             splits=splits,
+            time_zone=f"{timezone} (offset-aware times converted, naive ones read as {timezone})"
+            if format == "fhir"
+            else None,
         )
     except BaseException:
         writer.abort()

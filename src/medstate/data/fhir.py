@@ -18,8 +18,10 @@ that a Condition coded in ICD-9-CM becomes the `DIAGNOSIS//ICD//9//4280` the MIM
     DiagnosticReport        REPORT//…      (presentedForm text kept)
     DocumentReference       NOTE//…        (attachment text, base64-decoded, kept as text_value)
 
-Times keep their local wall-clock value (the UTC offset is dropped), as MIMIC-IV and most EHR exports record local
-time. Subject ids are stable 63-bit hashes of Patient.id, so the same patient gets the same id in every run and
+Times are written in one zone (UTC unless `timezone` names another): a time with a UTC offset is converted to it,
+a time without one is read as already in it (recorded in metadata/dataset.json), so a patient's events never
+reorder because an export mixes offsets. Subject ids are stable 63-bit hashes of Patient.id, so the same patient
+gets the same id in every run and
 every file order; `subject_map()` links them back to Patient.id and each Patient.identifier.
 """
 
@@ -34,6 +36,7 @@ import gzip
 import hashlib
 import re
 import zlib
+import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -79,15 +82,24 @@ def stable_subject_id(patient_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(patient_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
-def parse_fhir_time(value: str) -> dt.datetime:
-    """FHIR date/dateTime/instant → naive local datetime. Partial dates (YYYY, YYYY-MM) take the first day."""
+def time_zone(name: str) -> zoneinfo.ZoneInfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise MedstateError(f"unknown time zone {name!r}; use an IANA name such as UTC or America/New_York") from None
+
+
+def parse_fhir_time(value: str, zone: dt.tzinfo = dt.UTC) -> dt.datetime:
+    """FHIR date/dateTime/instant → naive datetime in `zone`: a time with a UTC offset is converted to the zone,
+    a time without one is read as the zone's already. Partial dates (YYYY, YYYY-MM) take the first day."""
     if not isinstance(value, str):
         raise ValueError(f"not a date: {value!r}")
     if len(value) == 4:
         return dt.datetime(int(value), 1, 1)
     if len(value) == 7:
         return dt.datetime(int(value[:4]), int(value[5:7]), 1)
-    return dt.datetime.fromisoformat(value).replace(tzinfo=None)
+    moment = dt.datetime.fromisoformat(value)
+    return moment if moment.tzinfo is None else moment.astimezone(zone).replace(tzinfo=None)
 
 
 class _Skip(Exception):
@@ -135,8 +147,11 @@ class FhirReader:
         report: ConversionReport,
         progress: Callable[[str, int], None] | None = None,
         exclude_files: list[str] | None = None,
+        timezone: str = "UTC",
     ):
-        """`exclude_files`: glob patterns on file names to leave out (e.g. "*ED.ndjson.gz" for a module)."""
+        """`exclude_files`: glob patterns on file names to leave out (e.g. "*ED.ndjson.gz" for a module).
+        `timezone`: the zone every time is written in (offset-aware times converted, naive ones read as in it)."""
+        self.zone = time_zone(timezone)
         self.root = Path(root)
         self.exclude_files = exclude_files or []
         self.report = report
@@ -282,7 +297,7 @@ class FhirReader:
             if value is None:
                 continue
             try:
-                return parse_fhir_time(value)
+                return parse_fhir_time(value, self.zone)
             except (ValueError, TypeError):
                 raise _Skip(f"unparseable date in {name}") from None
         return None
@@ -366,8 +381,8 @@ class FhirReader:
         if not isinstance(period, dict):
             raise _Skip("malformed: period is not a Period object")
         try:
-            start = parse_fhir_time(period["start"]) if period.get("start") else None
-            end = parse_fhir_time(period["end"]) if period.get("end") else None
+            start = parse_fhir_time(period["start"], self.zone) if period.get("start") else None
+            end = parse_fhir_time(period["end"], self.zone) if period.get("end") else None
         except (ValueError, TypeError):
             raise _Skip("unparseable date in period") from None
         if start is None and end is None:

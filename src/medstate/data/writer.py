@@ -156,6 +156,7 @@ class MedsWriter:
         code_metadata: Callable[[pl.Series], pl.DataFrame] | None = None,
         subject_map: pl.DataFrame | None = None,
         splits: pl.DataFrame | None = None,
+        time_zone: str | None = None,
     ) -> WriteSummary:
         """Sort, split and write the dataset. `splits` (subject_id, split) keeps a source's own splits; subjects it
         does not list are drawn like the rest."""
@@ -202,6 +203,7 @@ class MedsWriter:
                     "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(),
                     "split_seed": seed,
                     "split_fractions": dict(zip(SPLITS, split_fractions)),
+                    "time_zone": time_zone or "as recorded in the source (no conversion)",
                 },
                 indent=2,
             )
