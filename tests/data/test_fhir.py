@@ -256,3 +256,65 @@ def test_mixed_offsets_never_reorder_a_patients_events(tmp_path):
     convert(tmp_path / "in", tmp_path / "ny", "fhir", timezone="America/New_York")
     local = scan_meds(tmp_path / "ny").collect().drop_nulls("time").filter(pl.col("code") != "MEDS_BIRTH")
     assert local["time"].to_list() == [datetime(2020, 1, 1, 22), datetime(2020, 1, 1, 22, 30), datetime(2020, 1, 2, 1)]
+
+
+def test_what_a_model_needs_is_carried_as_codes(tmp_path):
+    """Race and ethnicity (US Core) and marital status as static facts, a coded answer in the event code, the
+    encounter type as an event, displays as code descriptions, and a note written twice carried once."""
+    race = {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "extension": [
+            {
+                "url": "ombCategory",
+                "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3", "display": "White"},
+            },
+            {"url": "text", "valueString": "White"},
+        ],
+    }
+    ethnicity = {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+        "extension": [{"url": "ombCategory", "valueCoding": {"code": "2186-5", "display": "Not Hispanic or Latino"}}],
+    }
+    text = base64.b64encode(b"Follow-up in two weeks.").decode()
+    resources = [
+        {"resourceType": "Patient", "id": "p", "extension": [race, ethnicity],
+         "maritalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus",
+                                       "code": "M"}]}},
+        {"resourceType": "Encounter", "id": "e", "subject": {"reference": "Patient/p"}, "class": {"code": "AMB"},
+         "type": [coded(SNOMED, "185349003", "Encounter for check up")],
+         "period": {"start": "2020-01-01T10:00:00Z", "end": "2020-01-01T11:00:00Z"}},
+        {"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/p"},
+         "effectiveDateTime": "2020-01-01T10:30:00Z", "code": coded(LOINC, "72166-2", "Tobacco smoking status"),
+         "valueCodeableConcept": coded(SNOMED, "266919005", "Never smoker")},
+        {"resourceType": "DiagnosticReport", "id": "r", "subject": {"reference": "Patient/p"},
+         "effectiveDateTime": "2020-01-01T10:40:00Z", "code": coded(LOINC, "34117-2"),
+         "presentedForm": [{"contentType": "text/plain", "data": text}]},
+        {"resourceType": "DocumentReference", "id": "d", "subject": {"reference": "Patient/p"},
+         "date": "2020-01-01T10:40:00Z", "type": coded(LOINC, "34117-2"),
+         "content": [{"attachment": {"contentType": "text/plain", "data": text}}]},
+    ]  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.json").write_text(json.dumps(bundle(*resources)))
+    result = convert(tmp_path / "in", tmp_path / "out", "fhir")
+    events = scan_meds(tmp_path / "out").collect()
+    got = {(r["time"], r["code"], r["text_value"]) for r in events.iter_rows(named=True)}
+    t = datetime
+    assert got == {
+        (None, "GENDER//UNK", None),
+        (None, "RACE//2106-3", "White"),
+        (None, "ETHNICITY//2186-5", "Not Hispanic or Latino"),
+        (None, "MARITAL_STATUS//M", None),
+        (t(2020, 1, 1, 10), "ENCOUNTER_START//AMB", "Encounter for check up"),
+        (t(2020, 1, 1, 10), "ENCOUNTER_TYPE//SNOMED//185349003", None),
+        (t(2020, 1, 1, 11), "ENCOUNTER_END//AMB", None),
+        (t(2020, 1, 1, 10, 30), "OBSERVATION//LOINC//72166-2//SNOMED//266919005", "Never smoker"),
+        (t(2020, 1, 1, 10, 40), "NOTE//LOINC//34117-2", "Follow-up in two weeks."),
+        (t(2020, 1, 1, 10, 40), "REPORT//LOINC//34117-2", None),  # the same text, carried once, on the NOTE
+    }
+    assert result.report.sources["DiagnosticReport"].coerced == {
+        "text identical to a note of the patient (kept on the NOTE)": 1
+    }
+    codes = pl.read_parquet(tmp_path / "out" / "metadata" / "codes.parquet")
+    described = dict(zip(codes["code"], codes["description"]))
+    assert described["ENCOUNTER_TYPE//SNOMED//185349003"] == "Encounter for check up"
+    assert described["OBSERVATION//LOINC//72166-2//SNOMED//266919005"] == "Tobacco smoking status: Never smoker"

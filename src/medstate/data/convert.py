@@ -63,7 +63,7 @@ def convert(
     elif format == "fhir":
         reader = fhir.FhirReader(input, report, progress=progress, exclude_files=exclude_files, timezone=timezone)
         events, extras, size = reader.events(), fhir.EXTRA_COLUMNS, reader.input_bytes
-        name, describe_codes, splits = "FHIR", None, None
+        name, describe_codes, splits = "FHIR", reader.code_metadata, None
     else:
         files = meds.data_files(input)
         extras = _meds_extra_columns(input, files)

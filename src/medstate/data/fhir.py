@@ -129,7 +129,8 @@ def _coding_code(concept: object) -> str | None:
 
 def _type_priority(resource_type: str | None) -> int:
     """Patients, encounters and medications first, so that later resources find them."""
-    return {"Patient": 0, "Encounter": 1, "Medication": 2}.get(resource_type or "", 3)
+    # a DiagnosticReport comes after the DocumentReferences, whose note text it may repeat
+    return {"Patient": 0, "Encounter": 1, "Medication": 2, "DiagnosticReport": 4}.get(resource_type or "", 3)
 
 
 def _file_priority(path: Path) -> int:
@@ -137,6 +138,8 @@ def _file_priority(path: Path) -> int:
     for resource_type in ("Patient", "Encounter"):
         if resource_type in name:
             return _type_priority(resource_type)
+    if "DiagnosticReport" in name:
+        return _type_priority("DiagnosticReport")
     return 2 if re.search(r"Medication(?!Request|Administration|Dispense|Statement)", name) else 3
 
 
@@ -163,6 +166,8 @@ class FhirReader:
         self.patients: dict[str, list[tuple[str | None, str | None]]] = {}
         self.referenced: Counter = Counter()  # events per referenced Patient.id
         self.pending: list[tuple[dict, str]] = []
+        self.displays: dict[str, str] = {}  # '<vocabulary>//<code>' → the display the export gives it
+        self.note_texts: dict[str, set[bytes]] = {}  # Patient.id → digests of the note texts written
         self._rows: dict[str, list] = self._empty_rows()
         self._current: list[tuple] = []  # the events of the resource being converted, kept only if it converts
 
@@ -281,6 +286,13 @@ class FhirReader:
         self._commit()
         self.report.converted(resource_type)
 
+    def _known_code(self, concept: object) -> str | None:
+        """`_code` of a concept, or None where it has no coding of a known system."""
+        try:
+            return self._code(concept) if isinstance(concept, dict) and concept.get("coding") else None
+        except _Skip:
+            return None
+
     def _subject(self, resource: dict, field: str = "subject") -> str:
         reference = resource.get(field) or resource.get("patient")
         patient_id = _reference_id(reference)
@@ -319,7 +331,10 @@ class FhirReader:
             code = coding.get("code")
             if vocabulary is not None and isinstance(code, str) and code:
                 code = code.replace(".", "") if vocabulary.strip_dots else code
-                return f"{vocabulary.prefix}//{code}" if vocabulary.prefix else code
+                code = f"{vocabulary.prefix}//{code}" if vocabulary.prefix else code
+                if isinstance(coding.get("display"), str) and code not in self.displays:
+                    self.displays[code] = coding["display"]
+                return code
         raise _Skip(f"unknown code system {codings[0].get('system')}")
 
     def _emit(self, patient_id, time, code, source, numeric=None, text=None, unit=None, encounter=None) -> None:
@@ -368,6 +383,14 @@ class FhirReader:
         gender = GENDERS.get(gender, "UNK") if isinstance(gender, str) or gender is None else "UNK"
         self.patients[patient_id] = identifiers or [(None, None)]
         self._emit(patient_id, None, f"GENDER//{gender}", "Patient")
+        for family, (code, display) in _us_core_categories(resource).items():  # race, ethnicity (US Core)
+            self._emit(patient_id, None, f"{family}//{code}", "Patient", text=display)
+        marital = resource.get("maritalStatus")
+        if marital is not None:
+            status = _coding_code(marital)
+            if status is None or not isinstance(status, str):
+                raise _Skip("malformed: maritalStatus has no code")
+            self._emit(patient_id, None, f"MARITAL_STATUS//{status}", "Patient")
         if birth is not None:
             self._emit(patient_id, birth, "MEDS_BIRTH", "Patient")
         if death is not None:
@@ -399,6 +422,10 @@ class FhirReader:
             self._emit(
                 patient_id, start, f"ENCOUNTER_START//{class_code}", "Encounter", text=kind, encounter=encounter_id
             )
+            types = resource.get("type") or []
+            type_code = next((c for c in (self._known_code(t) for t in types) if c), None)
+            if type_code is not None:  # the encounter's type, coded (its display stays on ENCOUNTER_START)
+                self._emit(patient_id, start, f"ENCOUNTER_TYPE//{type_code}", "Encounter", encounter=encounter_id)
         if end is not None:
             disposition = _coding_code((resource.get("hospitalization") or {}).get("dischargeDisposition"))
             self._emit(
@@ -469,7 +496,9 @@ class FhirReader:
         for part in parts:
             code = self._code(part.get("code"))
             numeric, text, unit = self._value(part, "Observation", where)
-            events.append((f"{family}//{code}//{unit}" if unit else f"{family}//{code}", numeric, text, unit))
+            answer = self._known_code(part.get("valueCodeableConcept"))  # a coded answer is part of the code
+            suffix = f"//{answer}" if answer else f"//{unit}" if unit else ""
+            events.append((f"{family}//{code}{suffix}", numeric, text, unit))
         for code, numeric, text, unit in events:
             self._emit(patient_id, time, code, "Observation", numeric, text, unit, encounter)
 
@@ -493,6 +522,8 @@ class FhirReader:
             if not isinstance(concept, dict):
                 raise _Skip("malformed: valueCodeableConcept is not an object")
             coding = next((c for c in concept.get("coding") or [] if isinstance(c, dict)), {})
+            if coding and self._known_code(concept) is None:
+                self.report.problem(source, "coded answer of an unknown code system: display kept", where, kept=True)
             return None, concept.get("text") or coding.get("display") or coding.get("code"), None
         for name in ("valueString", "valueDateTime", "valueTime", "valueCode"):
             if name in element:
@@ -571,6 +602,12 @@ class FhirReader:
         if any(text is None and isinstance(a, dict) and a.get("data") for a, text in zip(forms, texts)):
             self.report.problem("DiagnosticReport", "presentedForm not base64 UTF-8 text (blanked)", where, kept=True)
         text = "\n".join(t for t in texts if t) or resource.get("conclusion")
+        patient_id = _reference_id(resource.get("subject"))
+        if isinstance(text, str) and _digest(text) in self.note_texts.get(patient_id, ()):
+            # Synthea writes each note twice, as a DocumentReference and as this report: the NOTE event keeps it
+            self.report.problem("DiagnosticReport", "text identical to a note of the patient (kept on the NOTE)",
+                                where, kept=True)  # fmt: skip
+            text = None
         self._simple(resource, where, final, "REPORT", ("effectiveDateTime", "effectivePeriod", "issued"), text=text)
 
     def _document(self, resource: dict, where: str, final: bool) -> None:
@@ -596,6 +633,8 @@ class FhirReader:
                     )
                 texts.append(decoded)
         text = "\n".join(t for t in texts if t) or None
+        if text is not None:
+            self.note_texts.setdefault(patient_id, set()).add(_digest(text))
         encounters = (resource.get("context") or {}).get("encounter") or [None]
         self._emit(
             patient_id, time, f"NOTE//{code}", "DocumentReference", text=text, encounter=_reference_id(encounters[0])
@@ -626,6 +665,25 @@ class FhirReader:
             },
         )
         return frame
+
+    def code_metadata(self, codes: pl.Series) -> pl.DataFrame:
+        """Descriptions for codes.parquet from the displays the export gave: the displays of the known
+        '<vocabulary>//<code>' parts of an event code, left to right (DIAGNOSIS//SNOMED//38341003 → its display;
+        a question and its coded answer → "question: answer")."""
+        rows = []
+        for code in codes.to_list():
+            parts, found, i = code.split("//"), [], 1
+            while i < len(parts):
+                j = next((j for j in range(len(parts), i, -1) if "//".join(parts[i:j]) in self.displays), None)
+                if j is None:
+                    i += 1
+                    continue
+                found.append(self.displays["//".join(parts[i:j])])
+                i = j
+            rows.append((code, ": ".join(found) or None, None))
+        return pl.DataFrame(
+            rows, schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)}, orient="row"
+        )
 
     def subject_map(self) -> pl.DataFrame:
         rows = [
@@ -662,6 +720,10 @@ def _unpack(document: object, where: str) -> Iterator[tuple[object, str]]:
         yield document, where
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 def _resource_type(resource: object) -> str | None:
     if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
         return resource["resourceType"]
@@ -678,6 +740,26 @@ def _quantity(container: object, side: str) -> tuple[object, str | None]:
     if not isinstance(quantity, dict):
         raise _Skip(f"malformed: {side} is not a Quantity object")
     return quantity.get("value"), quantity.get("unit") or quantity.get("code")
+
+
+US_CORE = {
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race": "RACE",
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity": "ETHNICITY",
+}
+
+
+def _us_core_categories(patient: dict) -> dict[str, tuple[str, str | None]]:
+    """US Core race and ethnicity: family → (first OMB category code, its display)."""
+    found = {}
+    for extension in patient.get("extension") or []:
+        if not isinstance(extension, dict) or extension.get("url") not in US_CORE:
+            continue
+        for inner in extension.get("extension") or []:
+            coding = inner.get("valueCoding") if isinstance(inner, dict) and inner.get("url") == "ombCategory" else None
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                display = coding.get("display") if isinstance(coding.get("display"), str) else None
+                found.setdefault(US_CORE[extension["url"]], (coding["code"], display))
+    return found
 
 
 def _has_value(element: dict) -> bool:
