@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,24 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def assert_every_record_accounted_for(report: dict) -> None:
+    """The conversion identity: per source whose reader counts records, read = converted + skipped + ignored."""
+    for name, counts in report["sources"].items():
+        if counts["converted"] is not None:
+            accounted = counts["converted"] + sum(counts["skipped"].values()) + report["ignored"].get(name, 0)
+            assert counts["read"] == accounted, (name, counts)
+    assert all(counts["converted"] is not None for counts in report["sources"].values()), "a reader counts no records"
+
+
+@pytest.fixture(autouse=True)
+def _every_conversion_accounts_for_its_records(request):
+    """After each test, every report.json a conversion wrote under its tmp_path satisfies the identity."""
+    yield
+    folder = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    for path in folder.rglob("report.json") if folder else ():
+        assert_every_record_accounted_for(json.loads(path.read_text()))
 
 
 @pytest.fixture
@@ -30,7 +49,9 @@ def mimic_csv_meds(tmp_path_factory):
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root}")
     out = tmp_path_factory.mktemp("mimic") / "meds"
-    return convert(root, out, "mimic-iv")
+    result = convert(root, out, "mimic-iv")
+    assert_every_record_accounted_for(result.report.as_dict())
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +61,6 @@ def mimic_fhir_meds(tmp_path_factory):
         pytest.skip(f"shared data not found at {root}")
     out = tmp_path_factory.mktemp("mimic-fhir") / "meds"
     # the ED module (Mimic*ED files) has no CSV counterpart in the MIMIC-IV demo: leave it out to compare
-    return convert(root, out, "fhir", exclude_files=["*ED.ndjson.gz"])
+    result = convert(root, out, "fhir", exclude_files=["*ED.ndjson.gz"])
+    assert_every_record_accounted_for(result.report.as_dict())
+    return result

@@ -65,8 +65,11 @@ def test_truncated_gzip_csv(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     result = convert(tmp_path / "mimic", tmp_path / "out", "mimic-iv")
-    skipped = result.report.sources["labevents"].skipped
-    assert list(skipped) == [TRUNCATED]
+    (lost,) = result.report.lost_files  # a lost part of a file, not a skipped record
+    assert lost["path"].endswith("labevents.csv.gz") and lost["reason"].startswith(TRUNCATED)
+    assert lost["bytes"] == len(data) // 2 and 0 <= lost["records_read_before"] < 20000
+    labevents = result.report.sources["labevents"]
+    assert labevents.read == labevents.converted == lost["records_read_before"] and not labevents.skipped
     assert result.summary.events > 0  # the other tables (and the readable part) are still converted
     message = strict_cli(tmp_path / "mimic", tmp_path / "strict", "mimic-iv")
     assert "labevents.csv.gz" in message and "truncated" in message

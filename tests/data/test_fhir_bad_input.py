@@ -175,7 +175,7 @@ def test_truncated_files_are_lost_files_not_one_record(tmp_path):
     assert len(report["lost_files"]) == 1
     lost = report["lost_files"][0]
     assert lost["path"].endswith("cut.json") and lost["bytes"] == len(text) // 2
-    assert lost["resources_read_before"] == 0 and 5 <= lost["resources_in_file_estimated"] <= 20
+    assert lost["records_read_before"] == 0 and 5 <= lost["records_in_file_estimated"] <= 20
     assert report["totals"]["skipped"] == 0  # a lost file is not a skipped record
     assert code == 2 and "cut.json" in lines[0] and "not valid JSON" in lines[0]
 
@@ -190,7 +190,7 @@ def test_truncated_gzip_keeps_what_it_read_and_lists_the_file(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     (lost,) = report["lost_files"]
     assert result.exit_code == 0 and "unreadable or truncated" in lost["reason"]
-    assert report["sources"]["Condition"]["converted"] == lost["resources_read_before"] - 1 > 1000
+    assert report["sources"]["Condition"]["converted"] == lost["records_read_before"] - 1 > 1000
     strict = convert_cli(folder, tmp_path / "strict", strict=True)
     assert strict.exit_code == 2 and "Condition.ndjson.gz" in strict.output
 

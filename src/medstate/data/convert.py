@@ -111,12 +111,16 @@ def _read_meds(root: Path, files: list[Path], report: ConversionReport, progress
         for offset in range(0, rows, MEDS_BATCH_ROWS):
             batch = frame.slice(offset, MEDS_BATCH_ROWS).collect().with_row_index("_row", offset)
             report.read(source, batch.height)
-            for column in ("subject_id", "code"):
-                bad = batch.filter(pl.col(column).is_null())
-                if bad.height:
-                    where = f"{path} row {bad['_row'][0]}"
-                    report.problem(source, f"missing {column}", where, n=bad.height)
-            yield source, batch.drop("_row").drop_nulls(["subject_id", "code"])
+            report.counts_conversions(source)
+            missing_subject = pl.col("subject_id").is_null()
+            for reason, bad in (("missing subject_id", missing_subject),
+                                ("missing code", ~missing_subject & pl.col("code").is_null())):  # fmt: skip
+                rows = batch.filter(bad)
+                if rows.height:
+                    report.problem(source, reason, f"{path} row {rows['_row'][0]}", n=rows.height)
+            good = batch.drop("_row").drop_nulls(["subject_id", "code"])
+            report.converted(source, good.height)
+            yield source, good
             progress(source, batch.height)
 
 

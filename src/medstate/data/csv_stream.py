@@ -58,8 +58,4 @@ def stream_csv(
                 line += frame.height
     except (pa.ArrowInvalid, OSError, EOFError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        report.problem(
-            source,
-            TRUNCATED,
-            f"{path} after line {line - 1}: {message}",
-        )
+        report.lost_file(path, f"{TRUNCATED}, after line {line - 1}: {message}", line - 2)

@@ -354,6 +354,7 @@ def read_mimic(
             continue
         if not _has_columns(path, table, report):
             continue
+        report.counts_conversions(table.name)
         for batch in stream_csv(path, table.source_columns(), table.name, report):
             report.read(table.name, batch.frame.height)
             yield from _events_of_batch(table, batch.frame, batch.first_line, path, admissions, report)
@@ -376,12 +377,13 @@ def _has_columns(path: Path, table: TableSpec, report: ConversionReport) -> bool
     try:
         header = csv_columns(path)
     except (OSError, EOFError, ValueError) as err:
-        report.problem(table.name, TRUNCATED, f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        report.lost_file(path, f"{TRUNCATED}: {str(err).splitlines()[0] if str(err) else type(err).__name__}", 0)
         return False
     missing = [c for c in table.source_columns() if c not in header]
     if missing:
         rows = sum(b.frame.height for b in stream_csv(path, [header[0]], table.name, ConversionReport()))
         report.read(table.name, rows)
+        report.counts_conversions(table.name)
         report.problem(
             table.name, f"table skipped: missing column(s) {missing}", f"{path}: missing column(s) {missing}", n=rows
         )
@@ -416,8 +418,33 @@ def _events_of_batch(
         *(parse_times(frame[c]).alias(f"_time_{c}") for c in times),
         *(pl.col(c).str.strip_chars().cast(pl.Float32, strict=False).alias(f"_number_{c}") for c in numbers),
     )
+    _count_rows(table, frame, source, first_line, path, report)
     for spec in table.events:
         yield source, _cut_event(spec, frame, source, first_line, path, report)
+
+
+def _count_rows(table: TableSpec, frame: pl.DataFrame, source: str, first_line: int, path: Path, report) -> None:
+    """Each row is converted (at least one of its events has a time) or skipped by its first failing event's
+    reason; an event lost from a converted row is counted as a reduction (strict mode stops on either)."""
+    produced = [
+        pl.lit(True) if spec.time is None else pl.col(f"_time_{spec.time}").is_not_null() for spec in table.events
+    ]
+    converted = pl.any_horizontal(*produced)
+    checks, failed_before = [], pl.lit(False)
+    for spec in table.events:
+        if spec.time is None:
+            continue
+        parsed, missing = pl.col(f"_time_{spec.time}"), pl.col(spec.time).is_null()
+        failures = [(~missing & parsed.is_null(), f"unparseable date in {spec.time}")]
+        if not spec.optional:
+            failures.append((missing, f"no {spec.time}"))
+        for failure, reason in failures:
+            checks.append((~converted & ~failed_before & failure, reason, spec.time, False))
+            checks.append((converted & failure, f"{reason} (that event not written)", spec.time, True))
+        failed_before = failed_before | pl.any_horizontal(*(failure for failure, _ in failures))
+    checks.append((~converted & ~failed_before, "no time in any event column", table.events[0].time, False))
+    _count(report, source, frame, checks, first_line, path)
+    report.converted(source, int(frame.select(converted.sum()).item()))
 
 
 def parse_times(values: pl.Series) -> pl.Series:
@@ -439,17 +466,12 @@ def parse_times(values: pl.Series) -> pl.Series:
 def _cut_event(
     spec: EventSpec, frame: pl.DataFrame, source: str, first_line: int, path: Path, report: ConversionReport
 ) -> pl.DataFrame:
-    checks = []  # (bad-row mask, reason, column, kept) counted in one pass
+    checks = []  # (bad-row mask, reason, column, kept) counted in one pass; times are counted by _count_rows
     columns = [pl.col("subject_id")]
     if spec.time is None:
         columns.append(pl.lit(None, dtype=pl.Datetime("us")).alias("time"))
     else:
-        parsed = pl.col(f"_time_{spec.time}")
-        missing = pl.col(spec.time).is_null()
-        checks.append((~missing & parsed.is_null(), f"unparseable date in {spec.time}", spec.time, False))
-        if not spec.optional:
-            checks.append((missing, f"no {spec.time}", spec.time, False))
-        columns.append(parsed.alias("time"))
+        columns.append(pl.col(f"_time_{spec.time}").alias("time"))
     columns.append(pl.concat_str([_code_part(p) for p in spec.code], separator="//").alias("code"))
     if spec.numeric:
         number = pl.col(f"_number_{spec.numeric}")

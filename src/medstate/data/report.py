@@ -18,7 +18,7 @@ from medstate.errors import MedstateError
 @dataclass
 class SourceCounts:
     read: int = 0
-    converted: int | None = None  # records that became events, where the reader counts them (FHIR resources)
+    converted: int | None = None  # records that became events (FHIR resources, MIMIC-IV rows)
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     coerced: Counter = field(default_factory=Counter)
@@ -69,16 +69,16 @@ class ConversionReport:
     def ignore(self, source: str) -> None:
         self.ignored[source] += 1
 
-    def converted(self, source: str) -> None:
+    def converted(self, source: str, n: int = 1) -> None:
         counts = self.sources[source]
-        counts.converted = (counts.converted or 0) + 1
+        counts.converted = (counts.converted or 0) + n
 
     def counts_conversions(self, source: str) -> None:
         """This source's reader counts converted records (so read = converted + skipped + ignored must hold)."""
         counts = self.sources[source]
         counts.converted = counts.converted or 0
 
-    def lost_file(self, path: Path, reason: str, resources_read: int, resources_estimated: int | None = None) -> None:
+    def lost_file(self, path: Path, reason: str, records_read: int, records_estimated: int | None = None) -> None:
         """A file, or the rest of it, that could not be read: listed apart from skipped records (strict: stop)."""
         size = Path(path).stat().st_size if Path(path).is_file() else None
         if self.strict:
@@ -86,8 +86,8 @@ class ConversionReport:
                 f"{path}: {reason} (strict mode stops at a file it cannot read; drop --strict to go on)"
             )
         self.lost_files.append(
-            {"path": str(path), "bytes": size, "reason": reason, "resources_read_before": resources_read,
-             "resources_in_file_estimated": resources_estimated}
+            {"path": str(path), "bytes": size, "reason": reason, "records_read_before": records_read,
+             "records_in_file_estimated": records_estimated}
         )  # fmt: skip
 
     def unaccounted(self) -> dict[str, int]:
