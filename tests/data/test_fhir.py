@@ -317,4 +317,6 @@ def test_what_a_model_needs_is_carried_as_codes(tmp_path):
     codes = pl.read_parquet(tmp_path / "out" / "metadata" / "codes.parquet")
     described = dict(zip(codes["code"], codes["description"]))
     assert described["ENCOUNTER_TYPE//SNOMED//185349003"] == "Encounter for check up"
+    strict = convert(tmp_path / "in", tmp_path / "strict", "fhir", strict=True)  # nothing here is lost
+    assert strict.summary.events == result.summary.events
     assert described["OBSERVATION//LOINC//72166-2//SNOMED//266919005"] == "Tobacco smoking status: Never smoker"

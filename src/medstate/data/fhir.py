@@ -605,8 +605,9 @@ class FhirReader:
         patient_id = _reference_id(resource.get("subject"))
         if isinstance(text, str) and _digest(text) in self.note_texts.get(patient_id, ()):
             # Synthea writes each note twice, as a DocumentReference and as this report: the NOTE event keeps it
-            self.report.problem("DiagnosticReport", "text identical to a note of the patient (kept on the NOTE)",
-                                where, kept=True)  # fmt: skip
+            self.report.carried_elsewhere(
+                "DiagnosticReport", "text identical to a note of the patient (kept on the NOTE)"
+            )
             text = None
         self._simple(resource, where, final, "REPORT", ("effectiveDateTime", "effectivePeriod", "issued"), text=text)
 

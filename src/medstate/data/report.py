@@ -66,6 +66,10 @@ class ConversionReport:
         counts = self.sources[source]
         (counts.coerced if kept else counts.skipped)[reason] += n
 
+    def carried_elsewhere(self, source: str, reason: str) -> None:
+        """A value left out here because it is carried by another event (nothing is lost: strict mode goes on)."""
+        self.sources[source].coerced[reason] += 1
+
     def ignore(self, source: str) -> None:
         self.ignored[source] += 1
 
