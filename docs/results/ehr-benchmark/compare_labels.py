@@ -1,6 +1,6 @@
 """Which samples and labels changed between two `medstate ehr prepare` outputs (before/after a labelling change).
 
-    python docs/results/ehr-benchmark/compare_labels.py OLD_PREPARED NEW_PREPARED
+python docs/results/ehr-benchmark/compare_labels.py OLD_PREPARED NEW_PREPARED
 """
 
 import sys
