@@ -168,7 +168,7 @@ class FhirReader:
         self.pending: list[tuple[dict, str]] = []
         self.displays: dict[str, str] = {}  # '<vocabulary>//<code>' → the display the export gives it
         self.note_texts: dict[str, set[bytes]] = {}  # Patient.id → digests of the note texts written
-        self._rows: dict[str, list] = self._empty_rows()
+        self._rows: list[tuple] = []  # committed events: (patient, time, code, numeric, text, unit, encounter, source)
         self._current: list[tuple] = []  # the events of the resource being converted, kept only if it converts
 
     @property
@@ -197,7 +197,7 @@ class FhirReader:
             for resource, where in self._resources(path):
                 resources_read += 1
                 self._convert(resource, where)
-                if len(self._rows["code"]) >= BATCH_ROWS:
+                if len(self._rows) >= BATCH_ROWS:
                     yield None, self._flush()
             self.progress(path.name, resources_read)
         pending, self.pending = self.pending, []
@@ -209,7 +209,7 @@ class FhirReader:
                 f"{sum(orphans.values())} events reference {len(orphans)} patients with no Patient resource "
                 "(kept: they have no gender, birth or death facts)"
             )
-        if self._rows["code"]:
+        if self._rows:
             yield None, self._flush()
 
     def _resources(self, path: Path) -> Iterator[tuple[object, str]]:
@@ -319,7 +319,7 @@ class FhirReader:
         if concept is not None and not isinstance(concept, dict):
             raise _Skip("malformed: a code is not a CodeableConcept object")
         codings = concept.get("coding") if isinstance(concept, dict) else None
-        if codings is not None and not (isinstance(codings, list) and all(isinstance(c, dict) for c in codings)):
+        if codings is not None and not isinstance(codings, list):
             raise _Skip("malformed: coding is not a list of Coding objects")
         if not codings:
             text = concept.get("text") if isinstance(concept, dict) else None
@@ -327,6 +327,8 @@ class FhirReader:
                 return f"TEXT//{text.strip()}"
             raise _Skip("no code")
         for coding in codings:
+            if not isinstance(coding, dict):
+                raise _Skip("malformed: coding is not a list of Coding objects")
             vocabulary = self.code_systems.get(coding.get("system"))
             code = coding.get("code")
             if vocabulary is not None and isinstance(code, str) and code:
@@ -344,17 +346,7 @@ class FhirReader:
         self._current.append((patient_id, time, code, numeric, text, unit, encounter, source))
 
     def _commit(self) -> None:
-        rows = self._rows
-        for patient_id, time, code, numeric, text, unit, encounter, source in self._current:
-            rows["patient"].append(patient_id)
-            rows["time"].append(time)
-            rows["code"].append(code)
-            rows["numeric_value"].append(numeric)
-            rows["text_value"].append(text)
-            rows["unit"].append(unit)
-            rows["encounter_id"].append(encounter)
-            rows["_source"].append(source)
-            self.referenced[patient_id] += 1
+        self._rows.extend(self._current)
         self._current = []
 
     def _number(self, value: object, source: str, where: str) -> float | None:
@@ -496,7 +488,7 @@ class FhirReader:
         for part in parts:
             code = self._code(part.get("code"))
             numeric, text, unit = self._value(part, "Observation", where)
-            answer = self._known_code(part.get("valueCodeableConcept"))  # a coded answer is part of the code
+            answer = self._known_code(part["valueCodeableConcept"]) if "valueCodeableConcept" in part else None
             suffix = f"//{answer}" if answer else f"//{unit}" if unit else ""
             events.append((f"{family}//{code}{suffix}", numeric, text, unit))
         for code, numeric, text, unit in events:
@@ -644,16 +636,14 @@ class FhirReader:
     # ----------------------------------------------------------------------------------------------------------
     # output
 
-    @staticmethod
-    def _empty_rows() -> dict[str, list]:
-        columns = ("patient", "time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source")
-        return {name: [] for name in columns}
-
     def _flush(self) -> pl.DataFrame:
-        rows, self._rows = self._rows, self._empty_rows()
-        ids = {pid: stable_subject_id(pid) for pid in set(rows["patient"])}
-        frame = pl.DataFrame(
-            {"subject_id": [ids[p] for p in rows.pop("patient")], **rows},
+        rows, self._rows = self._rows, []
+        patients = [row[0] for row in rows]
+        self.referenced.update(patients)
+        ids = {pid: stable_subject_id(pid) for pid in set(patients)}
+        names = ("time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source")
+        return pl.DataFrame(
+            {"subject_id": [ids[p] for p in patients], **dict(zip(names, list(zip(*rows))[1:]))},
             schema={
                 "subject_id": pl.Int64,
                 "time": pl.Datetime("us"),
@@ -665,7 +655,6 @@ class FhirReader:
                 "_source": pl.String,
             },
         )
-        return frame
 
     def code_metadata(self, codes: pl.Series) -> pl.DataFrame:
         """Descriptions for codes.parquet from the displays the export gave: the displays of the known
@@ -716,7 +705,10 @@ def _unpack(document: object, where: str) -> Iterator[tuple[object, str]]:
         )
         numbered = sorted(enumerate(resources), key=lambda e: _type_priority(_resource_type(e[1])))
         for index, resource in numbered:
-            yield from _unpack(resource, f"{where} entry {index}")
+            if isinstance(resource, list) or _resource_type(resource) == "Bundle":
+                yield from _unpack(resource, f"{where} entry {index}")
+            else:  # the common case, without a generator per resource
+                yield resource, f"{where} entry {index}"
     else:
         yield document, where
 
