@@ -247,3 +247,16 @@ def test_a_partial_directory_medstate_did_not_write_is_kept(fhir_input, tmp_path
     (tmp_path / "out.partial" / "draft.txt").write_text("mine")
     one_line_error(convert_cli(fhir_input, tmp_path / "out"), "out.partial")
     assert (tmp_path / "out.partial" / "draft.txt").read_text() == "mine"
+
+
+def test_entered_in_error_records_are_left_out_and_counted(tmp_path):
+    wrong = condition("c-wrong", "59621000") | {"verificationStatus": {"coding": [{"code": "entered-in-error"}]}}
+    medication = {"coding": [{"system": SNOMED, "code": "1"}]}
+    order = {"resourceType": "MedicationRequest", "id": "m", "status": "entered-in-error", "authoredOn": "2019-01-02",
+             "subject": {"reference": "Patient/a"}, "medicationCodeableConcept": medication}  # fmt: skip
+    report, events, code, lines = lenient_and_strict(tmp_path, "errors.ndjson", ndjson(wrong, order))
+    reason = "entered in error (status): not a clinical fact"
+    assert report["sources"]["Condition"]["skipped"] == {reason: 1}
+    assert report["sources"]["MedicationRequest"]["skipped"] == {reason: 1}
+    assert events.filter(pl.col("code").str.contains("59621000|MEDICATION")).height == 0
+    assert code == 0, lines  # the input is not at fault: strict mode goes on

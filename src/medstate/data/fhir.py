@@ -270,6 +270,9 @@ class FhirReader:
                 self._register_medication(resource)
             self.report.ignore(resource_type)
             return
+        if _entered_in_error(resource):
+            self.report.left_out(resource_type, "entered in error (status): not a clinical fact")
+            return
         self._current = []
         waiting = len(self.pending)
         try:
@@ -753,6 +756,13 @@ def _us_core_categories(patient: dict) -> dict[str, tuple[str, str | None]]:
                 display = coding.get("display") if isinstance(coding.get("display"), str) else None
                 found.setdefault(US_CORE[extension["url"]], (coding["code"], display))
     return found
+
+
+def _entered_in_error(resource: dict) -> bool:
+    """FHIR's status (or a Condition's verificationStatus) says the record was made by mistake."""
+    if resource.get("status") == "entered-in-error":
+        return True
+    return _coding_code(resource.get("verificationStatus")) == "entered-in-error"
 
 
 def _has_value(element: dict) -> bool:

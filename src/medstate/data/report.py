@@ -66,6 +66,11 @@ class ConversionReport:
         counts = self.sources[source]
         (counts.coerced if kept else counts.skipped)[reason] += n
 
+    def left_out(self, source: str, reason: str) -> None:
+        """A valid record that is not a clinical fact (e.g. FHIR entered-in-error): counted as skipped, and strict
+        mode goes on, since the input is not at fault."""
+        self.sources[source].skipped[reason] += 1
+
     def carried_elsewhere(self, source: str, reason: str) -> None:
         """A value left out here because it is carried by another event (nothing is lost: strict mode goes on)."""
         self.sources[source].coerced[reason] += 1
