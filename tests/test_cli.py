@@ -123,6 +123,11 @@ BAD_INPUTS = {
         ["data", "compare", "{d}/a", "{d}/b", "--exclude-codes", "("],
         ["--exclude-codes", "regular expression"],
     ),
+    "evaluate seed that is no number": (
+        {},
+        ["ehr", "evaluate", "{d}/p", "{d}/o", "--model", "m={d}/ck@x"],
+        ["seed", "'x'"],
+    ),
     "EHR checkpoint config with a wrong type": (
         {"ck/config.json": json.dumps({"model_type": "medstate-ehrmamba", "vocab_size": "many"})},
         ["ehr", "forecast", "{d}/p", "{d}/ck", "{d}/o"],

@@ -453,7 +453,8 @@ def ehr_evaluate(
         checkpoint, _, seed = rest.partition("@")
         if not name or not checkpoint:
             raise MedstateError(f"--model wants NAME=CHECKPOINT[@SEED], got {spec!r}")
-        frames.append(predictions_for_report(load_model(Path(checkpoint)), prepared, name, int(seed or 0)))
+        seed_value = parse_list(seed, int, f"--model {spec}: seed")[0] if seed else 0
+        frames.append(predictions_for_report(load_model(Path(checkpoint)), prepared, name, seed_value))
     result = write_report(pl.concat(frames), output, n_bootstrap=bootstrap)
     console.print(markdown_table(result["summary"]))
     console.print(f"report: {output / 'report.html'}")

@@ -25,7 +25,7 @@ from medstate.ehr.model import EhrMamba, EhrMambaConfig
 from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
-from medstate.loading import expect_mapping, read_json
+from medstate.loading import expect_mapping, read_json, read_yaml
 from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
@@ -102,9 +102,11 @@ def start_model(
 
 
 def prepared_max_length(prepared: Path) -> int:
-    import yaml
-
-    return int(yaml.safe_load((Path(prepared) / "prepare.yaml").read_text())["max_length"])
+    path = Path(prepared) / "prepare.yaml"
+    settings = expect_mapping(read_yaml(path, "prepared settings"), str(path))
+    if not isinstance(settings.get("max_length"), int):
+        raise MedstateError(f"{path}: max_length must be an integer; run `medstate ehr prepare` again")
+    return settings["max_length"]
 
 
 def load_model(directory: str | Path):
