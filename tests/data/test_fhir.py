@@ -127,6 +127,8 @@ def test_hand_worked_resources(tmp_path):
         (t(2019, 12, 31), "MEDICATION//REQUEST//RXNORM//197361", None, None),  # reference resolved afterwards
         (t(2020, 1, 1, 9), "NOTE//LOINC//11506-3", None, "Chest pain, resolved."),  # base64 decoded
     }
+    day_only = set(events.filter(pl.col("time_precision") == "day")["code"])
+    assert day_only == {"MEDS_BIRTH", "DIAGNOSIS//ICD//10//E785", "MEDICATION//REQUEST//RXNORM//197361"}  # dates
     subject_map = pl.read_parquet(tmp_path / "out" / "metadata" / "subject_map.parquet")
     assert subject_map.rows() == [(sid, "p1", "urn:mrn", "MRN1")]
     assert result.report.total_skipped == 0 and result.report.ignored == {"Organization": 1, "Medication": 1}

@@ -172,11 +172,15 @@ def test_hand_worked_finetune_inputs(tmp_path):
         (t(2050, 1, 20), "HOSPITAL_ADMISSION//EW//ER", 2),
         (t(2050, 1, 30), "HOSPITAL_DISCHARGE//HOME", 2),
     ]
+    rows.append((t(2050, 1, 2), "DIAGNOSIS//SNOMED//1", 1))  # a FHIR date without a time: known that evening
     frame = pl.DataFrame(
         [(1, *r) for r in rows],
         schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "hadm_id": pl.Int64},
         orient="row",
-    ).with_columns(pl.lit(None, pl.Float32).alias("numeric_value"))
+    ).with_columns(
+        pl.lit(None, pl.Float32).alias("numeric_value"),
+        pl.when(pl.col("code") == "DIAGNOSIS//SNOMED//1").then(pl.lit("day")).alias("time_precision"),
+    )
     (tmp_path / "meds" / "data" / "train").mkdir(parents=True)
     frame.write_parquet(tmp_path / "meds" / "data" / "train" / "0.parquet")
     prepare(tmp_path / "meds", tmp_path / "out", PrepareConfig(max_length=64))
@@ -190,7 +194,7 @@ def test_hand_worked_finetune_inputs(tmp_path):
     readmission = "[TASK_READMISSION_30D]"
     assert tokens("readmission_30d", "hadm_id:1") == (
         [readmission, "GENDER//F", "[VS]", "HOSPITAL_ADMISSION//EW//ER", "LAB//A", "PROCEDURE//ICD//10//X",
-         "HOSPITAL_DISCHARGE//HOME", "[VE]", "[REG]", readmission],
+         "DIAGNOSIS//SNOMED//1", "HOSPITAL_DISCHARGE//HOME", "[VE]", "[REG]", readmission],
         1,
     )  # fmt: skip
     los = "[TASK_LOS_7D]"

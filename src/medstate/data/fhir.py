@@ -49,7 +49,8 @@ import polars as pl
 from medstate.data.report import ConversionReport
 from medstate.errors import MedstateError
 
-EXTRA_COLUMNS: dict[str, pl.DataType] = {"unit": pl.String, "encounter_id": pl.String}
+# time_precision: "day" where the source gave a date without a time (the time is then 00:00 of that day)
+EXTRA_COLUMNS: dict[str, pl.DataType] = {"unit": pl.String, "encounter_id": pl.String, "time_precision": pl.String}
 BATCH_ROWS = 200_000
 SUFFIXES = (".ndjson", ".ndjson.gz", ".json", ".json.gz")
 BOM = b"\xef\xbb\xbf"
@@ -89,15 +90,22 @@ def time_zone(name: str) -> zoneinfo.ZoneInfo:
         raise MedstateError(f"unknown time zone {name!r}; use an IANA name such as UTC or America/New_York") from None
 
 
+class Day(dt.datetime):
+    """A FHIR date without a time of day: midnight of that day, marked as known to the day only."""
+
+
 def parse_fhir_time(value: str, zone: dt.tzinfo = dt.UTC) -> dt.datetime:
     """FHIR date/dateTime/instant → naive datetime in `zone`: a time with a UTC offset is converted to the zone,
     a time without one is read as the zone's already. Partial dates (YYYY, YYYY-MM) take the first day."""
     if not isinstance(value, str):
         raise ValueError(f"not a date: {value!r}")
     if len(value) == 4:
-        return dt.datetime(int(value), 1, 1)
+        return Day(int(value), 1, 1)
     if len(value) == 7:
-        return dt.datetime(int(value[:4]), int(value[5:7]), 1)
+        return Day(int(value[:4]), int(value[5:7]), 1)
+    if len(value) == 10:
+        day = dt.date.fromisoformat(value)
+        return Day(day.year, day.month, day.day)
     moment = dt.datetime.fromisoformat(value)
     return moment if moment.tzinfo is None else moment.astimezone(zone).replace(tzinfo=None)
 
@@ -168,7 +176,8 @@ class FhirReader:
         self.pending: list[tuple[dict, str]] = []
         self.displays: dict[str, str] = {}  # '<vocabulary>//<code>' → the display the export gives it
         self.note_texts: dict[str, set[bytes]] = {}  # Patient.id → digests of the note texts written
-        self._rows: list[tuple] = []  # committed events: (patient, time, code, numeric, text, unit, encounter, source)
+        self._rows: list[tuple] = []  # committed events: (patient, time, code, numeric, text, unit, encounter, source,
+        # time precision)
         self._current: list[tuple] = []  # the events of the resource being converted, kept only if it converts
 
     @property
@@ -346,7 +355,10 @@ class FhirReader:
         for name, value in (("text", text), ("unit", unit), ("encounter reference", encounter)):
             if value is not None and not isinstance(value, str):
                 raise _Skip(f"malformed: a {name} is not a string")
-        self._current.append((patient_id, time, code, numeric, text, unit, encounter, source))
+        precision = "day" if isinstance(time, Day) else None
+        if precision:
+            time = dt.datetime(time.year, time.month, time.day)
+        self._current.append((patient_id, time, code, numeric, text, unit, encounter, source, precision))
 
     def _commit(self) -> None:
         self._rows.extend(self._current)
@@ -644,7 +656,7 @@ class FhirReader:
         patients = [row[0] for row in rows]
         self.referenced.update(patients)
         ids = {pid: stable_subject_id(pid) for pid in set(patients)}
-        names = ("time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source")
+        names = ("time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source", "time_precision")
         return pl.DataFrame(
             {"subject_id": [ids[p] for p in patients], **dict(zip(names, list(zip(*rows))[1:]))},
             schema={
@@ -656,6 +668,7 @@ class FhirReader:
                 "unit": pl.String,
                 "encounter_id": pl.String,
                 "_source": pl.String,
+                "time_precision": pl.String,
             },
         )
 

@@ -13,8 +13,9 @@ Writes to OUT:
 
 Every row carries the subject's split, so no subject crosses from training into evaluation.
 
-Date-only events (codes matching `date_only_codes`: MIMIC-IV procedures and HCPCS, dated by `chartdate`, at 00:00)
-may have happened at any time of their day, so they are placed and known at the end of their day (23:59:59.999999):
+Date-only events (codes matching `date_only_codes`: MIMIC-IV procedures and HCPCS, dated by `chartdate`, at 00:00;
+and FHIR dates without a time, which the data layer marks `time_precision` = "day") may have happened at any time
+of their day, so they are placed and known at the end of their day (23:59:59.999999):
 a prediction at noon never sees a procedure done that afternoon. A finetuning input is the history known at the
 prediction time (`PatientSequence.until`): events of stays that start later are hidden whatever their own date, and
 at a discharge-time prediction the stay is closed with [VE] [REG], as pretraining shows every visit.
@@ -156,10 +157,11 @@ def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int
 
 
 def at_end_of_day(events: pl.DataFrame, date_only_codes: tuple[str, ...]) -> pl.DataFrame:
-    """Events of date-only codes dated at 00:00 moved to the last microsecond of their day."""
-    if not date_only_codes:
-        return events
-    matches = pl.any_horizontal(*(pl.col("code").str.contains(p) for p in date_only_codes))
+    """Date-only events moved to the last microsecond of their day: those of `date_only_codes` dated at 00:00, and
+    those whose `time_precision` is "day" (FHIR dates without a time), birth excepted (it only gives the age)."""
+    matches = pl.any_horizontal(pl.lit(False), *(pl.col("code").str.contains(p) for p in date_only_codes))
+    if "time_precision" in events.columns:
+        matches = matches | ((pl.col("time_precision") == "day") & (pl.col("code") != "MEDS_BIRTH")).fill_null(False)
     midnight = pl.col("time") == pl.col("time").dt.truncate("1d")
     end_of_day = pl.col("time") + timedelta(days=1) - timedelta(microseconds=1)
     return events.with_columns(pl.when(matches & midnight).then(end_of_day).otherwise(pl.col("time")).alias("time"))
