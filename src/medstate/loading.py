@@ -64,10 +64,10 @@ def expect_mapping(data: Any, where: str) -> dict:
     return data
 
 
-def from_data(cls: type[T], data: Any, where: str, defaults: dict | None = None) -> T:
+def from_data(cls: type[T], data: Any, where: str) -> T:
     """An instance of the dataclass `cls` from plain data: unknown keys, missing required fields and values of the
-    wrong type are errors naming `where` and the key. `defaults` fill fields the data leaves out."""
-    data = {**(defaults or {}), **expect_mapping(data, where)}
+    wrong type are errors naming `where` and the key."""
+    data = expect_mapping(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

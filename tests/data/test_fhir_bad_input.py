@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from medstate.cli import app
 from medstate.data.meds import scan_meds
+from tests.conftest import assert_every_record_accounted_for
 
 runner = CliRunner()
 SNOMED = "http://snomed.info/sct"
@@ -49,21 +50,12 @@ def lenient_and_strict(tmp_path, name, content):
     lenient = convert_cli(folder, tmp_path / "out")
     assert lenient.exit_code == 0, lenient.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert all(v == 0 for v in _unaccounted(report).values()), _unaccounted(report)
+    assert_every_record_accounted_for(report)
     events = scan_meds(tmp_path / "out").collect()
     assert events.filter(pl.col("code") == "DIAGNOSIS//SNOMED//38341003").height == 1  # the good record converted
     strict = convert_cli(folder, tmp_path / "strict", strict=True)
     lines = [line for line in strict.output.splitlines() if line.strip()]
     return report, events, strict.exit_code, lines
-
-
-def _unaccounted(report):
-    out = {}
-    for name, counts in report["sources"].items():
-        if counts["converted"] is not None:
-            ignored = report["ignored"].get(name, 0)
-            out[name] = counts["read"] - counts["converted"] - sum(counts["skipped"].values()) - ignored
-    return out
 
 
 def ndjson(*resources):

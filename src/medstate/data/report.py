@@ -99,15 +99,6 @@ class ConversionReport:
              "records_in_file_estimated": records_estimated}
         )  # fmt: skip
 
-    def unaccounted(self) -> dict[str, int]:
-        """Per source whose reader counts converted records: read - (converted + skipped + ignored), 0 when every
-        record is accounted for."""
-        out = {}
-        for name, counts in self.sources.items():
-            if counts.converted is not None:
-                out[name] = counts.read - counts.converted - sum(counts.skipped.values()) - self.ignored[name]
-        return out
-
     def note(self, text: str) -> None:
         self.notes.append(text)
 

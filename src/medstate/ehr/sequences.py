@@ -244,10 +244,12 @@ def assign_visits(times_us: np.ndarray, keys: list[str | None]) -> np.ndarray:
         ends = np.full(len(unique), np.iinfo(np.int64).min)
         np.minimum.at(starts, inverse, times_us[keyed])
         np.maximum.at(ends, inverse, times_us[keyed])
-        interval = _merge_spans(starts, ends)  # keyed spans → merged intervals
+        interval = _merge_spans(starts, ends)  # keyed spans → merged intervals, numbered in time order
         group_names[np.flatnonzero(keyed)] = [f"k{i}" for i in interval[inverse]]
-        interval_starts = np.asarray([starts[interval == i].min() for i in range(interval.max() + 1)])
-        interval_ends = np.asarray([ends[interval == i].max() for i in range(interval.max() + 1)])
+        interval_starts = np.full(interval.max() + 1, np.iinfo(np.int64).max)
+        interval_ends = np.full(interval.max() + 1, np.iinfo(np.int64).min)
+        np.minimum.at(interval_starts, interval, starts)
+        np.maximum.at(interval_ends, interval, ends)
     else:
         interval_starts = interval_ends = np.zeros(0, dtype=np.int64)
     day_us = 86_400_000_000
