@@ -123,6 +123,11 @@ BAD_INPUTS = {
         ["data", "compare", "{d}/a", "{d}/b", "--exclude-codes", "("],
         ["--exclude-codes", "regular expression"],
     ),
+    "unknown time zone": (
+        {"in/a.ndjson": "{}"},
+        ["data", "convert", "-f", "fhir", "{d}/in", "{d}/out", "--timezone", "Mars/Olympus"],
+        ["time zone", "Mars/Olympus"],
+    ),
     "evaluate seed that is no number": (
         {},
         ["ehr", "evaluate", "{d}/p", "{d}/o", "--model", "m={d}/ck@x"],
