@@ -13,7 +13,8 @@ import torch
 
 from medstate.ehr.model import EhrMamba
 from medstate.ehr.training import predict
-from medstate.train.loop import TrainConfig, learning_rate_factor
+from medstate.train.loop import TrainConfig
+from medstate.train.schedules import learning_rate_factor
 
 
 def pretrain_command(prepared, run_dir):

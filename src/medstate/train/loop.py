@@ -1,31 +1,43 @@
 """A small training loop with exact resume.
 
-AdamW, linear warmup then cosine/linear decay (or constant), gradient clipping, optional bf16 autocast, seeds.
-Every `save_every` steps the loop writes `checkpoints/last/`: the model (safetensors, via the model's
-`save_pretrained`), the optimizer and schedule (`trainer_state.pt`, tensors and plain data only, read back with
-`weights_only=True`) and the RNG states. A run directory that holds a checkpoint resumes from it, and the run then
-ends exactly as an uninterrupted one: batch order comes from (seed, epoch), so the data position is a number, and
-dropout comes from the restored torch RNG.
+AdamW (weight decay on weight matrices only, optional layer-wise learning-rate decay), a schedule from
+`train.schedules`, gradient clipping and accumulation, optional bf16 autocast, an optional EMA of the weights,
+optional validation with a best checkpoint. Every `save_every` steps the loop writes `checkpoints/last/`: the model
+(safetensors, via the model's `save_pretrained`), the optimizer, schedule, EMA and data position
+(`trainer_state.pt`, tensors and plain data only, read back with `weights_only=True`) and the RNG states. A run
+directory that holds a checkpoint resumes from it, and the run then ends exactly as an uninterrupted one.
 
-Logs: `log.csv` (step, loss, learning rate, tokens, seconds) and, when tensorboard is installed, `tensorboard/`.
+Batches come from a `BatchStream` (next batch, and a `state_dict` for its position) or, for data small enough to
+list, from a function `batches(epoch)` whose order depends only on the seed and the epoch.
+
+With validation (`evaluate(model) -> float`, lower is better) every `eval_every` steps and at the end, the model
+scored (the EMA weights when there is an EMA) is saved to `checkpoints/best/` when it improves on the best so far.
+
+Logs: `log.csv` (step, loss, learning rate, tokens, seconds, validation) and, when tensorboard is installed,
+`tensorboard/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import math
+import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import yaml
 
 from medstate.errors import MedstateError
+from medstate.train.ema import EMA
+from medstate.train.param_groups import parameter_groups
+from medstate.train.schedules import check_schedule, learning_rate_factor
 
 
 @dataclass
@@ -34,29 +46,31 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup) | wsd (see train.schedules)
+    wsd_fractions: list[float] = field(default_factory=lambda: [0.1, 0.7, 0.2])
+    decay_shape: str = "cosine"  # wsd's decay: cosine | linear | 1-sqrt
+    min_lr_ratio: float = 0.0  # wsd's floor, as a fraction of the peak
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    layer_decay: float | None = None  # layer-wise learning-rate decay γ (see train.param_groups)
+    embeddings_at_peak: bool = False  # BioMamba's behaviour: tied embeddings at the peak rate
+    ema_decay: float | None = None
+    grad_accumulation: int = 1
     grad_clip: float = 1.0
     seed: int = 0
     bf16: bool = False
     save_every: int = 50
     log_every: int = 10
+    eval_every: int = 0  # 0: validate only at the end (when there is a validation function)
     # flush subnormal floats to zero on CPU while training: gradients that decay along a long history fall into the
     # subnormal range, where CPU arithmetic is 10-50x slower (a 16k-token EhrMamba step: 3x faster with it)
     flush_denormal: bool = True
 
-
-def learning_rate_factor(step: int, config: TrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, progress)
-    if config.schedule == "linear":
-        return 1.0 - progress
-    if config.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise MedstateError(f"unknown schedule {config.schedule!r}; choose cosine, linear or constant")
+    def __post_init__(self) -> None:
+        check_schedule(self)
+        if self.grad_accumulation < 1 or self.max_steps < 1:
+            raise MedstateError("max_steps and grad_accumulation must be at least 1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise MedstateError(f"betas must be two numbers in [0, 1), got {self.betas}")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,35 +85,75 @@ class TrainResult:
     last_loss: float
     resumed_from: int | None
     seconds: float
+    best: float | None = None  # best validation value (lower is better)
+
+
+class BatchStream(Protocol):
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EpochBatches:
+    """A `BatchStream` over `batches(epoch)` lists: the position is (epoch, index)."""
+
+    def __init__(self, batches: Callable[[int], list]):
+        self.batches, self.epoch, self.index = batches, 0, 0
+        self._current: list | None = None
+
+    def __next__(self) -> Any:
+        if self._current is None:
+            self._current = self.batches(self.epoch)
+            if not self._current:
+                raise MedstateError("no training batches: the training split is empty")
+        if self.index >= len(self._current):
+            self.epoch, self.index, self._current = self.epoch + 1, 0, None
+            return next(self)
+        batch = self._current[self.index]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index, self._current = state["epoch"], state["index"], None
 
 
 class Trainer:
-    """`batches(epoch)` yields the batches of one epoch (its order must depend only on the seed and the epoch);
-    `loss_fn(model, batch)` returns (loss, tokens)."""
+    """`batches` is a `BatchStream` or a function `batches(epoch) -> list`; `loss_fn(model, batch)` returns
+    (mean loss over the batch's scored tokens, number of scored tokens)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]],
-        batches: Callable[[int], list],
+        loss_fn: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]],
+        batches: BatchStream | Callable[[int], list],
         config: TrainConfig,
         run_dir: str | Path,
         progress: Callable[[int, int, float], None] | None = None,
+        evaluate: Callable[[torch.nn.Module], float] | None = None,
     ):
-        self.model, self.loss_fn, self.batches, self.config = model, loss_fn, batches, config
+        self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.batches = batches if hasattr(batches, "state_dict") else EpochBatches(batches)
+        self.evaluate = evaluate
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda step, total, loss: None)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
+        groups = parameter_groups(
+            model, config.lr, config.weight_decay, config.layer_decay, embeddings_at_peak=config.embeddings_at_peak
         )
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(s, config))
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
+        self.best: float | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints" / "last"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
 
     def fit(self) -> TrainResult:
         if not self.config.flush_denormal:
@@ -115,51 +169,79 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(self.config)))
         seed_everything(self.config.seed)
-        step, epoch, index = 0, 0, 0
-        resumed = None
+        step, resumed = 0, None
         if checkpoint_step(self.checkpoint_dir):  # the one test of "resume or start" (ehr.training.start_model too)
-            step, epoch, index = self._load()
-            resumed = step
+            step = resumed = self._load()
         log = _Log(self.run_dir, append=resumed is not None, step=step)
         last_loss = float("nan")
         self.model.train()
+        device_type = next(self.model.parameters()).device.type
         while step < self.config.max_steps:
-            epoch_batches = self.batches(epoch)
-            if not epoch_batches:
-                raise MedstateError("no training batches: the training split is empty")
-            for batch in _from(epoch_batches, index):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16):
-                    loss, tokens = self.loss_fn(self.model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                step += 1
-                index += 1
-                last_loss = float(loss.detach())
-                log.add(step, last_loss, self.scheduler.get_last_lr()[0], tokens)
-                self.progress(step, self.config.max_steps, last_loss)
-                if step % self.config.save_every == 0 or step == self.config.max_steps:
-                    log.flush()
-                    self._save(step, epoch, index)
-                if step >= self.config.max_steps:
-                    break
-            else:
-                epoch, index = epoch + 1, 0
+            last_loss, tokens = self._step(device_type)
+            step += 1
+            log.add(step, last_loss, self.scheduler.get_last_lr()[0], tokens)
+            self.progress(step, self.config.max_steps, last_loss)
+            last = step == self.config.max_steps
+            if self.evaluate is not None and (last or (self.config.eval_every and step % self.config.eval_every == 0)):
+                log.add_validation(step, self._validate(step))
+            if step % self.config.save_every == 0 or last:
+                log.flush()
+                self._save(step)
         log.close()
-        return TrainResult(step, last_loss, resumed, time.perf_counter() - started)
+        return TrainResult(step, last_loss, resumed, time.perf_counter() - started, self.best)
 
-    def _save(self, step: int, epoch: int, index: int) -> None:
+    def _step(self, device_type: str) -> tuple[float, int]:
+        """One optimizer step over `grad_accumulation` batches; the gradient is that of the mean loss over all their
+        scored tokens (each batch weighted by its tokens), so accumulation equals one large batch."""
+        accumulate = self.config.grad_accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(accumulate):
+            batch = next(self.batches)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                loss, tokens = self.loss_fn(self.model, batch)
+            (loss if accumulate == 1 else loss * tokens).backward()
+            total_loss += float(loss.detach()) * tokens
+            total_tokens += tokens
+        if accumulate > 1 and total_tokens:
+            for parameter in self.model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad /= total_tokens
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return (total_loss / total_tokens if total_tokens else float("nan")), total_tokens
+
+    def _validate(self, step: int) -> float:
+        scored = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
+        with scored as model:
+            model.eval()
+            with torch.no_grad():
+                value = float(self.evaluate(model))
+            model.train()
+            if self.best is None or value < self.best:
+                self.best = value
+                partial = self.best_dir.with_name("best.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                model.save_pretrained(partial)
+                (partial / "best.json").write_text(json.dumps({"step": step, "validation": value}) + "\n")
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+                partial.rename(self.best_dir)
+        return value
+
+    def _save(self, step: int) -> None:
         partial = self.checkpoint_dir.with_name("last.partial")
         shutil.rmtree(partial, ignore_errors=True)
         self.model.save_pretrained(partial)
         torch.save(
             {
                 "step": step,
-                "epoch": epoch,
-                "index": index,
+                "data": json.dumps(self.batches.state_dict()),
+                "best": self.best,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
@@ -172,16 +254,22 @@ class Trainer:
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         partial.rename(self.checkpoint_dir)  # a kill leaves either the old checkpoint or the new one, never half
 
-    def _load(self) -> tuple[int, int, int]:
+    def _load(self) -> int:
         state = torch.load(self.checkpoint_dir / "trainer_state.pt", weights_only=True)
         loaded = type(self.model).from_pretrained(self.checkpoint_dir)
         self.model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(json.loads(state["data"]))
+        self.best = state["best"]
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise MedstateError(f"{self.checkpoint_dir} was trained without an EMA; resume with the same settings")
+            self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(("MT19937", state["numpy_rng"].numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0))
         random.setstate((3, tuple(state["python_rng"].tolist()), None))
-        return state["step"], state["epoch"], state["index"]
+        return state["step"]
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int:
@@ -190,10 +278,6 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int:
     if not state_file.is_file():
         return 0
     return int(torch.load(state_file, weights_only=True, mmap=True)["step"])  # mmap: the optimizer state stays on disk
-
-
-def _from(batches: list, index: int) -> Iterator:
-    yield from batches[index:]
 
 
 class _Log:
@@ -206,7 +290,9 @@ class _Log:
             with open(self.path) as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
         self.handle = open(self.path, "w", newline="")  # noqa: SIM115 (open for the whole run, closed in close())
-        self.writer = csv.DictWriter(self.handle, fieldnames=["step", "loss", "lr", "tokens", "seconds"])
+        self.writer = csv.DictWriter(
+            self.handle, fieldnames=["step", "loss", "lr", "tokens", "seconds", "validation"], restval=""
+        )
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.started = time.perf_counter()
@@ -225,6 +311,11 @@ class _Log:
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("loss", loss, step)
             self.tensorboard.add_scalar("lr", lr, step)
+
+    def add_validation(self, step: int, value: float) -> None:
+        self.writer.writerow({"step": step, "validation": f"{value:.6f}"})
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalar("validation", value, step)
 
     def flush(self) -> None:
         self.handle.flush()

@@ -1,0 +1,50 @@
+"""Exponential moving average of a model's weights (Polyak averaging): after each optimizer step
+ema ← decay·ema + (1 − decay)·θ, kept in float32 whatever the model's dtype. `applied(model)` swaps the
+average into the model for evaluation or saving and puts the trained weights back afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from medstate.errors import MedstateError
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise MedstateError(f"ema_decay must be between 0 and 1, got {decay}")
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in self._parameters(model)}
+
+    @staticmethod
+    def _parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, parameter in self._parameters(model):
+            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        trained = {name: p.detach().clone() for name, p in self._parameters(model)}
+        with torch.no_grad():
+            for name, parameter in self._parameters(model):
+                parameter.copy_(self.shadow[name])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, parameter in self._parameters(model):
+                    parameter.copy_(trained[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise MedstateError("the saved EMA weights do not match this model's parameters")
+        self.shadow = {name: tensor.float().clone() for name, tensor in state.items()}
