@@ -48,7 +48,7 @@ def parameter_groups(
             level = depth(name, n_layer)
             if level == 0 and embeddings_at_peak:
                 level = n_layer + 1
-            rate = lr * layer_decay ** min(n_layer, n_layer + 1 - level)
+            rate = lr * layer_decay ** max(0, n_layer - level)
         decay = weight_decay if decays(name, parameter) else 0.0
         group = groups.setdefault((rate, decay), {"params": [], "names": [], "lr": rate, "weight_decay": decay})
         group["params"].append(parameter)
