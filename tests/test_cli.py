@@ -35,6 +35,10 @@ COMMANDS = [
     ["ehr", "forecast"],
     ["ehr", "benchmark"],
     ["ehr", "demo"],
+    ["text"],
+    ["text", "tokenizer"],
+    ["text", "pretrain"],
+    ["text", "eval"],
 ]
 
 
@@ -137,6 +141,27 @@ BAD_INPUTS = {
         {"ck/config.json": json.dumps({"model_type": "medstate-ehrmamba", "vocab_size": "many"})},
         ["ehr", "forecast", "{d}/p", "{d}/ck", "{d}/o"],
         ["config.json", "vocab_size"],
+    ),
+    "pretraining config with an unknown key": (
+        {"p.yaml": "tokenizer: t\ncorpora: [{name: a, path: a.jsonl}]\nbatchsize: 4\n"},
+        ["text", "pretrain", "{d}/p.yaml", "{d}/run"],
+        ["p.yaml", "batchsize"],
+    ),
+    "WSD fractions that do not sum to 1": (
+        {"p.yaml": "tokenizer: t\ncorpora: [{name: a, path: a.jsonl}]\n"
+                   "train: {schedule: wsd, wsd_fractions: [0.1, 0.65, 0.2]}\n"},
+        ["text", "pretrain", "{d}/p.yaml", "{d}/run"],
+        ["p.yaml", "train", "wsd_fractions"],
+    ),
+    "corpus with a negative weight": (
+        {"c.yaml": "corpora: [{name: a, path: a.jsonl, weight: -1}]\n"},
+        ["text", "tokenizer", "{d}/c.yaml", "{d}/tok"],
+        ["c.yaml", "weight"],
+    ),
+    "corpus file that is not JSON Lines": (
+        {"c.yaml": "corpora: [{name: a, path: a.jsonl}]\n", "a.jsonl": "{broken\n"},
+        ["text", "tokenizer", "{d}/c.yaml", "{d}/tok"],
+        ["a.jsonl:1", "not valid JSON"],
     ),
 }
 

@@ -43,6 +43,10 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 ehr_app = typer.Typer(help="EhrMamba: patient sequences, tasks, models, evaluation.", no_args_is_help=True)
 app.add_typer(ehr_app, name="ehr")
+text_app = typer.Typer(
+    help="Language models over medical text: tokenizers, continued pretraining, evaluation.", no_args_is_help=True
+)
+app.add_typer(text_app, name="text")
 
 
 @app.command()
@@ -585,6 +589,102 @@ def ehr_demo(
     result = run_demo(data_dir, out, say=lambda text: console.print(text))
     console.print(markdown_table(result["summary"]))
     _summary("demo", {**{k: f"{v} s" for k, v in result["timings"].items()}, "report": str(result["report"])})
+
+
+@text_app.command("tokenizer")
+def text_tokenizer(
+    corpora: Annotated[Path, typer.Argument(help="YAML with a `corpora:` list (name, path, text_fields, ...)")],
+    out: Annotated[Path, typer.Argument(help="directory for tokenizer.json + tokenizer_config.json")],
+    vocab_size: Annotated[int, typer.Option(min=257, help="ids, including the 256 bytes and <|endoftext|>")] = 8192,
+) -> None:
+    """Train a byte-level BPE on the listed corpora (every byte string encodes and decodes back exactly)."""
+    from medstate.text.corpora import read_corpus_list, read_documents
+    from medstate.text.tokenizer import train_bpe
+
+    sources = read_corpus_list(corpora)
+    tokenizer = train_bpe((d.text for s in sources for d in read_documents(s)), vocab_size)
+    tokenizer.save(out)
+    _summary("tokenizer", {"ids": len(tokenizer), "end of text": tokenizer.eos_id, "saved": str(out)})
+
+
+@text_app.command("pretrain")
+def text_pretrain(
+    config: Annotated[Path, typer.Argument(help="pretraining YAML (tokenizer, weighted corpora, validation, train)")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    max_steps: Annotated[int | None, typer.Option(min=1, help="override train.max_steps")] = None,
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    init: Annotated[Path | None, typer.Option(help="override init: the checkpoint to continue from")] = None,
+) -> None:
+    """Continued pretraining (or from scratch) on a weighted mix of corpora, held-out text kept out."""
+    import dataclasses
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from medstate.text.pretrain import PretrainConfig, pretrain
+
+    settings = PretrainConfig.read(config)
+    overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
+    if overrides:
+        from medstate.loading import from_data
+
+        train = from_data(type(settings.train), {**dataclasses.asdict(settings.train), **overrides}, "options")
+        settings = dataclasses.replace(settings, train=train)
+    if init is not None:
+        settings = dataclasses.replace(settings, init=str(init.resolve()))
+    tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
+    with Progress(
+        TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("pretrain", total=settings.train.max_steps, loss="-", rate="-")
+        started, first = time.perf_counter(), [None]
+
+        def progress(step: int, total: int, loss: float) -> None:
+            first[0] = first[0] if first[0] is not None else step - 1
+            rate = (step - first[0]) * tokens_per_step / (time.perf_counter() - started)
+            bar.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+
+        result = pretrain(settings, run_dir, progress)
+    rows = {"steps": result.steps, "model": str(result.model_dir)}
+    for name, share in result.metrics["realised_shares"].items():
+        rows[f"share {name}"] = f"{share:.3f} (asked {result.metrics['requested_shares'][name]:.3f})"
+    for name, scores in result.metrics["validation"].items():
+        bpb = scores["bits_per_byte"]
+        rows[f"{name} bits/byte"] = f"{bpb['value']:.4f} [{bpb['low']:.4f}, {bpb['high']:.4f}]"
+    _summary(f"pretrain: {run_dir}", rows)
+
+
+@text_app.command("eval")
+def text_eval(
+    model_dir: Annotated[Path, typer.Argument(help="model directory (with its tokenizer, as pretrain writes it)")],
+    corpora: Annotated[Path, typer.Argument(help="YAML with a `corpora:` list of held-out text")],
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer directory (default: the model's)")] = None,
+    length: Annotated[int, typer.Option(min=2, help="tokens per row; longer documents go in segments")] = 2048,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    out: Annotated[Path | None, typer.Option(help="write the figures as JSON here")] = None,
+) -> None:
+    """Perplexity and bits per byte per corpus, token-weighted, with 95% bootstrap intervals over documents."""
+    from medstate.ssm import load_pretrained
+    from medstate.text.corpora import read_corpus_list, read_documents
+    from medstate.text.evaluate import evaluate_corpora
+    from medstate.text.tokenizer import TextTokenizer
+
+    corpora_documents = {s.name: list(read_documents(s)) for s in read_corpus_list(corpora)}
+    model = load_pretrained(model_dir)
+    figures = evaluate_corpora(model, TextTokenizer.load(tokenizer or model_dir), corpora_documents, length, batch_size)
+    table = Table(title=f"{model_dir}")
+    for column in ("corpus", "documents", "tokens", "perplexity", "bits per byte"):
+        table.add_column(column)
+    for name, row in figures.items():
+        cells = [
+            f"{row[m]['value']:.4f} [{row[m]['low']:.4f}, {row[m]['high']:.4f}]"
+            for m in ("perplexity", "bits_per_byte")
+        ]
+        table.add_row(name, str(row["documents"]), f"{row['tokens']:,}", *cells)
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,25 @@ import pytest
 
 from medstate.text.tokenizer import train_bpe
 
-WORDS = "the patient was given aspirin for chest pain and discharged home on day three with follow up".split()
+WORDS = [
+    "the",
+    "patient",
+    "was",
+    "given",
+    "aspirin",
+    "for",
+    "chest",
+    "pain",
+    "and",
+    "discharged",
+    "home",
+    "on",
+    "day",
+    "three",
+    "with",
+    "follow",
+    "up",
+]
 
 
 @pytest.fixture(scope="session")

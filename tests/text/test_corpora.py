@@ -58,8 +58,13 @@ def test_reader_errors_are_user_errors(tmp_path):
 
 
 def test_shipped_sets(shared_data):
-    pubmed = CorpusSource("pubmed", str(shared_data / "text-biomed/pubmed-abstracts-ncbi/abstracts.jsonl.gz"),
-                          text_fields=["title", "abstract"], id_field="pmid", id_namespace="pmid")
+    pubmed = CorpusSource(
+        "pubmed",
+        str(shared_data / "text-biomed/pubmed-abstracts-ncbi/abstracts.jsonl.gz"),
+        text_fields=["title", "abstract"],
+        id_field="pmid",
+        id_namespace="pmid",
+    )
     assert sum(1 for _ in read_documents(pubmed)) == 3990
     wikitext = CorpusSource("wikitext", str(shared_data / "text-general/wikitext-2/wiki.test.raw"))
     raw = (shared_data / "text-general/wikitext-2/wiki.test.raw").read_text().splitlines()
@@ -87,18 +92,29 @@ def test_meds_notes(tmp_path):
 
 def test_contamination_by_id_and_by_overlap():
     held = [
-        Document("pmid:1", "We studied whether statins reduce mortality in patients with sepsis admitted to intensive "
-                           "care units across three hospitals between 2001 and 2010 and found no effect at all."),
-        Document("wikitext:Robert", "Robert Boulter is an English film , television and theatre actor . He had a "
-                                    "guest @-@ starring role on the television series The Bill in 2000 ."),
+        Document(
+            "pmid:1",
+            "We studied whether statins reduce mortality in patients with sepsis admitted to intensive "
+            "care units across three hospitals between 2001 and 2010 and found no effect at all.",
+        ),
+        Document(
+            "wikitext:Robert",
+            "Robert Boulter is an English film , television and theatre actor . He had a "
+            "guest @-@ starring role on the television series The Bill in 2000 .",
+        ),
     ]
     guard = ContaminationGuard(held, n=8, min_overlap=0.5)
     boilerplate = "This is an open access article distributed under the terms of the Creative Commons licence"
     training = [
         Document("pmid:1", "a different text with the same PMID"),
-        Document("wiki:9", "Intro. Robert Boulter is an English film, television and theatre actor. He had a guest-"
-                           "starring role on the television series The Bill in 2000. Later life."),
-        Document("pmid:2", "Statins reduce mortality in patients with sepsis admitted to intensive care. " + boilerplate),
+        Document(
+            "wiki:9",
+            "Intro. Robert Boulter is an English film, television and theatre actor. He had a guest-"
+            "starring role on the television series The Bill in 2000. Later life.",
+        ),
+        Document(
+            "pmid:2", "Statins reduce mortality in patients with sepsis admitted to intensive care. " + boilerplate
+        ),
         Document("pmid:3", "Unrelated text about kidney stones and diet. " + boilerplate),
     ]
     kept = [d.id for d in training if guard.match(d) is None]
@@ -112,6 +128,9 @@ def test_contamination_report_over_sources(tmp_path):
     path.write_text("\n".join(json.dumps({"pmid": p, "text": t}) for p, t in [(1, "x"), (2, "y"), (3, "z")]))
     source = CorpusSource("pubmed", str(path), id_field="pmid", id_namespace="pmid")
     report = find_contamination([source], ContaminationGuard([Document("pmid:2", "q")]))
-    assert report.to_dict() == {"scanned": {"pubmed": 3}, "removed": {"pubmed": {"id": 1}},
-                                "documents": [{"source": "pubmed", "id": "pmid:2", "matches": "pmid:2"}]}
+    assert report.to_dict() == {
+        "scanned": {"pubmed": 3},
+        "removed": {"pubmed": {"id": 1}},
+        "documents": [{"source": "pubmed", "id": "pmid:2", "matches": "pmid:2"}],
+    }
     assert report.excluded() == {"pubmed": {"pmid:2"}}

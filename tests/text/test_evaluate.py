@@ -27,8 +27,15 @@ TEXTS = [
 @pytest.fixture(params=[1, 2], ids=["mamba1", "mamba2"])
 def model(request, small_tokenizer):
     torch.manual_seed(0)
-    config = SSMConfig(version=request.param, vocab_size=len(small_tokenizer), d_model=16, n_layer=2, d_state=4,
-                       head_dim=8, chunk_size=8)
+    config = SSMConfig(
+        version=request.param,
+        vocab_size=len(small_tokenizer),
+        d_model=16,
+        n_layer=2,
+        d_state=4,
+        head_dim=8,
+        chunk_size=8,
+    )
     return MambaLM(config).eval()
 
 

@@ -27,7 +27,9 @@ def write_source(tmp_path, name, n_documents, seed):
 
 @pytest.fixture
 def setup(tmp_path):
-    paths = {name: write_source(tmp_path, name, n, i) for i, (name, n) in enumerate([("bio", 300), ("c4", 40), ("wiki", 25)])}
+    paths = {
+        name: write_source(tmp_path, name, n, i) for i, (name, n) in enumerate([("bio", 300), ("c4", 40), ("wiki", 25)])
+    }
     tokenizer = train_bpe([" ".join(ALPHABETS)], vocab_size=257, min_frequency=1)  # bytes only: one id per letter
     return paths, tokenizer
 

@@ -24,7 +24,9 @@ def test_neox_ids_match_published_and_transformers(neox, shared_data):
     # ids the public Mamba ports hard-code for these sentences (see the tokenizer's SOURCE.md)
     assert neox.encode("Hey how are you doing?") == [8262, 849, 403, 368, 2509, 32]
     assert neox.encode("Hello, my dog is cute") == [12092, 13, 619, 4370, 310, 20295]
-    reference = PreTrainedTokenizerFast(tokenizer_file=str(shared_data / "tokenizers/gpt-neox-20b-tokenizer/tokenizer.json"))
+    reference = PreTrainedTokenizerFast(
+        tokenizer_file=str(shared_data / "tokenizers/gpt-neox-20b-tokenizer/tokenizer.json")
+    )
     for text in TEXTS:
         assert neox.encode(text) == reference(text, add_special_tokens=False)["input_ids"]
         assert neox.decode(neox.encode(text)) == text
@@ -65,7 +67,7 @@ def test_trained_bpe_round_trips_and_saves_for_transformers(small_tokenizer, tmp
 
 
 def test_tokenizer_errors_are_user_errors(tmp_path):
-    with pytest.raises(MedstateError, match="no tokenizer.json"):
+    with pytest.raises(MedstateError, match=r"no tokenizer\.json"):
         TextTokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(MedstateError, match="not a readable tokenizer"):

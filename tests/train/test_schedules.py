@@ -21,20 +21,28 @@ from medstate.train.schedules import learning_rate_factor, wsd_steps
     ],
 )
 def test_wsd_equals_transformers_at_every_step(max_steps, fractions, shape, floor):
-    config = TrainConfig(max_steps=max_steps, schedule="wsd", wsd_fractions=fractions, decay_shape=shape,
-                         min_lr_ratio=floor)
+    config = TrainConfig(
+        max_steps=max_steps, schedule="wsd", wsd_fractions=fractions, decay_shape=shape, min_lr_ratio=floor
+    )
     warmup, stable, decay = wsd_steps(max_steps, fractions)
     assert warmup + stable + decay == max_steps
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_stable_steps=stable,
-                                 num_decay_steps=decay, decay_type=shape, min_lr_ratio=floor)
+    reference = get_wsd_schedule(
+        optimizer,
+        num_warmup_steps=warmup,
+        num_stable_steps=stable,
+        num_decay_steps=decay,
+        decay_type=shape,
+        min_lr_ratio=floor,
+    )
     for step in range(max_steps + 3):
         assert learning_rate_factor(step, config) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12), step
 
 
 def test_wsd_shape_by_hand():
-    config = TrainConfig(max_steps=10, schedule="wsd", wsd_fractions=[0.2, 0.4, 0.4], decay_shape="linear",
-                         min_lr_ratio=0.1)
+    config = TrainConfig(
+        max_steps=10, schedule="wsd", wsd_fractions=[0.2, 0.4, 0.4], decay_shape="linear", min_lr_ratio=0.1
+    )
     factors = [learning_rate_factor(s, config) for s in range(10)]
     # warmup 2 steps from 0.1, stable 4 steps at 1, linear decay over 4 steps towards 0.1
     expected = [0.1, 0.55, 1, 1, 1, 1, 1.0, 0.775, 0.55, 0.325]

@@ -10,6 +10,7 @@ by id, and ids of unrelated sources never collide.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -67,6 +68,22 @@ class CorpusSource:
         if name.endswith(".raw"):
             return "wikitext"
         raise MedstateError(f"corpus {self.name!r}: cannot tell the format of {self.path}; set format")
+
+
+@dataclass
+class CorpusList:
+    corpora: list[CorpusSource]
+
+
+def read_corpus_list(path: str | Path) -> list[CorpusSource]:
+    """A YAML file with a `corpora:` list; relative paths are relative to the file's folder."""
+    from medstate.loading import from_data, read_yaml
+
+    path = Path(path)
+    listed = from_data(CorpusList, read_yaml(path, "corpus list"), str(path)).corpora
+    if not listed:
+        raise MedstateError(f"{path}: the corpora list is empty")
+    return [dataclasses.replace(s, path=str((path.parent / Path(s.path).expanduser()).resolve())) for s in listed]
 
 
 def read_documents(source: CorpusSource) -> Iterator[Document]:

@@ -12,6 +12,7 @@ the recurrent state carried from one to the next, which equals scoring it whole.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,28 @@ class DocumentScores:
             low, high = np.percentile(resampled, [2.5, 97.5])
             out[name] = MetricResult(float(value), float(low), float(high), "ok", n_bootstrap)
         return out
+
+
+def evaluate_corpora(
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    corpora: dict[str, list[Document]],
+    length: int = 2048,
+    batch_size: int = 8,
+) -> dict[str, dict]:
+    """Per corpus: documents, tokens, bytes, and perplexity, bits per byte and nats per token with 95% intervals."""
+    figures = {}
+    for name, documents in corpora.items():
+        if not documents:
+            raise MedstateError(f"corpus {name!r} has no documents to evaluate on")
+        scores = score_documents(model, tokenizer, documents, length, batch_size)
+        figures[name] = {
+            "documents": len(documents),
+            "tokens": int(scores.tokens.sum()),
+            "bytes": int(scores.bytes.sum()),
+            **{metric: dataclasses.asdict(result) for metric, result in scores.summary().items()},
+        }
+    return figures
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
