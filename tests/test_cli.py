@@ -148,8 +148,10 @@ BAD_INPUTS = {
         ["p.yaml", "batchsize"],
     ),
     "WSD fractions that do not sum to 1": (
-        {"p.yaml": "tokenizer: t\ncorpora: [{name: a, path: a.jsonl}]\n"
-                   "train: {schedule: wsd, wsd_fractions: [0.1, 0.65, 0.2]}\n"},
+        {
+            "p.yaml": "tokenizer: t\ncorpora: [{name: a, path: a.jsonl}]\n"
+            "train: {schedule: wsd, wsd_fractions: [0.1, 0.65, 0.2]}\n"
+        },
         ["text", "pretrain", "{d}/p.yaml", "{d}/run"],
         ["p.yaml", "train", "wsd_fractions"],
     ),
