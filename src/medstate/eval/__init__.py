@@ -10,6 +10,8 @@ from medstate.eval.metrics import (
     evaluate_task,
     expected_calibration_error,
     f1_at,
+    macro_f1,
+    wilson_interval,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "evaluate_task",
     "expected_calibration_error",
     "f1_at",
+    "macro_f1",
+    "wilson_interval",
 ]

@@ -126,6 +126,28 @@ class TaskMetrics:
     extra: dict = field(default_factory=dict)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default): unlike the normal approximation it stays inside
+    [0, 1] and keeps its coverage near 0 and 1 and for small n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(centre - half), float(centre + half)
+
+
+def macro_f1(y_true, y_pred, labels) -> float:
+    """The unweighted mean over `labels` of each label's F1 (0 for a label never predicted nor present)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    scores = []
+    for label in labels:
+        tp = np.sum((y_pred == label) & (y_true == label))
+        predicted, actual = np.sum(y_pred == label), np.sum(y_true == label)
+        scores.append(0.0 if predicted + actual == 0 else 2 * tp / (predicted + actual))
+    return float(np.mean(scores))
+
+
 def bootstrap(metric, y, s, subjects, n: int = N_BOOTSTRAP, seed: int = 0) -> MetricResult:
     """The metric with a 95% percentile interval from resampling *subjects* (all of a subject's samples together),
     so that patients with many samples do not narrow the interval."""
