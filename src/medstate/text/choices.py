@@ -8,6 +8,7 @@ log-probabilities of its tokens (choices are tokenized as continuations, e.g. " 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,7 +55,7 @@ def choice_loglikelihoods(
         for c, ids in enumerate(choice_ids):
             total = first[:, ids[0]].double()
             state = out.state.clone() if len(ids) > 1 else None
-            for previous, token in zip(ids, ids[1:]):
+            for previous, token in itertools.pairwise(ids):
                 step = model.step(torch.full((len(rows),), previous, dtype=torch.long), state)
                 state = step.state
                 total += torch.log_softmax(step.logits.float(), -1)[:, token].double()

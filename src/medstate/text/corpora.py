@@ -10,6 +10,7 @@ by id, and ids of unrelated sources never collide.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import json
@@ -21,7 +22,7 @@ from typing import Any
 
 from medstate.errors import MedstateError
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "text", "wikitext", "meds-notes")
+FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "text", "wikitext", "meds-notes")
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class CorpusSource:
         name = path.name.removesuffix(".gz")
         if path.is_dir():
             return "meds-notes" if (path / "data").is_dir() else "text"
-        for suffix, kind in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet"), (".txt", "text")):
+        for suffix, kind in (*((f".{k}", k) for k in ("jsonl", "json", "csv", "parquet")), (".txt", "text")):
             if name.endswith(suffix):
                 return kind
         if name.endswith(".raw"):
@@ -128,48 +129,62 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def _read_jsonl(source: CorpusSource, path: Path) -> Iterator[Document]:
+def read_records(path: str | Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for each record of a JSON Lines, JSON (an object of records keyed by id, whose key is added
+    as `_key`, or a list of records), CSV or Parquet file, optionally gzipped."""
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".parquet"):
+        yield from _parquet_records(path, columns)
+        return
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MedstateError(f"{where}: not valid JSON ({err.msg})") from None
-            yield _document(record, number, source, where)
+        if name.endswith(".jsonl"):
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    yield f"{path}:{number}", _json(line, f"{path}:{number}")
+        elif name.endswith(".json"):
+            data = _json(handle.read(), str(path))
+            if isinstance(data, dict):
+                for key, record in data.items():
+                    yield f"{path}: {key}", {**record, "_key": key} if isinstance(record, dict) else record
+            elif isinstance(data, list):
+                for number, record in enumerate(data, 1):
+                    yield f"{path}: item {number}", record
+            else:
+                raise MedstateError(f"{path}: expected a JSON object of records or a list of records")
+        elif name.endswith(".csv"):
+            for number, record in enumerate(csv.DictReader(handle), 2):
+                yield f"{path}:{number}", record
+        else:
+            raise MedstateError(f"{path}: records are read from .jsonl, .json, .csv or .parquet files")
 
 
-def _read_json(source: CorpusSource, path: Path) -> Iterator[Document]:
-    with _open_text(path) as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise MedstateError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
-    if isinstance(data, dict):
-        for key, record in data.items():
-            yield _document(record, 0, source, f"{path}: {key}", key=key)
-    elif isinstance(data, list):
-        for number, record in enumerate(data, 1):
-            yield _document(record, number, source, f"{path}: item {number}")
-    else:
-        raise MedstateError(f"{path}: expected a JSON object of records or a list of records")
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MedstateError(f"{where}: not valid JSON ({err.msg})") from None
 
 
-def _read_parquet(source: CorpusSource, path: Path) -> Iterator[Document]:
+def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
-    columns = list(dict.fromkeys([*source.text_fields, *([source.id_field] if source.id_field else [])]))
     parquet = pq.ParquetFile(path)
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
+    missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
     if missing:
         raise MedstateError(f"{path}: no column(s) {', '.join(missing)}")
     number = 0
     for batch in parquet.iter_batches(columns=columns, batch_size=1024):
         for record in batch.to_pylist():
             number += 1
-            yield _document(record, number, source, f"{path}: row {number}")
+            yield f"{path}: row {number}", record
+
+
+def _read_records(source: CorpusSource, path: Path) -> Iterator[Document]:
+    columns = list(dict.fromkeys([*source.text_fields, *([source.id_field] if source.id_field else [])]))
+    for number, (where, record) in enumerate(read_records(path, columns), 1):
+        key = record.pop("_key", None) if isinstance(record, dict) and not source.id_field else None
+        yield _document(record, number, source, where, key)
 
 
 def _read_text(source: CorpusSource, path: Path) -> Iterator[Document]:
@@ -219,9 +234,10 @@ def _read_meds_notes(source: CorpusSource, path: Path) -> Iterator[Document]:
 
 
 _READERS = {
-    "jsonl": _read_jsonl,
-    "json": _read_json,
-    "parquet": _read_parquet,
+    "jsonl": _read_records,
+    "json": _read_records,
+    "csv": _read_records,
+    "parquet": _read_records,
     "text": _read_text,
     "wikitext": _read_wikitext,
     "meds-notes": _read_meds_notes,

@@ -76,7 +76,11 @@ class RowBuilder:
         return make_row(self._pieces, self.length, self.pad_id)
 
 
-def make_row(pieces: Sequence[Sequence[int]], length: int, pad_id: int) -> Row:
+def make_row(
+    pieces: Sequence[Sequence[int]], length: int, pad_id: int, scored_from: Sequence[int] | None = None
+) -> Row:
+    """`scored_from[k]`: the first token of piece k that is a label (default 1: all but the first; SFT scores only
+    the response)."""
     input_ids = np.full(length, pad_id, dtype=np.int64)
     labels = np.full(length, IGNORE, dtype=np.int64)
     seq_idx = np.empty(length, dtype=np.int32)
@@ -84,7 +88,8 @@ def make_row(pieces: Sequence[Sequence[int]], length: int, pad_id: int) -> Row:
     for index, piece in enumerate(pieces):
         end = start + len(piece)
         input_ids[start:end] = piece
-        labels[start + 1 : end] = piece[1:]  # the first token of a piece has no context in this row
+        first = 1 if scored_from is None else max(1, scored_from[index])  # the first token has no context here
+        labels[start + first : end] = piece[first:]
         seq_idx[start:end] = index
         start = end
     if start > length:
@@ -93,21 +98,27 @@ def make_row(pieces: Sequence[Sequence[int]], length: int, pad_id: int) -> Row:
     return Row(input_ids, labels, seq_idx, start)
 
 
-def pack_documents(documents: Iterable[Sequence[int]], length: int, pad_id: int) -> Iterator[Row]:
-    """Rows holding whole documents of at most `length` tokens, in order, filled greedily (for scoring: a document
-    is never cut, so its score equals scoring it alone)."""
+def pack_documents(
+    documents: Iterable[Sequence[int]], length: int, pad_id: int, scored_from: Iterable[int] | None = None
+) -> Iterator[Row]:
+    """Rows holding whole documents of at most `length` tokens, in order, filled greedily (a document is never cut,
+    so its score equals scoring it alone). `scored_from` gives each document's first label position."""
     pieces: list[Sequence[int]] = []
+    starts: list[int] = []
     used = 0
+    firsts = iter(scored_from) if scored_from is not None else None
     for document in documents:
+        first = next(firsts) if firsts is not None else 1
         if len(document) > length:
             raise MedstateError(f"a document of {len(document)} tokens does not fit a row of {length}")
         if used + len(document) > length:
-            yield make_row(pieces, length, pad_id)
-            pieces, used = [], 0
+            yield make_row(pieces, length, pad_id, starts)
+            pieces, starts, used = [], [], 0
         pieces.append(document)
+        starts.append(first)
         used += len(document)
     if pieces:
-        yield make_row(pieces, length, pad_id)
+        yield make_row(pieces, length, pad_id, starts)
 
 
 def collate(rows: Sequence[Row], packed: bool = True) -> dict[str, torch.Tensor]:

@@ -71,7 +71,7 @@ def load_pubmedqa(directory: str | Path) -> tuple[list[QAItem], list[QAItem]]:
         raise MedstateError(f"{truth_file}: {len(missing)} test PMIDs are not in {source.name} (e.g. {missing[0]})")
     for pmid, label in truth.items():
         if items[pmid].label != label:
-            raise MedstateError(f"{truth_file}: PMID {pmid} is {label!r} there and {items[pmid].label!r} in {source.name}")
+            raise MedstateError(f"{truth_file}: PMID {pmid} is {label!r} there, {items[pmid].label!r} in {source.name}")
     test = [items[pmid] for pmid in truth]
     pool = [item for pmid, item in items.items() if pmid not in truth]
     return pool, test
@@ -123,9 +123,8 @@ def score_pubmedqa(
     max_prompt_tokens: int | None = 1024,
 ) -> QAResult:
     """Answer every item by the likeliest choice; metrics for the model and for always answering `majority_label`."""
-    scores = choice_loglikelihoods(
-        model, tokenizer, [prompt_of(i) for i in items], [f" {label}" for label in LABELS], batch_size, max_prompt_tokens
-    )
+    prompts, choices = [prompt_of(i) for i in items], [f" {label}" for label in LABELS]
+    scores = choice_loglikelihoods(model, tokenizer, prompts, choices, batch_size, max_prompt_tokens)
     predicted = [LABELS[k] for k in scores.argmax(1)]
     binary = [LABELS[k] for k in scores[:, :2].argmax(1)]
     ids, truth = [i.id for i in items], [i.label for i in items]
