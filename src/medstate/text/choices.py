@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from medstate.errors import MedstateError
+from medstate.text.packing import left_padded
 from medstate.text.tokenizer import TextTokenizer
 
 
@@ -44,12 +45,7 @@ def choice_loglikelihoods(
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded[r]) for r in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.eos_id, dtype=torch.long)
-        seq_idx = torch.zeros((len(rows), width), dtype=torch.int32)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(encoded[r]) :] = torch.tensor(encoded[r])
-            seq_idx[i, width - len(encoded[r]) :] = 1
+        input_ids, seq_idx = left_padded([encoded[r] for r in rows], tokenizer.eos_id)
         out = model(input_ids, seq_idx=seq_idx, return_state=True)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)
         for c, ids in enumerate(choice_ids):

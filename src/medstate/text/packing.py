@@ -131,3 +131,15 @@ def collate(rows: Sequence[Row], packed: bool = True) -> dict[str, torch.Tensor]
     if packed:
         batch["seq_idx"] = torch.from_numpy(np.stack([r.seq_idx for r in rows]))
     return batch
+
+
+def left_padded(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and seq_idx [B, longest] with each sequence at the right end and its padding as a segment of its
+    own: the state after the last position is each sequence's own state, as if read alone."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    seq_idx = torch.zeros((len(sequences), width), dtype=torch.int32)
+    for i, sequence in enumerate(sequences):
+        input_ids[i, width - len(sequence) :] = torch.as_tensor(sequence)
+        seq_idx[i, width - len(sequence) :] = 1
+    return input_ids, seq_idx

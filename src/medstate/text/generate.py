@@ -1,0 +1,70 @@
+"""Text generation through the engine's recurrent steps: prompts of a batch read once (left-padded, the padding a
+segment of its own), then one O(1) step per new token, greedy or sampled (temperature, top-p), ending a row at the
+end-of-text token, at a stop string (cut from the output) or at `max_new_tokens`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from medstate.errors import MedstateError
+from medstate.ssm.model import sample_next_token
+from medstate.text.choices import encode_prompt
+from medstate.text.packing import left_padded
+from medstate.text.tokenizer import TextTokenizer
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    positions = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+) -> list[str]:
+    """The continuation of each prompt (without the prompt, without the stop string that ended it)."""
+    if max_new_tokens < 1:
+        raise MedstateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    outputs: list[str] = [""] * len(prompts)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, seq_idx = left_padded([encoded[r] for r in rows], tokenizer.eos_id)
+        out = model(input_ids, seq_idx=seq_idx, return_state=True)
+        logits, state = out.logits[:, -1], out.state
+        new: list[list[int]] = [[] for _ in rows]
+        done = np.zeros(len(rows), dtype=bool)
+        for _ in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_p, generator=generator)
+            for i, t in enumerate(token.tolist()):
+                if done[i]:
+                    continue
+                if t == tokenizer.eos_id:
+                    done[i] = True
+                    continue
+                new[i].append(t)
+                done[i] = bool(stop) and _cut_at_stop(tokenizer.decode(new[i]), stop)[1]
+            if done.all():
+                break
+            step = model.step(token, state)
+            logits, state = step.logits, step.state
+        for i, r in enumerate(rows):
+            outputs[r] = _cut_at_stop(tokenizer.decode(new[i]), stop)[0]
+    model.train(was_training)
+    return outputs

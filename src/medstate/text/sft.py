@@ -1,0 +1,203 @@
+"""Supervised finetuning with instruction masking: the loss is on the response tokens only, examples are packed
+into rows (`seq_idx` keeps them apart), and an example that does not fit a row loses the start of its prompt.
+
+Tasks are plain data:
+    pubmedqa    PubMedQA's 500-item training pool (question + context → decision + conclusion); its official test
+                split is never trained on
+    records     any JSON Lines / JSON / CSV / Parquet file, prompt and response written as templates over the
+                record's fields, e.g. ACI-Bench: prompt "Dialogue:\\n{dialogue}\\nNote:", response " {note}"
+    completion  documents (notes, abstracts): the first `prompt_fraction` of the words → the rest
+
+A share of every task (`validation_fraction`, drawn by a hash of the example id, so it never moves) is held out for
+validation; the best model on it (EMA weights when there is an EMA) is exported with its tokenizer to `model/`.
+With `pubmedqa_test` set, the official test split is scored before (zero-shot) and after finetuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from medstate.errors import MedstateError
+from medstate.loading import from_data, read_yaml
+from medstate.ssm import load_pretrained
+from medstate.text.corpora import CorpusSource, read_documents, read_records
+from medstate.text.packing import collate, pack_documents
+from medstate.text.pretrain import export_model, language_model_loss
+from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
+from medstate.text.tokenizer import TextTokenizer
+from medstate.train.loop import TrainConfig, Trainer
+
+TASK_KINDS = ("pubmedqa", "records", "completion")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str
+    response: str
+
+
+@dataclass
+class SFTTask:
+    name: str
+    kind: str
+    path: str
+    prompt: str = "{prompt}"  # records: templates over the record's fields
+    response: str = " {response}"
+    id_field: str | None = None
+    text_fields: list[str] = field(default_factory=lambda: ["text"])  # completion: the document's fields
+    prompt_fraction: float = 0.5
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise MedstateError(f"task {self.name!r}: unknown kind {self.kind!r}; choose one of {TASK_KINDS}")
+        if not 0 < self.prompt_fraction < 1:
+            raise MedstateError(f"task {self.name!r}: prompt_fraction must be between 0 and 1")
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def task_examples(task: SFTTask) -> list[Example]:
+    if task.kind == "pubmedqa":
+        pool, _ = load_pubmedqa(task.path)  # the test split is left out here, whatever else happens
+        examples = [Example(f"{task.name}:{i.id}", prompt_of(i), answer_of(i)) for i in pool]
+    elif task.kind == "records":
+        examples = []
+        for number, (where, record) in enumerate(read_records(task.path), 1):
+            missing = [f for f in _fields(task.prompt) + _fields(task.response) if f not in record]
+            if missing:
+                raise MedstateError(f"{where}: no field(s) {', '.join(missing)} for task {task.name!r}")
+            key = record.get(task.id_field) if task.id_field else record.get("_key", number)
+            examples.append(Example(f"{task.name}:{key}", task.prompt.format(**record), task.response.format(**record)))
+    else:
+        source = CorpusSource(task.name, task.path, text_fields=task.text_fields, id_field=task.id_field)
+        examples = []
+        for document in read_documents(source):
+            words = document.text.split(" ")
+            cut = max(1, int(len(words) * task.prompt_fraction))
+            if cut < len(words):
+                examples.append(Example(document.id, " ".join(words[:cut]), " " + " ".join(words[cut:])))
+    return examples[: task.limit] if task.limit is not None else examples
+
+
+def is_validation(example_id: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(example_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def encode_example(example: Example, tokenizer: TextTokenizer, length: int) -> tuple[list[int], int]:
+    """[eos] + prompt + response + [eos], cut to `length` (the prompt loses its start first), and where the
+    response starts."""
+    prompt, response = tokenizer.encode(example.prompt), [*tokenizer.encode(example.response), tokenizer.eos_id]
+    response = response[: length - 2]
+    prompt = prompt[max(0, len(prompt) - (length - 1 - len(response))) :]
+    return [tokenizer.eos_id, *prompt, *response], 1 + len(prompt)
+
+
+@dataclass
+class SFTConfig:
+    init: str  # the model directory to finetune (as `text pretrain` writes it, with its tokenizer)
+    tasks: list[SFTTask]
+    tokenizer: str | None = None  # default: the one in `init`
+    seq_len: int = 1024
+    batch_size: int = 8
+    validation_fraction: float = 0.1
+    pubmedqa_test: str | None = None  # a PubMedQA folder: score its official test split before and after
+    eval_batch_size: int = 8
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.validation_fraction < 1:
+            raise MedstateError("validation_fraction must be within [0, 1)")
+
+    @classmethod
+    def read(cls, path: str | Path) -> SFTConfig:
+        path = Path(path)
+        config = from_data(cls, read_yaml(path, "SFT config"), str(path))
+
+        def absolute(value: str | None) -> str | None:
+            return None if value is None else str((path.parent / Path(value).expanduser()).resolve())
+
+        return dataclasses.replace(
+            config,
+            init=absolute(config.init),
+            tokenizer=absolute(config.tokenizer),
+            pubmedqa_test=absolute(config.pubmedqa_test),
+            tasks=[dataclasses.replace(t, path=absolute(t.path)) for t in config.tasks],
+        )
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict
+
+
+def _rows(examples: list[Example], tokenizer: TextTokenizer, length: int):
+    encoded = [encode_example(e, tokenizer, length) for e in examples]
+    return list(pack_documents([t for t, _ in encoded], length, tokenizer.eos_id, [s for _, s in encoded]))
+
+
+def finetune(
+    config: SFTConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
+) -> SFTResult:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    tokenizer = TextTokenizer.load(config.tokenizer or config.init)
+    model = load_pretrained(config.init).train()
+    examples = {task.name: task_examples(task) for task in config.tasks}
+    train = [e for group in examples.values() for e in group if not is_validation(e.id, config.validation_fraction)]
+    held = [e for group in examples.values() for e in group if is_validation(e.id, config.validation_fraction)]
+    if not train:
+        raise MedstateError("SFT: no training examples (check the tasks and validation_fraction)")
+
+    def batches(epoch: int) -> list[dict]:
+        order = np.random.default_rng([config.train.seed, epoch]).permutation(len(train))
+        rows = _rows([train[i] for i in order], tokenizer, config.seq_len)
+        return [collate(rows[i : i + config.batch_size]) for i in range(0, len(rows), config.batch_size)]
+
+    validation_rows = _rows(held, tokenizer, config.seq_len)
+
+    def evaluate(scored: torch.nn.Module) -> float:
+        total, tokens = 0.0, 0
+        for i in range(0, len(validation_rows), config.eval_batch_size):
+            loss, count = language_model_loss(scored, collate(validation_rows[i : i + config.eval_batch_size]))
+            total, tokens = total + float(loss) * count, tokens + count
+        return total / tokens
+
+    pubmedqa = load_pubmedqa(config.pubmedqa_test) if config.pubmedqa_test else None
+    metrics: dict = {
+        "examples": {name: len(group) for name, group in examples.items()},
+        "train_examples": len(train),
+        "validation_examples": len(held),
+    }
+    if pubmedqa is not None:
+        pool, test = pubmedqa
+        zero_shot = score_pubmedqa(model, tokenizer, test, majority_label(pool), config.eval_batch_size)
+        metrics["pubmedqa_zero_shot"] = zero_shot.to_dict()
+    trainer = Trainer(model, language_model_loss, batches, config.train, run_dir, progress,
+                      evaluate if validation_rows else None)  # fmt: skip
+    result = trainer.fit()
+    model_dir = export_model(trainer, tokenizer, run_dir / "model")
+    metrics.update(steps=result.steps, best_validation_loss=result.best)
+    if pubmedqa is not None:
+        finetuned = score_pubmedqa(load_pretrained(model_dir), tokenizer, test, majority_label(pool),
+                                   config.eval_batch_size)  # fmt: skip
+        metrics["pubmedqa_finetuned"] = finetuned.to_dict()
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return SFTResult(run_dir, model_dir, metrics)

@@ -1,0 +1,111 @@
+"""SFT masking and learning, batched generation against one-at-a-time greedy decoding, ROUGE against a
+hand-worked example and rouge-score on ACI-Bench notes."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medstate import MedstateError
+from medstate.ssm import MambaLM, SSMConfig
+from medstate.text.generate import generate_texts
+from medstate.text.packing import IGNORE, collate
+from medstate.text.rouge import rouge, rouge_per_document
+from medstate.text.sft import Example, SFTConfig, SFTTask, _rows, encode_example, finetune, task_examples
+from medstate.text.tokenizer import padded_vocab_size
+from medstate.train.loop import TrainConfig
+
+
+@pytest.fixture
+def model(small_tokenizer):
+    torch.manual_seed(0)
+    config = SSMConfig(version=2, vocab_size=padded_vocab_size(len(small_tokenizer)), d_model=32, n_layer=2,
+                       d_state=8, head_dim=8, chunk_size=8)  # fmt: skip
+    return MambaLM(config).eval()
+
+
+def test_encode_example_cuts_the_prompt_first(small_tokenizer):
+    example = Example("x", "the patient was given aspirin for chest pain", " discharged home")
+    prompt, response = small_tokenizer.encode(example.prompt), small_tokenizer.encode(example.response)
+    tokens, start = encode_example(example, small_tokenizer, 64)
+    assert tokens == [0, *prompt, *response, 0] and start == 1 + len(prompt)
+    short, start = encode_example(example, small_tokenizer, len(response) + 4)
+    assert short == [0, *prompt[-2:], *response, 0] and start == 3
+
+
+def test_only_response_tokens_are_labels(small_tokenizer):
+    examples = [Example(str(i), f"question {i} about aspirin", f" answer {i} follow up") for i in range(5)]
+    batch = collate(_rows(examples, small_tokenizer, 48))
+    scored = batch["labels"] != IGNORE
+    labelled = small_tokenizer.decode(batch["labels"][scored].tolist())
+    expected = "".join(f" answer {i} follow up" + small_tokenizer.eos_token for i in range(5))
+    assert labelled == expected
+
+
+def test_sft_learns_the_response_and_keeps_pubmedqa_test_out(small_tokenizer, model, tmp_path):
+    from pathlib import Path
+
+    records = tmp_path / "qa.jsonl"
+    pairs = [("aspirin", "chest pain"), ("heparin", "platelet count"), ("scan", "no acute findings")] * 10
+    records.write_text("\n".join(json.dumps({"id": i, "q": q, "a": a}) for i, (q, a) in enumerate(pairs)))
+    model.save_pretrained(tmp_path / "init")
+    small_tokenizer.save(tmp_path / "init")
+    pubmedqa = Path(__file__).resolve().parents[2] / "data/demo/text/pubmedqa"
+    tasks = [SFTTask("qa", "records", str(records), prompt="drug {q} for", response=" {a}", id_field="id"),
+             SFTTask("pubmedqa", "pubmedqa", str(pubmedqa), limit=20)]  # fmt: skip
+    test_ids = set(json.loads((pubmedqa / "test_ground_truth.json").read_text()))
+    assert not {e.id.split(":")[1] for e in task_examples(SFTTask("p", "pubmedqa", str(pubmedqa)))} & test_ids
+    config = SFTConfig(init=str(tmp_path / "init"), tasks=tasks[:1], seq_len=64, batch_size=4,
+                       validation_fraction=0.0, train=TrainConfig(max_steps=60, lr=1e-2, warmup_steps=5))  # fmt: skip
+    result = finetune(config, tmp_path / "run")
+    tuned = MambaLM.from_pretrained(result.model_dir)
+    outputs = generate_texts(tuned, small_tokenizer, ["drug aspirin for", "drug heparin for"], max_new_tokens=24)
+    assert outputs == [" chest pain", " platelet count"]
+
+
+def test_batched_generation_equals_one_at_a_time(model, small_tokenizer):
+    prompts = ["the patient", "aspirin for chest pain and", "day"]
+    batched = generate_texts(model, small_tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    for prompt, text in zip(prompts, batched):
+        ids = torch.tensor([[small_tokenizer.eos_id, *small_tokenizer.encode(prompt)]])
+        alone = model.generate(ids, 12, eos_token_id=small_tokenizer.eos_id)[0, ids.shape[1] :].tolist()
+        alone = [t for t in alone if t != small_tokenizer.eos_id]
+        assert text == small_tokenizer.decode(alone)
+    stopped = generate_texts(model, small_tokenizer, prompts, max_new_tokens=12, stop=[batched[1][3:5]])
+    assert stopped[1] == batched[1][:3] or batched[1][3:5] in batched[1][:3]
+    sampled = [
+        generate_texts(model, small_tokenizer, prompts, 12, temperature=1.0, top_p=0.9, seed=s) for s in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+    with pytest.raises(MedstateError):
+        generate_texts(model, small_tokenizer, prompts, max_new_tokens=0)
+
+
+def test_rouge_by_hand():
+    scores = rouge_per_document(["the cat lay on the mat"], ["the cat sat on the mat"])
+    assert scores["rouge1"][0] == pytest.approx(100 * 5 / 6)
+    assert scores["rouge2"][0] == pytest.approx(100 * 3 / 5)
+    assert scores["rougeL"][0] == pytest.approx(100 * 5 / 6)
+    # stemming: "findings" and "finding" are the same word
+    assert rouge_per_document(["no acute finding"], ["No acute findings."])["rouge1"][0] == pytest.approx(100)
+
+
+def test_rouge_equals_rouge_score_on_aci_bench(shared_data):
+    import csv
+
+    from rouge_score import rouge_scorer
+
+    with gzip.open(shared_data / "aci-bench/challenge_data/valid.csv.gz", "rt") as handle:
+        notes = [row["note"] for row in csv.DictReader(handle)]
+    # the first half of each note, its lines in reverse order: ROUGE-L (one sequence) drops, ROUGE-Lsum (lines
+    # matched as sentences) does not
+    predictions = ["\n".join(n.splitlines()[: len(n.splitlines()) // 2][::-1]) for n in notes]
+    ours = rouge(predictions, notes, n_bootstrap=200)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    reference = [scorer.score(n, p) for p, n in zip(predictions, notes)]
+    for kind, result in ours.items():
+        assert result.value == pytest.approx(100 * np.mean([r[kind].fmeasure for r in reference]))
+        assert result.low < result.value < result.high
+    assert ours["rougeLsum"].value > ours["rougeL"].value + 10
