@@ -39,6 +39,8 @@ COMMANDS = [
     ["text", "tokenizer"],
     ["text", "pretrain"],
     ["text", "eval"],
+    ["text", "sft"],
+    ["text", "generate"],
 ]
 
 

@@ -5,6 +5,7 @@ Errors a user can cause (bad path, malformed file) print one line and exit with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -591,6 +592,28 @@ def ehr_demo(
     _summary("demo", {**{k: f"{v} s" for k, v in result["timings"].items()}, "report": str(result["report"])})
 
 
+@contextlib.contextmanager
+def _text_progress(kind: str, total: int, tokens_per_step: int):
+    """A progress bar with loss and tokens per second (row tokens: padding counts where there is any)."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(kind), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(kind, total=total, loss="-", rate="-")
+        started, first = time.perf_counter(), []
+
+        def progress(step: int, _total: int, loss: float) -> None:
+            first.append(step - 1) if not first else None
+            rate = (step - first[0]) * tokens_per_step / (time.perf_counter() - started)
+            bar.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+
+        yield progress
+
+
 @text_app.command("tokenizer")
 def text_tokenizer(
     corpora: Annotated[Path, typer.Argument(help="YAML with a `corpora:` list (name, path, text_fields, ...)")],
@@ -617,9 +640,6 @@ def text_pretrain(
 ) -> None:
     """Continued pretraining (or from scratch) on a weighted mix of corpora, held-out text kept out."""
     import dataclasses
-    import time
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from medstate.text.pretrain import PretrainConfig, pretrain
 
@@ -633,18 +653,7 @@ def text_pretrain(
     if init is not None:
         settings = dataclasses.replace(settings, init=str(init.resolve()))
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
-    with Progress(
-        TextColumn("pretrain"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("pretrain", total=settings.train.max_steps, loss="-", rate="-")
-        started, first = time.perf_counter(), [None]
-
-        def progress(step: int, total: int, loss: float) -> None:
-            first[0] = first[0] if first[0] is not None else step - 1
-            rate = (step - first[0]) * tokens_per_step / (time.perf_counter() - started)
-            bar.update(task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
-
+    with _text_progress("pretrain", settings.train.max_steps, tokens_per_step) as progress:
         result = pretrain(settings, run_dir, progress)
     rows = {"steps": result.steps, "model": str(result.model_dir)}
     for name, share in result.metrics["realised_shares"].items():
@@ -655,36 +664,135 @@ def text_pretrain(
     _summary(f"pretrain: {run_dir}", rows)
 
 
+def _interval(result: dict, scale: float = 1.0, digits: int = 4) -> str:
+    value, low, high = (result[k] * scale for k in ("value", "low", "high"))
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 @text_app.command("eval")
 def text_eval(
     model_dir: Annotated[Path, typer.Argument(help="model directory (with its tokenizer, as pretrain writes it)")],
-    corpora: Annotated[Path, typer.Argument(help="YAML with a `corpora:` list of held-out text")],
+    corpora: Annotated[Path | None, typer.Option(help="YAML with a `corpora:` list of held-out text")] = None,
+    pubmedqa: Annotated[
+        Path | None, typer.Option(help="PubMedQA folder: score its official 500-item test split")
+    ] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer directory (default: the model's)")] = None,
     length: Annotated[int, typer.Option(min=2, help="tokens per row; longer documents go in segments")] = 2048,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     out: Annotated[Path | None, typer.Option(help="write the figures as JSON here")] = None,
 ) -> None:
-    """Perplexity and bits per byte per corpus, token-weighted, with 95% bootstrap intervals over documents."""
+    """Perplexity and bits per byte per corpus (token-weighted, 95% intervals over documents) and PubMedQA accuracy
+    and macro-F1 on the official test split, with the majority baseline."""
     from medstate.ssm import load_pretrained
     from medstate.text.corpora import read_corpus_list, read_documents
     from medstate.text.evaluate import evaluate_corpora
+    from medstate.text.pubmedqa import load_pubmedqa, majority_label, score_pubmedqa
     from medstate.text.tokenizer import TextTokenizer
 
-    corpora_documents = {s.name: list(read_documents(s)) for s in read_corpus_list(corpora)}
-    model = load_pretrained(model_dir)
-    figures = evaluate_corpora(model, TextTokenizer.load(tokenizer or model_dir), corpora_documents, length, batch_size)
-    table = Table(title=f"{model_dir}")
-    for column in ("corpus", "documents", "tokens", "perplexity", "bits per byte"):
-        table.add_column(column)
-    for name, row in figures.items():
-        cells = [
-            f"{row[m]['value']:.4f} [{row[m]['low']:.4f}, {row[m]['high']:.4f}]"
-            for m in ("perplexity", "bits_per_byte")
-        ]
-        table.add_row(name, str(row["documents"]), f"{row['tokens']:,}", *cells)
-    console.print(table)
+    if corpora is None and pubmedqa is None:
+        raise MedstateError("give --corpora FILE and/or --pubmedqa FOLDER")
+    model, encoder = load_pretrained(model_dir), TextTokenizer.load(tokenizer or model_dir)
+    figures: dict = {}
+    if corpora is not None:
+        documents = {s.name: list(read_documents(s)) for s in read_corpus_list(corpora)}
+        figures["perplexity"] = evaluate_corpora(model, encoder, documents, length, batch_size)
+        table = Table(title=f"{model_dir}: held-out text")
+        for column in ("corpus", "documents", "tokens", "perplexity", "bits per byte"):
+            table.add_column(column)
+        for name, row in figures["perplexity"].items():
+            cells = [_interval(row[m]) for m in ("perplexity", "bits_per_byte")]
+            table.add_row(name, str(row["documents"]), f"{row['tokens']:,}", *cells)
+        console.print(table)
+    if pubmedqa is not None:
+        pool, test = load_pubmedqa(pubmedqa)
+        figures["pubmedqa"] = score_pubmedqa(model, encoder, test, majority_label(pool), batch_size).to_dict()
+        console.print(_pubmedqa_table(figures["pubmedqa"], f"{model_dir}: PubMedQA test ({len(test)} items)"))
     if out is not None:
         out.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def _pubmedqa_table(result: dict, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("", "accuracy %", "macro-F1 %", "yes/no accuracy %"):
+        table.add_column(column)
+    for name, row in (
+        ("model", result["model"]),
+        (f"always {result['majority_baseline']['label']}", result["majority_baseline"]),
+    ):
+        table.add_row(name, *(_interval(row[m], 100, 1) for m in ("accuracy", "macro_f1", "yes_no_accuracy")))
+    return table
+
+
+@text_app.command("sft")
+def text_sft(
+    config: Annotated[Path, typer.Argument(help="SFT YAML (init model, tasks, train)")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    max_steps: Annotated[int | None, typer.Option(min=1, help="override train.max_steps")] = None,
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
+) -> None:
+    """Supervised finetuning with the loss on response tokens only; PubMedQA scored before and after if asked."""
+    import dataclasses
+
+    from medstate.loading import from_data
+    from medstate.text.sft import SFTConfig, finetune
+
+    settings = SFTConfig.read(config)
+    overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
+    if overrides:
+        train = from_data(type(settings.train), {**dataclasses.asdict(settings.train), **overrides}, "options")
+        settings = dataclasses.replace(settings, train=train)
+    if init is not None:
+        settings = dataclasses.replace(settings, init=str(init.resolve()))
+    tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
+    with _text_progress("sft", settings.train.max_steps, tokens_per_step) as progress:
+        result = finetune(settings, run_dir, progress)
+    _summary(f"sft: {run_dir}", {k: v for k, v in result.metrics.items() if not k.startswith("pubmedqa")})
+    for key in ("pubmedqa_zero_shot", "pubmedqa_finetuned"):
+        if key in result.metrics:
+            console.print(_pubmedqa_table(result.metrics[key], f"PubMedQA test, {key.removeprefix('pubmedqa_')}"))
+    if "pubmedqa_generation_rouge" in result.metrics:
+        scores = result.metrics["pubmedqa_generation_rouge"]
+        _summary("PubMedQA answers generated (ROUGE F ×100)", {k: _interval(v, 1, 2) for k, v in scores.items()})
+
+
+@text_app.command("generate")
+def text_generate(
+    model_dir: Annotated[Path, typer.Argument(help="model directory (with its tokenizer)")],
+    prompt: Annotated[list[str] | None, typer.Option(help="a prompt (repeat for several)")] = None,
+    records: Annotated[Path | None, typer.Option(help="JSON Lines / JSON / CSV / Parquet of prompts")] = None,
+    template: Annotated[str, typer.Option(help="prompt template over a record's fields")] = "{prompt}",
+    reference: Annotated[str | None, typer.Option(help="reference template: score the outputs with ROUGE")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeat for several)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N records only")] = None,
+    seed: int = 0,
+    out: Annotated[Path | None, typer.Option(help="write prompts, outputs (and ROUGE) as JSON here")] = None,
+) -> None:
+    """Generate continuations (greedy or sampled) through O(1) recurrent steps; with --reference, ROUGE-1/2/L/Lsum
+    with 95% intervals."""
+    from medstate.ssm import load_pretrained
+    from medstate.text.generate import generate_for_records
+    from medstate.text.tokenizer import TextTokenizer
+
+    if bool(prompt) == (records is not None):
+        raise MedstateError("give either --prompt TEXT (one or more) or --records FILE")
+    model, encoder = load_pretrained(model_dir), TextTokenizer.load(model_dir)
+    result = generate_for_records(
+        model, encoder, prompts=prompt, records=records, template=template, reference=reference, limit=limit,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop or (),
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
+    if records is None:
+        for text in result["outputs"]:
+            console.print(text, markup=False, highlight=False)
+    if "rouge" in result:
+        _summary("ROUGE (F, ×100, 95% interval)", {k: _interval(v, 1, 2) for k, v in result["rouge"].items()})
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

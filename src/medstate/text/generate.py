@@ -5,6 +5,7 @@ end-of-text token, at a stop string (cut from the output) or at `max_new_tokens`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,3 +69,34 @@ def generate_texts(
             outputs[r] = _cut_at_stop(tokenizer.decode(new[i]), stop)[0]
     model.train(was_training)
     return outputs
+
+
+def generate_for_records(
+    model: torch.nn.Module,
+    tokenizer: TextTokenizer,
+    prompts: Sequence[str] | None = None,
+    records: str | Path | None = None,
+    template: str = "{prompt}",
+    reference: str | None = None,
+    limit: int | None = None,
+    **options,
+) -> dict:
+    """Outputs for literal `prompts`, or for the records of a file written through `template` (and, with a
+    `reference` template, ROUGE against it). `options` go to `generate_texts`."""
+    import dataclasses
+
+    from medstate.text.rouge import rouge
+    from medstate.text.sft import SFTTask, task_examples  # sft imports this module: imported here, when used
+
+    references = None
+    if records is not None:
+        task = SFTTask("records", "records", str(records), prompt=template, response=reference or "", limit=limit)
+        examples = task_examples(task)
+        prompts = [e.prompt for e in examples]
+        references = [e.response for e in examples] if reference is not None else None
+    outputs = generate_texts(model, tokenizer, list(prompts or []), **options)
+    result: dict = {"prompts": list(prompts or []), "outputs": outputs}
+    if references is not None:
+        result["references"] = references
+        result["rouge"] = {k: dataclasses.asdict(v) for k, v in rouge(outputs, references).items()}
+    return result

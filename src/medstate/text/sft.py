@@ -31,9 +31,11 @@ from medstate.errors import MedstateError
 from medstate.loading import from_data, read_yaml
 from medstate.ssm import load_pretrained
 from medstate.text.corpora import CorpusSource, read_documents, read_records
+from medstate.text.generate import generate_texts
 from medstate.text.packing import collate, pack_documents
 from medstate.text.pretrain import export_model, language_model_loss
 from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
+from medstate.text.rouge import rouge
 from medstate.text.tokenizer import TextTokenizer
 from medstate.train.loop import TrainConfig, Trainer
 
@@ -116,6 +118,8 @@ class SFTConfig:
     batch_size: int = 8
     validation_fraction: float = 0.1
     pubmedqa_test: str | None = None  # a PubMedQA folder: score its official test split before and after
+    generate_items: int = 0  # after SFT, generate answers for this many test items and score them with ROUGE
+    max_new_tokens: int = 96
     eval_batch_size: int = 8
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -199,5 +203,18 @@ def finetune(
         finetuned = score_pubmedqa(load_pretrained(model_dir), tokenizer, test, majority_label(pool),
                                    config.eval_batch_size)  # fmt: skip
         metrics["pubmedqa_finetuned"] = finetuned.to_dict()
+        if config.generate_items:
+            items = test[: config.generate_items]
+            outputs = generate_texts(load_pretrained(model_dir), tokenizer, [prompt_of(i) for i in items],
+                                     config.max_new_tokens, batch_size=config.eval_batch_size,
+                                     max_prompt_tokens=config.seq_len)  # fmt: skip
+            scores = rouge(outputs, [answer_of(i) for i in items])
+            metrics["pubmedqa_generation_rouge"] = {k: dataclasses.asdict(v) for k, v in scores.items()}
+            (run_dir / "generations.jsonl").write_text(
+                "".join(
+                    json.dumps({"id": i.id, "output": o, "reference": answer_of(i)}) + "\n"
+                    for i, o in zip(items, outputs)
+                )
+            )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return SFTResult(run_dir, model_dir, metrics)
