@@ -41,20 +41,20 @@ def choice_loglikelihoods(
     encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths together: little padding
     scores = np.zeros((len(prompts), len(choices)))
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         input_ids, seq_idx = left_padded([encoded[r] for r in rows], tokenizer.eos_id)
-        out = model(input_ids, seq_idx=seq_idx, return_state=True)
+        out = model(input_ids.to(device), seq_idx=seq_idx.to(device), return_state=True)
         first = torch.log_softmax(out.logits[:, -1].float(), -1)
         for c, ids in enumerate(choice_ids):
             total = first[:, ids[0]].double()
             state = out.state.clone() if len(ids) > 1 else None
             for previous, token in itertools.pairwise(ids):
-                step = model.step(torch.full((len(rows),), previous, dtype=torch.long), state)
+                step = model.step(torch.full((len(rows),), previous, dtype=torch.long, device=device), state)
                 state = step.state
                 total += torch.log_softmax(step.logits.float(), -1)[:, token].double()
-            scores[rows, c] = total.numpy()
+            scores[rows, c] = total.cpu().numpy()
     model.train(was_training)
     return scores

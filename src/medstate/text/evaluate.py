@@ -102,7 +102,7 @@ def score_documents(
 ) -> DocumentScores:
     """Score every document (see the module's docstring). `length` is the row length, and the segment length of a
     document longer than a row."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
     documents = list(documents)
     sequences = [[tokenizer.eos_id, *ids] for ids in tokenizer.encode_batch([d.text for d in documents])]
@@ -123,9 +123,10 @@ def score_documents(
     owners = iter(short)
     for part in batches:
         batch = collate(part, packed=layout == "packed")
-        logits = model(batch["input_ids"], seq_idx=batch.get("seq_idx")).logits
+        seq_idx = batch["seq_idx"].to(device) if "seq_idx" in batch else None
+        logits = model(batch["input_ids"].to(device), seq_idx=seq_idx).logits
         targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-        per_token = _token_nll(logits, targets).double().numpy()
+        per_token = _token_nll(logits, targets.to(device)).double().cpu().numpy()
         for r, row in enumerate(part):
             scored = targets[r].numpy() != IGNORE
             for piece in range(int(row.seq_idx[: row.real_tokens].max()) + 1):
@@ -144,7 +145,7 @@ def score_documents(
 def _score_in_segments(model: torch.nn.Module, sequence: Sequence[int], length: int) -> float:
     """A long document segment by segment with the state carried: position t of a segment predicts token t + 1,
     which may be the first token of the next segment (known already)."""
-    tokens = torch.tensor(sequence)
+    tokens = torch.tensor(sequence, device=next(model.parameters()).device)
     total, state = 0.0, None
     for start in range(0, len(sequence) - 1, length):
         segment = tokens[start : start + length]

@@ -41,13 +41,14 @@ def generate_texts(
     encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     order = np.argsort([len(e) for e in encoded], kind="stable")
     outputs: list[str] = [""] * len(prompts)
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     was_training = model.training
     model.eval()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         input_ids, seq_idx = left_padded([encoded[r] for r in rows], tokenizer.eos_id)
-        out = model(input_ids, seq_idx=seq_idx, return_state=True)
+        out = model(input_ids.to(device), seq_idx=seq_idx.to(device), return_state=True)
         logits, state = out.logits[:, -1], out.state
         new: list[list[int]] = [[] for _ in rows]
         done = np.zeros(len(rows), dtype=bool)

@@ -34,6 +34,7 @@ from medstate.text.evaluate import evaluate_corpora, score_documents
 from medstate.text.mixing import MixedStream
 from medstate.text.packing import IGNORE, LAYOUTS, collate
 from medstate.text.tokenizer import TextTokenizer, padded_vocab_size
+from medstate.train.distributed import world
 from medstate.train.loop import TrainConfig, Trainer
 
 
@@ -106,14 +107,20 @@ def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> Mam
 
 
 class RowBatches:
-    """Batches of `batch_size` rows of a mixed stream; its position is the stream's."""
+    """Batches of `batch_size` rows of a mixed stream; its position is the stream's. Sharded over `world`
+    processes, every process reads the same stream and process r keeps rows r, r + world, ... of each
+    `batch_size × world` rows: together one batch of a single process with `batch_size × world` rows."""
 
     def __init__(self, stream: MixedStream, batch_size: int):
         self.stream, self.batch_size = stream, batch_size
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def __next__(self) -> dict:
-        rows = [next(self.stream) for _ in range(self.batch_size)]
-        return collate(rows, packed=self.stream.builder.layout == "packed")
+        rows = [next(self.stream) for _ in range(self.batch_size * self.world)]
+        return collate(rows[self.rank :: self.world], packed=self.stream.builder.layout == "packed")
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -143,17 +150,19 @@ class PretrainResult:
 def pretrain(
     config: PretrainConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
 ) -> PretrainResult:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    run_dir, here = Path(run_dir), world()  # under torchrun: every process trains, the first one writes
+    if here.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     tokenizer = TextTokenizer.load(config.tokenizer)
-    model = new_or_loaded_model(config, tokenizer)
+    model = new_or_loaded_model(config, tokenizer).to(here.device())
     validation = {s.name: list(read_documents(s)) for s in config.validation}
     exclude: dict[str, set[str]] = {}
     if config.decontaminate:
         held = [d for documents in validation.values() for d in documents] + documents_of(config.held_out)
         report = find_contamination(config.corpora, ContaminationGuard(held, config.ngram, config.min_overlap))
-        (run_dir / "contamination.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        if here.main:
+            (run_dir / "contamination.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         exclude = report.excluded()
     stream = MixedStream(
         config.corpora, tokenizer, config.seq_len, config.train.seed, config.layout, exclude, config.shuffle_buffer
@@ -171,8 +180,11 @@ def pretrain(
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
-    model_dir = export_model(trainer, tokenizer, run_dir / "model")
-    final = load_pretrained(model_dir)
+    model_dir = run_dir / "model"
+    if not here.main:
+        return PretrainResult(run_dir, model_dir, result.steps, {})
+    export_model(trainer, tokenizer, model_dir)
+    final = load_pretrained(model_dir, device=here.device())
     metrics = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,

@@ -37,6 +37,7 @@ from medstate.text.pretrain import export_model, language_model_loss
 from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
 from medstate.text.rouge import rouge
 from medstate.text.tokenizer import TextTokenizer
+from medstate.train.distributed import world
 from medstate.train.loop import TrainConfig, Trainer
 
 TASK_KINDS = ("pubmedqa", "records", "completion")
@@ -159,11 +160,12 @@ def _rows(examples: list[Example], tokenizer: TextTokenizer, length: int):
 def finetune(
     config: SFTConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
 ) -> SFTResult:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    run_dir, here = Path(run_dir), world()  # under torchrun: every process trains, the first one writes
+    if here.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     tokenizer = TextTokenizer.load(config.tokenizer or config.init)
-    model = load_pretrained(config.init).train()
+    model = load_pretrained(config.init, device=here.device()).train()
     examples = {task.name: task_examples(task) for task in config.tasks}
     train = [e for group in examples.values() for e in group if not is_validation(e.id, config.validation_fraction)]
     held = [e for group in examples.values() for e in group if is_validation(e.id, config.validation_fraction)]
@@ -190,24 +192,27 @@ def finetune(
         "train_examples": len(train),
         "validation_examples": len(held),
     }
-    if pubmedqa is not None:
+    if pubmedqa is not None and here.main:
         pool, test = pubmedqa
         zero_shot = score_pubmedqa(model, tokenizer, test, majority_label(pool), config.eval_batch_size)
         metrics["pubmedqa_zero_shot"] = zero_shot.to_dict()
     trainer = Trainer(model, language_model_loss, batches, config.train, run_dir, progress,
                       evaluate if validation_rows else None)  # fmt: skip
     result = trainer.fit()
-    model_dir = export_model(trainer, tokenizer, run_dir / "model")
+    model_dir = run_dir / "model"
     metrics.update(steps=result.steps, best_validation_loss=result.best)
+    if not here.main:
+        return SFTResult(run_dir, model_dir, metrics)
+    export_model(trainer, tokenizer, model_dir)
+    tuned = load_pretrained(model_dir, device=here.device())
     if pubmedqa is not None:
-        finetuned = score_pubmedqa(load_pretrained(model_dir), tokenizer, test, majority_label(pool),
-                                   config.eval_batch_size)  # fmt: skip
+        finetuned = score_pubmedqa(tuned, tokenizer, test, majority_label(pool), config.eval_batch_size)
         metrics["pubmedqa_finetuned"] = finetuned.to_dict()
         if config.generate_items:
             items = test[: config.generate_items]
-            outputs = generate_texts(load_pretrained(model_dir), tokenizer, [prompt_of(i) for i in items],
-                                     config.max_new_tokens, batch_size=config.eval_batch_size,
-                                     max_prompt_tokens=config.seq_len)  # fmt: skip
+            prompts = [prompt_of(i) for i in items]
+            outputs = generate_texts(tuned, tokenizer, prompts, config.max_new_tokens,
+                                     batch_size=config.eval_batch_size, max_prompt_tokens=config.seq_len)  # fmt: skip
             scores = rouge(outputs, [answer_of(i) for i in items])
             metrics["pubmedqa_generation_rouge"] = {k: dataclasses.asdict(v) for k, v in scores.items()}
             (run_dir / "generations.jsonl").write_text(

@@ -33,8 +33,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from medstate.errors import MedstateError
+from medstate.train.distributed import all_reduce_sum, barrier, world
 from medstate.train.ema import EMA
 from medstate.train.param_groups import parameter_groups
 from medstate.train.schedules import check_schedule, learning_rate_factor
@@ -92,25 +94,33 @@ class BatchStream(Protocol):
     def __next__(self) -> Any: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def shard(self, rank: int, world: int) -> None:
+        """From now on, give process `rank` of `world` its part of each global batch."""
 
 
 class EpochBatches:
-    """A `BatchStream` over `batches(epoch)` lists: the position is (epoch, index)."""
+    """A `BatchStream` over `batches(epoch)` lists. The position (epoch, index) counts batches of the whole list;
+    with several processes, process r takes batches index + r of each group of `world` (an epoch's last, incomplete
+    group is left out so that every process takes as many steps)."""
 
     def __init__(self, batches: Callable[[int], list]):
         self.batches, self.epoch, self.index = batches, 0, 0
+        self.rank, self.world = 0, 1
         self._current: list | None = None
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def __next__(self) -> Any:
         if self._current is None:
             self._current = self.batches(self.epoch)
-            if not self._current:
-                raise MedstateError("no training batches: the training split is empty")
-        if self.index >= len(self._current):
+            if len(self._current) < self.world:
+                raise MedstateError(f"{len(self._current)} training batches cannot feed {self.world} processes")
+        if self.index + self.world > len(self._current):
             self.epoch, self.index, self._current = self.epoch + 1, 0, None
             return next(self)
-        batch = self._current[self.index]
-        self.index += 1
+        batch = self._current[self.index + self.rank]
+        self.index += self.world
         return batch
 
     def state_dict(self) -> dict:
@@ -135,7 +145,12 @@ class Trainer:
         evaluate: Callable[[torch.nn.Module], float] | None = None,
     ):
         self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.world = world()
         self.batches = batches if hasattr(batches, "state_dict") else EpochBatches(batches)
+        if self.world.size > 1:
+            self.batches.shard(self.world.rank, self.world.size)
+        # the module forward and backward run through: DDP averages gradients over processes in backward
+        self.wrapped = DistributedDataParallel(model) if self.world.size > 1 else model
         self.evaluate = evaluate
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda step, total, loss: None)
@@ -166,13 +181,15 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         started = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(self.config)))
+        main = self.world.main  # only the first process writes checkpoints and logs
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(self.config)))
         seed_everything(self.config.seed)
         step, resumed = 0, None
         if checkpoint_step(self.checkpoint_dir):  # the one test of "resume or start" (ehr.training.start_model too)
             step = resumed = self._load()
-        log = _Log(self.run_dir, append=resumed is not None, step=step)
+        log = _Log(self.run_dir, append=resumed is not None, step=step) if main else _NoLog()
         last_loss = float("nan")
         self.model.train()
         device_type = next(self.model.parameters()).device.type
@@ -186,34 +203,47 @@ class Trainer:
                 log.add_validation(step, self._validate(step))
             if step % self.config.save_every == 0 or last:
                 log.flush()
-                self._save(step)
+                if main:
+                    self._save(step)
+                barrier()  # no process reads or resumes past a checkpoint that is not on disk yet
         log.close()
         return TrainResult(step, last_loss, resumed, time.perf_counter() - started, self.best)
 
     def _step(self, device_type: str) -> tuple[float, int]:
-        """One optimizer step over `grad_accumulation` batches; the gradient is that of the mean loss over all their
-        scored tokens (each batch weighted by its tokens), so accumulation equals one large batch."""
-        accumulate = self.config.grad_accumulation
+        """One optimizer step over `grad_accumulation` batches (on every process); the gradient is that of the mean
+        loss over all their scored tokens, each batch weighted by its tokens, so accumulation and several processes
+        equal one large batch."""
+        accumulate, processes = self.config.grad_accumulation, self.world.size
+        exact = accumulate == 1 and processes == 1  # one batch: the loss's own gradient, nothing rescaled
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
-        for _ in range(accumulate):
-            batch = next(self.batches)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
-                loss, tokens = self.loss_fn(self.model, batch)
-            (loss if accumulate == 1 else loss * tokens).backward()
+        for micro in range(accumulate):
+            batch = _to_device(next(self.batches), self._device)
+            last = micro == accumulate - 1
+            synced = contextlib.nullcontext() if last or processes == 1 else self.wrapped.no_sync()
+            with synced:
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                    loss, tokens = self.loss_fn(self.wrapped, batch)
+                (loss if exact else loss * tokens).backward()
             total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
-        if accumulate > 1 and total_tokens:
+        if not exact:
+            total_loss, total_tokens = all_reduce_sum([total_loss, total_tokens], self._device)
+            # DDP averaged the per-process sums of loss x tokens: x processes / all tokens = the global token mean
             for parameter in self.model.parameters():
-                if parameter.grad is not None:
-                    parameter.grad /= total_tokens
+                if parameter.grad is not None and total_tokens:
+                    parameter.grad *= processes / total_tokens
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return (total_loss / total_tokens if total_tokens else float("nan")), total_tokens
+        return (total_loss / total_tokens if total_tokens else float("nan")), int(total_tokens)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _validate(self, step: int) -> float:
         scored = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
@@ -224,6 +254,8 @@ class Trainer:
             model.train()
             if self.best is None or value < self.best:
                 self.best = value
+                if not self.world.main:
+                    return value
                 partial = self.best_dir.with_name("best.partial")
                 shutil.rmtree(partial, ignore_errors=True)
                 model.save_pretrained(partial)
@@ -272,12 +304,28 @@ class Trainer:
         return state["step"]
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a dict batch moved to the model's device (other batches are the loss function's business)."""
+    if isinstance(batch, dict) and device.type != "cpu":
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
 def checkpoint_step(checkpoint_dir: str | Path) -> int:
     """The step a run's `checkpoints/last` was saved at, or 0 where there is none."""
     state_file = Path(checkpoint_dir) / "trainer_state.pt"
     if not state_file.is_file():
         return 0
     return int(torch.load(state_file, weights_only=True, mmap=True)["step"])  # mmap: the optimizer state stays on disk
+
+
+class _NoLog:
+    """The log of a process other than the first: nothing is written."""
+
+    def add(self, *args) -> None: ...
+    def add_validation(self, *args) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class _Log:
