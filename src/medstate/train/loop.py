@@ -149,8 +149,10 @@ class Trainer:
         self.batches = batches if hasattr(batches, "state_dict") else EpochBatches(batches)
         if self.world.size > 1:
             self.batches.shard(self.world.rank, self.world.size)
-        # the module forward and backward run through: DDP averages gradients over processes in backward
-        self.wrapped = DistributedDataParallel(model) if self.world.size > 1 else model
+        # forward and backward go through the loss as a module, so that DDP sees whatever the loss calls on the
+        # model (a forward, or a method such as EhrMamba.pretraining_loss) and averages gradients in backward
+        loss_module = _LossModule(model, loss_fn)
+        self.wrapped = DistributedDataParallel(loss_module) if self.world.size > 1 else loss_module
         self.evaluate = evaluate
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda step, total, loss: None)
@@ -223,7 +225,7 @@ class Trainer:
             synced = contextlib.nullcontext() if last or processes == 1 else self.wrapped.no_sync()
             with synced:
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
-                    loss, tokens = self.loss_fn(self.wrapped, batch)
+                    loss, tokens = self.wrapped(batch)
                 (loss if exact else loss * tokens).backward()
             total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
@@ -302,6 +304,15 @@ class Trainer:
         np.random.set_state(("MT19937", state["numpy_rng"].numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0))
         random.setstate((3, tuple(state["python_rng"].tolist()), None))
         return state["step"]
+
+
+class _LossModule(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, int]:
+        return self.loss_fn(self.model, batch)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
