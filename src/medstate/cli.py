@@ -599,9 +599,12 @@ def _text_progress(kind: str, total: int, tokens_per_step: int):
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from medstate.train.distributed import world
+
     with Progress(
         TextColumn(kind), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
         TextColumn("{task.fields[rate]} tok/s"), TimeRemainingColumn(), console=console, transient=True,
+        disable=not world().main,  # under torchrun, one bar
     ) as bar:  # fmt: skip
         task = bar.add_task(kind, total=total, loss="-", rate="-")
         started, first = time.perf_counter(), []
@@ -642,6 +645,7 @@ def text_pretrain(
     import dataclasses
 
     from medstate.text.pretrain import PretrainConfig, pretrain
+    from medstate.train.distributed import world
 
     settings = PretrainConfig.read(config)
     overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
@@ -655,6 +659,8 @@ def text_pretrain(
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
     with _text_progress("pretrain", settings.train.max_steps, tokens_per_step) as progress:
         result = pretrain(settings, run_dir, progress)
+    if not world().main:  # under torchrun, the first process reports
+        return
     rows = {"steps": result.steps, "model": str(result.model_dir)}
     for name, share in result.metrics["realised_shares"].items():
         rows[f"share {name}"] = f"{share:.3f} (asked {result.metrics['requested_shares'][name]:.3f})"
@@ -736,6 +742,7 @@ def text_sft(
 
     from medstate.loading import from_data
     from medstate.text.sft import SFTConfig, finetune
+    from medstate.train.distributed import world
 
     settings = SFTConfig.read(config)
     overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
@@ -747,6 +754,8 @@ def text_sft(
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
     with _text_progress("sft", settings.train.max_steps, tokens_per_step) as progress:
         result = finetune(settings, run_dir, progress)
+    if not world().main:  # under torchrun, the first process reports
+        return
     _summary(f"sft: {run_dir}", {k: v for k, v in result.metrics.items() if not k.startswith("pubmedqa")})
     for key in ("pubmedqa_zero_shot", "pubmedqa_finetuned"):
         if key in result.metrics:

@@ -1,0 +1,331 @@
+"""The text recipes against BioMamba's layout and Hugging Face transformers, each case in its own worker process:
+
+1. continued pretraining, packed rows (medstate) vs one document per padded row (BioMamba's layout): real
+   (non-padding) tokens per second, same model, same corpora (the shipped demo mix), same rows of 1,024 tokens;
+2. one continued-pretraining optimizer step (forward, backward, clip, AdamW, schedule) of medstate's loop vs
+   Hugging Face `Mamba2ForCausalLM` + `transformers.Trainer`, identical weights and batch;
+3. the cost of layer-wise LR decay + EMA on medstate's step;
+4. scoring PubMedQA test items (three answers each): medstate (prompt read once, answers from copies of the
+   state) vs transformers the way evaluation harnesses do it (one forward per prompt + answer);
+5. DDP: tokens per second of 2 processes (torchrun, gloo) vs 1 on this machine.
+
+    python benchmarks/text.py            # all cases (~15 min on 2 cores)
+    python benchmarks/text.py --quick    # small sizes: checks the script only
+
+Writes benchmarks/results/text.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from harness import median, run_worker, timed
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+DEMO = ROOT / "data/demo/text"
+NEOX = ROOT.parent / "shared/data/tokenizers/gpt-neox-20b-tokenizer"
+
+
+def gemm_peak() -> dict:
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 512, dtype=dtype), torch.randn(512, 2048, dtype=dtype)
+        seconds = statistics.median(timed(lambda a=a, b=b: a @ b, 7))
+        out[str(dtype).removeprefix("torch.")] = 2 * 2048 * 512 * 2048 / seconds / 1e9
+    return {"gemm_gflops": out}
+
+
+def _corpora(weights=(0.8, 0.1, 0.1)):
+    from medstate.text.corpora import read_corpus_list
+
+    sources = read_corpus_list(DEMO / "corpora.yaml")
+    for source, weight in zip(sources, weights):
+        source.weight = weight
+    return sources
+
+
+def _tokenizer():
+    from medstate.text.tokenizer import TextTokenizer
+
+    return TextTokenizer.load(NEOX if NEOX.is_dir() else DEMO / "tokenizer")
+
+
+def _model(spec: dict, vocab: int):
+    from medstate.ssm import MambaLM, SSMConfig
+
+    torch.manual_seed(0)
+    return MambaLM(SSMConfig(version=2, vocab_size=vocab, **spec["sizes"]))
+
+
+def _trainer(model, batches, spec, **train):
+    from medstate.text.pretrain import language_model_loss
+    from medstate.train.loop import TrainConfig, Trainer
+
+    config = TrainConfig(max_steps=10_000, lr=1e-4, warmup_steps=0, schedule="constant", **train)
+    return Trainer(model, language_model_loss, batches, config, tempfile.mkdtemp())
+
+
+# ----- workers ------------------------------------------------------------------------------------------
+
+
+def layout(spec: dict) -> dict:
+    """Training steps on rows of the demo mix in one layout: real tokens per second."""
+    from medstate.text.mixing import MixedStream
+    from medstate.text.pretrain import RowBatches
+    from medstate.text.tokenizer import padded_vocab_size
+
+    torch.set_flush_denormal(True)
+    tokenizer = _tokenizer()
+    stream = MixedStream(_corpora(), tokenizer, spec["seq_len"], seed=0, layout=spec["layout"])
+    batches = RowBatches(stream, spec["batch_size"])
+    trainer = _trainer(_model(spec, padded_vocab_size(len(tokenizer))), batches, spec)
+    real, seconds = [], []
+    trainer._step("cpu")  # warm-up
+    for _ in range(spec["steps"]):
+        before = sum(c.tokens for c in stream.cursors)
+        start = time.perf_counter()
+        trainer._step("cpu")
+        seconds.append(time.perf_counter() - start)
+        real.append(sum(c.tokens for c in stream.cursors) - before)
+    return {"times": seconds, "real_tokens_per_s": [r / s for r, s in zip(real, seconds)],
+            "padding_share": 1 - sum(real) / (spec["steps"] * spec["seq_len"] * spec["batch_size"])}  # fmt: skip
+
+
+def _checkpoint(spec: dict, directory: Path) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.Mamba2Config(
+        vocab_size=spec["vocab"], hidden_size=spec["sizes"]["d_model"], num_hidden_layers=spec["sizes"]["n_layer"],
+        state_size=spec["sizes"]["d_state"], head_dim=spec["sizes"]["head_dim"], expand=2, n_groups=1,
+        num_heads=2 * spec["sizes"]["d_model"] // spec["sizes"]["head_dim"], chunk_size=spec["sizes"]["chunk_size"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Mamba2ForCausalLM(config).save_pretrained(directory)
+
+
+def step(spec: dict) -> dict:
+    """Optimizer steps on one fixed batch (rows of real text): medstate's loop or HF Trainer."""
+    torch.set_flush_denormal(True)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec["vocab"], (spec["batch_size"], spec["seq_len"]), generator=generator)
+    if spec["impl"] == "medstate":
+        from medstate.ssm import load_pretrained
+
+        model = load_pretrained(spec["checkpoint"]).train()
+        batch = {"input_ids": ids, "labels": ids}
+
+        class Same:
+            def __next__(self):
+                return batch
+
+            def state_dict(self):
+                return {}
+
+            def load_state_dict(self, state):
+                pass
+
+        extra = {"layer_decay": 0.9, "ema_decay": 0.999} if spec.get("llrd_ema") else {}
+        trainer = _trainer(model, Same(), spec, **extra)
+        times = timed(lambda: trainer._step("cpu"), spec["repeats"])
+        return {"times": times}
+    import transformers
+    from torch.utils.data import Dataset
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.Mamba2ForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32)
+
+    class Rows(Dataset):
+        def __len__(self):
+            return 10_000
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i % len(ids)], "labels": ids[i % len(ids)]}
+
+    times, started = [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            started.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - started[-1])
+
+    arguments = transformers.TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=spec["batch_size"], max_steps=spec["repeats"] + 1,
+        learning_rate=1e-4, max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    transformers.Trainer(model=model, args=arguments, train_dataset=Rows(), callbacks=[Clock()]).train()
+    return {"times": times[1:]}  # the first step warms up
+
+
+def pubmedqa(spec: dict) -> dict:
+    from medstate.text.pubmedqa import LABELS, load_pubmedqa, prompt_of
+
+    torch.set_flush_denormal(True)
+    tokenizer = _tokenizer()
+    _, test = load_pubmedqa(DEMO / "pubmedqa")
+    prompts = [prompt_of(item) for item in test[: spec["items"]]]
+    choices = [f" {label}" for label in LABELS]
+    if spec["impl"] == "medstate":
+        from medstate.ssm import load_pretrained
+        from medstate.text.choices import choice_loglikelihoods
+
+        model = load_pretrained(spec["checkpoint"])
+        start = time.perf_counter()
+        scores = choice_loglikelihoods(model, tokenizer, prompts, choices, batch_size=8, max_prompt_tokens=1024)
+        return {"times": [time.perf_counter() - start], "scores": scores.tolist()}
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    model = transformers.Mamba2ForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32).eval()
+    start = time.perf_counter()
+    scores = []
+    with torch.no_grad():
+        for prompt in prompts:
+            context = [tokenizer.eos_id, *tokenizer.encode(prompt)][-1024:]
+            row = []
+            for choice in choices:
+                answer = tokenizer.encode(choice)
+                logits = model(torch.tensor([context + answer])).logits[0].double()
+                log_probs = torch.log_softmax(logits[len(context) - 1 : -1], -1)
+                row.append(float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].sum()))
+            scores.append(row)
+    return {"times": [time.perf_counter() - start], "scores": scores}
+
+
+def ddp(spec: dict) -> dict:
+    """Text pretraining steps under torchrun with `processes` processes: global real tokens per second."""
+    script = Path(__file__).resolve()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec['processes']}",
+               str(script), "--ddp-worker", json.dumps(spec)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1]}
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def ddp_worker(spec: dict) -> None:
+    from medstate.text.mixing import MixedStream
+    from medstate.text.pretrain import RowBatches
+    from medstate.text.tokenizer import padded_vocab_size
+    from medstate.train.distributed import all_reduce_sum
+
+    torch.set_flush_denormal(True)
+    tokenizer = _tokenizer()
+    stream = MixedStream(_corpora(), tokenizer, spec["seq_len"], seed=0)
+    trainer = _trainer(_model(spec, padded_vocab_size(len(tokenizer))), RowBatches(stream, spec["batch_size"]), spec)
+    trainer._step("cpu")
+    start = time.perf_counter()
+    tokens = sum(trainer._step("cpu")[1] for _ in range(spec["steps"]))  # scored tokens of all processes
+    elapsed = all_reduce_sum([time.perf_counter() - start], torch.device("cpu"))[0] / trainer.world.size
+    if trainer.world.main:
+        print(json.dumps({"tokens_per_s": [tokens / elapsed], "processes": trainer.world.size}))
+
+
+WORKERS = {"layout": layout, "step": step, "pubmedqa": pubmedqa, "ddp": ddp}
+
+
+# ----- driver -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker")
+    parser.add_argument("--ddp-worker")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps({**WORKERS[spec["case"]](spec), **gemm_peak()}))
+        return
+    if args.ddp_worker:
+        ddp_worker(json.loads(args.ddp_worker))
+        return
+    quick = args.quick
+    sizes = dict(d_model=128, n_layer=2, d_state=32, head_dim=32, chunk_size=64) if quick else dict(
+        d_model=256, n_layer=4, d_state=64, head_dim=32, chunk_size=128)  # fmt: skip
+    script, results, rows = str(Path(__file__).resolve()), {}, []
+
+    def case(name: str, spec: dict, timeout: float = 1800) -> dict:
+        print(f"{name} ...", flush=True)
+        results[name] = run_worker(script, spec, timeout)
+        if "error" in results[name]:
+            print(f"  error: {results[name]['error']}")
+        return results[name]
+
+    steps = 2 if quick else 6
+    for name in ("packed", "padded"):
+        case(f"layout {name}", {"case": "layout", "layout": name, "sizes": sizes, "seq_len": 1024, "batch_size": 4,
+                                "steps": steps})  # fmt: skip
+    rate = {n: statistics.median(results[f"layout {n}"]["real_tokens_per_s"]) for n in ("packed", "padded")}
+    rows.append(("real tokens/s, packed vs BioMamba's padded rows (1,024 tokens)", rate["packed"], rate["padded"],
+                 _ratio(rate["packed"], rate["padded"]), "≥ 2.5",
+                 f"padding {results['layout padded']['padding_share']:.0%} of padded rows"))  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = Path(directory) / "hf"
+        vocab = 50288
+        step_spec = {"case": "step", "sizes": sizes, "vocab": vocab, "seq_len": 512, "batch_size": 2,
+                     "repeats": 3 if quick else 5, "checkpoint": str(checkpoint)}  # fmt: skip
+        _checkpoint(step_spec, checkpoint)
+        ours = median(case("step medstate", {**step_spec, "impl": "medstate"}))
+        theirs = median(case("step hf", {**step_spec, "impl": "hf"}))
+        both = median(case("step medstate llrd+ema", {**step_spec, "impl": "medstate", "llrd_ema": True}))
+        rows.append(("continued-pretraining step (s): medstate vs HF Mamba2ForCausalLM + Trainer", ours, theirs,
+                     _ratio(theirs, ours), "≥ 2", "2 × 512 tokens, 50,288 ids; ratio HF / medstate"))  # fmt: skip
+        rows.append(("medstate step (s): with LLRD + EMA vs without", both, ours, _ratio(both, ours), "≤ 1.10",
+                     "ratio = with / without"))  # fmt: skip
+        qa_spec = {"case": "pubmedqa", "items": 10 if quick else 100, "checkpoint": str(checkpoint)}
+        ours_qa = case("pubmedqa medstate", {**qa_spec, "impl": "medstate"})
+        theirs_qa = case("pubmedqa hf", {**qa_spec, "impl": "hf"})
+        agree = max(abs(a - b) for x, y in zip(ours_qa["scores"], theirs_qa["scores"]) for a, b in zip(x, y))
+        rows.append((f"PubMedQA scoring of {qa_spec['items']} test items × 3 answers (s)", median(ours_qa),
+                     median(theirs_qa), _ratio(median(theirs_qa), median(ours_qa)), "≥ 2",
+                     f"ratio = HF / medstate; largest log-likelihood difference {agree:.1e}"))  # fmt: skip
+    ddp_spec = {"sizes": sizes, "seq_len": 512, "batch_size": 2, "steps": 3 if quick else 8, "case": "ddp"}
+    one = case("ddp 1 process", {**ddp_spec, "processes": 1, "threads": 2})
+    two = case("ddp 2 processes", {**ddp_spec, "processes": 2, "threads": 1})
+    rate_two, rate_one = median(two, "tokens_per_s"), median(one, "tokens_per_s")
+    rows.append(("DDP tokens/s: 2 processes (1 thread each) vs 1 (2 threads)", rate_two, rate_one,
+                 _ratio(rate_two, rate_one), "report", "gloo on CPU"))  # fmt: skip
+    report(rows, results)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def report(rows, results) -> None:
+    lines = ["| case | medstate | compared with | ratio | target | note |", "|---|---|---|---|---|---|"]
+    for name, ours, theirs, ratio, target, note in rows:
+        if ratio is None:
+            lines.append(f"| {name} | - | - | - | {target} | failed |")
+            continue
+        lines.append(f"| {name} | {ours:,.3f} | {theirs:,.3f} | {ratio:.2f}× | {target} | {note} |")
+    peaks = next((r["gemm_gflops"] for r in results.values() if "gemm_gflops" in r), {})
+    lines.append("")
+    lines.append(f"GEMM peak in this run: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())}; "
+                 f"torch {torch.__version__}, {os.cpu_count()} CPUs.")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "text.md").write_text(text + "\n")
+    (RESULTS / "text.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
