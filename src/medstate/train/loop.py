@@ -39,6 +39,7 @@ from medstate.errors import MedstateError
 from medstate.train.distributed import all_reduce_sum, barrier, world
 from medstate.train.ema import EMA
 from medstate.train.param_groups import parameter_groups
+from medstate.train.precision import use_bf16
 from medstate.train.schedules import check_schedule, learning_rate_factor
 
 
@@ -59,7 +60,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     grad_clip: float = 1.0
     seed: int = 0
-    bf16: bool = False
+    bf16: bool | str = False  # true, false or "auto" (bf16 autocast where it measures faster, train.precision)
     save_every: int = 50
     log_every: int = 10
     eval_every: int = 0  # 0: validate only at the end (when there is a validation function)
@@ -162,6 +163,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(s, config))
         self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
+        self.bf16 = use_bf16(config.bf16, next(model.parameters()).device)
         self.best: float | None = None
 
     @property
@@ -186,7 +188,8 @@ class Trainer:
         main = self.world.main  # only the first process writes checkpoints and logs
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(asdict(self.config)))
+            resolved = {**asdict(self.config), "bf16_used": self.bf16}
+            (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(resolved))
         seed_everything(self.config.seed)
         step, resumed = 0, None
         if checkpoint_step(self.checkpoint_dir):  # the one test of "resume or start" (ehr.training.start_model too)
@@ -224,7 +227,7 @@ class Trainer:
             last = micro == accumulate - 1
             synced = contextlib.nullcontext() if last or processes == 1 else self.wrapped.no_sync()
             with synced:
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.bf16):
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, tokens = self.wrapped(batch)
                 (loss if exact else loss * tokens).backward()
             total_loss += float(loss.detach()) * tokens
