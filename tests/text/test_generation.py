@@ -109,3 +109,19 @@ def test_rouge_equals_rouge_score_on_aci_bench(shared_data):
         assert result.value == pytest.approx(100 * np.mean([r[kind].fmeasure for r in reference]))
         assert result.low < result.value < result.high
     assert ours["rougeLsum"].value > ours["rougeL"].value + 10
+
+
+def test_medquad_pairs(shared_data, tmp_path):
+    from medstate.text.sft import medquad_pairs
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "1.xml").write_text(
+        '<Document id="1"><QAPairs><QAPair pid="1"><Question qid="1-1">What is X ?</Question>'
+        '<Answer>X is\n   a thing.</Answer></QAPair><QAPair pid="2"><Question qid="1-2">Who?</Question>'
+        "<Answer></Answer></QAPair></QAPairs></Document>"
+    )
+    assert list(medquad_pairs(tmp_path / "q")) == [("1-1", "What is X ?", "X is a thing.")]
+    examples = task_examples(SFTTask("medquad", "medquad", str(shared_data / "medquad/MedQuAD-xml.tar.gz")))
+    assert len(examples) == 16407  # SOURCE.md: QAPairs with a non-empty answer
+    with pytest.raises(MedstateError):
+        list(medquad_pairs(tmp_path / "nothing"))

@@ -4,6 +4,8 @@ into rows (`seq_idx` keeps them apart), and an example that does not fit a row l
 Tasks are plain data:
     pubmedqa    PubMedQA's 500-item training pool (question + context → decision + conclusion); its official test
                 split is never trained on
+    medquad     MedQuAD's NIH question → answer pairs (its XML folders, or the tar.gz holding them); pairs whose
+                answer the authors removed (the MedlinePlus subsets) are skipped
     records     any JSON Lines / JSON / CSV / Parquet file, prompt and response written as templates over the
                 record's fields, e.g. ACI-Bench: prompt "Dialogue:\\n{dialogue}\\nNote:", response " {note}"
     completion  documents (notes, abstracts): the first `prompt_fraction` of the words → the rest
@@ -19,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from medstate.text.tokenizer import TextTokenizer
 from medstate.train.distributed import world
 from medstate.train.loop import TrainConfig, Trainer
 
-TASK_KINDS = ("pubmedqa", "records", "completion")
+TASK_KINDS = ("pubmedqa", "medquad", "records", "completion")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ def task_examples(task: SFTTask) -> list[Example]:
     if task.kind == "pubmedqa":
         pool, _ = load_pubmedqa(task.path)  # the test split is left out here, whatever else happens
         examples = [Example(f"{task.name}:{i.id}", prompt_of(i), answer_of(i)) for i in pool]
+    elif task.kind == "medquad":
+        examples = [
+            Example(f"{task.name}:{qid}", f"Question: {question}\nAnswer:", f" {answer}")
+            for qid, question, answer in medquad_pairs(task.path)
+        ]
     elif task.kind == "records":
         examples = []
         for number, (where, record) in enumerate(read_records(task.path), 1):
@@ -94,6 +101,37 @@ def task_examples(task: SFTTask) -> list[Example]:
             if cut < len(words):
                 examples.append(Example(document.id, " ".join(words[:cut]), " " + " ".join(words[cut:])))
     return examples[: task.limit] if task.limit is not None else examples
+
+
+def _xml_files(path: Path) -> Iterator[tuple[str, bytes]]:
+    import tarfile
+
+    if path.is_dir():
+        yield from ((str(p), p.read_bytes()) for p in sorted(path.rglob("*.xml")))
+    elif path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(path) as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".xml")]
+            for member in sorted(members, key=lambda m: m.name):
+                yield f"{path}:{member.name}", archive.extractfile(member).read()
+    else:
+        raise MedstateError(f"{path}: expected MedQuAD's XML folder or its .tar.gz")
+
+
+def medquad_pairs(path: str | Path) -> Iterator[tuple[str, str, str]]:
+    """(question id, question, answer) of every MedQuAD QAPair with an answer, whitespace collapsed."""
+    import xml.etree.ElementTree as ElementTree
+
+    files = _xml_files(Path(path))
+    for where, data in files:
+        try:
+            root = ElementTree.fromstring(data)
+        except ElementTree.ParseError as err:
+            raise MedstateError(f"{where}: not valid XML ({err})") from None
+        for pair in root.iter("QAPair"):
+            question, answer = pair.find("Question"), pair.find("Answer")
+            text = " ".join((answer.text or "").split()) if answer is not None else ""
+            if question is not None and text:
+                yield question.get("qid") or f"{where}#{pair.get('pid')}", " ".join((question.text or "").split()), text
 
 
 def is_validation(example_id: str, fraction: float) -> bool:
