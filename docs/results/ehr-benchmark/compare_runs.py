@@ -1,6 +1,7 @@
-"""Held-out AUROC and AUPRC of one seed before and after a change, per task and model, from two predictions files.
+"""Held-out AUROC and AUPRC before and after a change, per task and model, from two predictions files: one seed,
+or the mean over several seeds.
 
-python docs/results/ehr-benchmark/compare_runs.py OLD.parquet NEW.parquet [SEED]
+python docs/results/ehr-benchmark/compare_runs.py OLD.parquet NEW.parquet [SEEDS]     # SEEDS: 0 or 0,1,2
 """
 
 import sys
@@ -11,12 +12,26 @@ import polars as pl
 from medstate.eval.metrics import auroc, average_precision
 
 
-def scores(path: str, seed: int) -> dict:
-    frame = pl.read_parquet(path).filter((pl.col("seed") == seed) & (pl.col("split") == "held_out"))
-    out = {}
-    for (task, model), group in frame.group_by("task", "model"):
+def scores(path: str, seeds: list[int]) -> dict:
+    """(task, model) -> (n, positives, mean AUROC, mean AUPRC) over `seeds` (None where a seed leaves it undefined)."""
+    frame = pl.read_parquet(path).filter(pl.col("seed").is_in(seeds) & (pl.col("split") == "held_out"))
+    per_seed: dict = {}
+    for (task, model, seed), group in frame.group_by("task", "model", "seed"):
         y, s = group["y_true"].to_numpy(), group["y_score"].to_numpy()
-        out[(task, model)] = (len(y), int(y.sum()), auroc(y, s), average_precision(y, s))
+        per_seed.setdefault((task, model), {})[seed] = (len(y), int(y.sum()), auroc(y, s), average_precision(y, s))
+    out = {}
+    for key, by_seed in per_seed.items():
+        if sorted(by_seed) != sorted(seeds):
+            continue
+        values = list(by_seed.values())
+        a = [v[2] for v in values]
+        r = [v[3] for v in values]
+        out[key] = (
+            values[0][0],
+            values[0][1],
+            None if None in a else float(np.mean(a)),
+            None if None in r else float(np.mean(r)),
+        )
     return out
 
 
@@ -24,9 +39,10 @@ def cell(value) -> str:
     return "undefined" if value is None else f"{value:.3f}"
 
 
-def main(old_path: str, new_path: str, seed: int = 0) -> None:
-    old, new = scores(old_path, seed), scores(new_path, seed)
-    columns = ["task", "model", "n (pos) before", "n (pos) after", "AUROC before", "AUROC after", "Δ"]
+def main(old_path: str, new_path: str, seeds: list[int]) -> None:
+    old, new = scores(old_path, seeds), scores(new_path, seeds)
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}"
+    columns = ["task", "model", "n (pos) before", "n (pos) after", f"AUROC before ({which})", "AUROC after", "Δ"]
     print("| " + " | ".join([*columns, "AUPRC before", "AUPRC after"]) + " |")
     print("|---" * 9 + "|")
     deltas = []
@@ -46,4 +62,4 @@ def main(old_path: str, new_path: str, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(sys.argv[1], sys.argv[2], [int(s) for s in (sys.argv[3] if len(sys.argv) > 3 else "0").split(",")])
