@@ -633,6 +633,21 @@ def text_tokenizer(
     _summary("tokenizer", {"ids": len(tokenizer), "end of text": tokenizer.eos_id, "saved": str(out)})
 
 
+def _overridden(settings, max_steps: int | None, seed: int | None, init: Path | None):
+    """A text recipe's settings with the command line's --max-steps, --seed and --init put in, checked again."""
+    import dataclasses
+
+    from medstate.loading import from_data
+
+    overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
+    if overrides:
+        train = from_data(type(settings.train), {**dataclasses.asdict(settings.train), **overrides}, "options")
+        settings = dataclasses.replace(settings, train=train)
+    if init is not None:
+        settings = dataclasses.replace(settings, init=str(init.resolve()))
+    return settings
+
+
 @text_app.command("pretrain")
 def text_pretrain(
     config: Annotated[Path, typer.Argument(help="pretraining YAML (tokenizer, weighted corpora, validation, train)")],
@@ -642,20 +657,10 @@ def text_pretrain(
     init: Annotated[Path | None, typer.Option(help="override init: the checkpoint to continue from")] = None,
 ) -> None:
     """Continued pretraining (or from scratch) on a weighted mix of corpora, held-out text kept out."""
-    import dataclasses
-
     from medstate.text.pretrain import PretrainConfig, pretrain
     from medstate.train.distributed import world
 
-    settings = PretrainConfig.read(config)
-    overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
-    if overrides:
-        from medstate.loading import from_data
-
-        train = from_data(type(settings.train), {**dataclasses.asdict(settings.train), **overrides}, "options")
-        settings = dataclasses.replace(settings, train=train)
-    if init is not None:
-        settings = dataclasses.replace(settings, init=str(init.resolve()))
+    settings = _overridden(PretrainConfig.read(config), max_steps, seed, init)
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
     with _text_progress("pretrain", settings.train.max_steps, tokens_per_step) as progress:
         result = pretrain(settings, run_dir, progress)
@@ -738,19 +743,10 @@ def text_sft(
     init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
 ) -> None:
     """Supervised finetuning with the loss on response tokens only; PubMedQA scored before and after if asked."""
-    import dataclasses
-
-    from medstate.loading import from_data
     from medstate.text.sft import SFTConfig, finetune
     from medstate.train.distributed import world
 
-    settings = SFTConfig.read(config)
-    overrides = {k: v for k, v in {"max_steps": max_steps, "seed": seed}.items() if v is not None}
-    if overrides:
-        train = from_data(type(settings.train), {**dataclasses.asdict(settings.train), **overrides}, "options")
-        settings = dataclasses.replace(settings, train=train)
-    if init is not None:
-        settings = dataclasses.replace(settings, init=str(init.resolve()))
+    settings = _overridden(SFTConfig.read(config), max_steps, seed, init)
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
     with _text_progress("sft", settings.train.max_steps, tokens_per_step) as progress:
         result = finetune(settings, run_dir, progress)

@@ -142,6 +142,11 @@ def parse_list(text: str, item: type, option: str) -> list:
     return out
 
 
+def beside(path: str | None, file: str | Path) -> str | None:
+    """A path written in `file`, absolute: relative paths are relative to the file's folder."""
+    return None if path is None else str((Path(file).parent / Path(path).expanduser()).resolve())
+
+
 def compile_pattern(pattern: str, where: str) -> re.Pattern:
     try:
         return re.compile(pattern)

@@ -125,3 +125,14 @@ def test_medquad_pairs(shared_data, tmp_path):
     assert len(examples) == 16407  # SOURCE.md: QAPairs with a non-empty answer
     with pytest.raises(MedstateError):
         list(medquad_pairs(tmp_path / "nothing"))
+
+
+def test_generation_stops_early_at_a_stop_string(model, small_tokenizer, monkeypatch):
+    free = generate_texts(model, small_tokenizer, ["the patient"], max_new_tokens=40)[0]
+    assert len(free) > 6
+    steps = []
+    original = model.step
+    monkeypatch.setattr(model, "step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    stopped = generate_texts(model, small_tokenizer, ["the patient"], max_new_tokens=40, stop=[free[2:5]])[0]
+    assert stopped == free[: free.index(free[2:5])]
+    assert len(steps) < 39  # it stopped stepping once the stop string appeared, not at max_new_tokens

@@ -89,3 +89,29 @@ def test_gradient_accumulation_equals_one_large_batch(pretrain_config, small_tok
     big, accumulated = gradients(4, 1), gradients(1, 4)
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-4)
+
+
+def test_config_paths_are_relative_to_the_file(tmp_path):
+    from medstate.text.corpora import read_corpus_list
+    from medstate.text.pretrain import PretrainConfig
+    from medstate.text.sft import SFTConfig
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "p.yaml").write_text(
+        "tokenizer: ../tok\ninit: model\ncorpora: [{name: a, path: data/a.jsonl}]\n"
+        "validation: [{name: v, path: /abs/v.jsonl}]\n"
+    )
+    config = PretrainConfig.read(folder / "p.yaml")
+    assert config.tokenizer == str(tmp_path / "tok") and config.init == str(folder / "model")
+    assert config.corpora[0].path == str(folder / "data/a.jsonl") and config.validation[0].path == "/abs/v.jsonl"
+    (folder / "s.yaml").write_text("init: m\ntasks: [{name: q, kind: pubmedqa, path: ../qa}]\npubmedqa_test: ../qa\n")
+    sft = SFTConfig.read(folder / "s.yaml")
+    assert (sft.init, sft.tasks[0].path, sft.pubmedqa_test, sft.tokenizer) == (
+        str(folder / "m"),
+        str(tmp_path / "qa"),
+        str(tmp_path / "qa"),
+        None,
+    )
+    (folder / "c.yaml").write_text("corpora: [{name: a, path: a.jsonl}]\n")
+    assert read_corpus_list(folder / "c.yaml")[0].path == str(folder / "a.jsonl")

@@ -25,9 +25,11 @@ def main() -> None:
         write_jsonl(OUT / "c4-train.jsonl.gz", [json.loads(line) for line, _ in zip(handle, range(400))])
     with open(SHARED / "text-general/wikipedia-enwiki-gensim-sample/enwiki_sample_106_articles.plain.jsonl") as handle:
         write_jsonl(OUT / "wikipedia-train.jsonl.gz", [json.loads(line) for line, _ in zip(handle, range(40))])
-    with open(SHARED / "text-general/wikitext-2/wiki.test.raw", "rb") as source:
-        with gzip.GzipFile(OUT / "wikitext-2-test.raw.gz", "wb", mtime=0) as target:
-            shutil.copyfileobj(source, target)
+    with (
+        open(SHARED / "text-general/wikitext-2/wiki.test.raw", "rb") as source,
+        gzip.GzipFile(OUT / "wikitext-2-test.raw.gz", "wb", mtime=0) as target,
+    ):
+        shutil.copyfileobj(source, target)
     (OUT / "pubmedqa").mkdir(exist_ok=True)
     for name in ("ori_pqal.json.gz", "test_ground_truth.json", "LICENSE"):
         shutil.copy(SHARED / "pubmedqa-pqal" / name, OUT / "pubmedqa" / name)

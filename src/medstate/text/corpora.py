@@ -78,13 +78,13 @@ class CorpusList:
 
 def read_corpus_list(path: str | Path) -> list[CorpusSource]:
     """A YAML file with a `corpora:` list; relative paths are relative to the file's folder."""
-    from medstate.loading import from_data, read_yaml
+    from medstate.loading import beside, from_data, read_yaml
 
     path = Path(path)
     listed = from_data(CorpusList, read_yaml(path, "corpus list"), str(path)).corpora
     if not listed:
         raise MedstateError(f"{path}: the corpora list is empty")
-    return [dataclasses.replace(s, path=str((path.parent / Path(s.path).expanduser()).resolve())) for s in listed]
+    return [dataclasses.replace(s, path=beside(s.path, path)) for s in listed]
 
 
 def read_documents(source: CorpusSource) -> Iterator[Document]:

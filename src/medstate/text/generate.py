@@ -40,6 +40,7 @@ def generate_texts(
         raise MedstateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     encoded = [encode_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     order = np.argsort([len(e) for e in encoded], kind="stable")
+    tail = 4 * max((len(s) for s in stop), default=0) + 1
     outputs: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
@@ -61,7 +62,8 @@ def generate_texts(
                     done[i] = True
                     continue
                 new[i].append(t)
-                done[i] = bool(stop) and _cut_at_stop(tokenizer.decode(new[i]), stop)[1]
+                # a stop string of n characters ends within the last 4n byte-level tokens: decode only those
+                done[i] = bool(stop) and _cut_at_stop(tokenizer.decode(new[i][-tail:]), stop)[1]
             if done.all():
                 break
             step = model.step(token, state)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from medstate.errors import MedstateError
-from medstate.loading import from_data, read_yaml
+from medstate.loading import beside, from_data, read_yaml
 from medstate.ssm import MambaLM, SSMConfig, load_pretrained
 from medstate.text.contamination import ContaminationGuard, find_contamination
 from medstate.text.corpora import CorpusSource, Document, read_documents
@@ -34,7 +34,7 @@ from medstate.text.evaluate import evaluate_corpora, score_documents
 from medstate.text.mixing import MixedStream
 from medstate.text.packing import IGNORE, LAYOUTS, collate
 from medstate.text.tokenizer import TextTokenizer, padded_vocab_size
-from medstate.train.distributed import world
+from medstate.train.distributed import World, world
 from medstate.train.loop import TrainConfig, Trainer
 
 
@@ -70,25 +70,29 @@ class PretrainConfig:
     @classmethod
     def read(cls, path: str | Path) -> PretrainConfig:
         """A YAML file; relative paths in it are relative to the file's folder."""
-        path = Path(path)
         config = from_data(cls, read_yaml(path, "pretraining config"), str(path))
-        return config.resolved(path.parent)
-
-    def resolved(self, base: Path) -> PretrainConfig:
-        def absolute(value: str | None) -> str | None:
-            return None if value is None else str((base / Path(value).expanduser()).resolve())
 
         def sources(items: list[CorpusSource]) -> list[CorpusSource]:
-            return [dataclasses.replace(s, path=absolute(s.path)) for s in items]
+            return [dataclasses.replace(s, path=beside(s.path, path)) for s in items]
 
         return dataclasses.replace(
-            self,
-            tokenizer=absolute(self.tokenizer),
-            init=absolute(self.init),
-            corpora=sources(self.corpora),
-            validation=sources(self.validation),
-            held_out=sources(self.held_out),
+            config,
+            tokenizer=beside(config.tokenizer, path),
+            init=beside(config.init, path),
+            corpora=sources(config.corpora),
+            validation=sources(config.validation),
+            held_out=sources(config.held_out),
         )
+
+
+def open_run(config: Any, run_dir: str | Path) -> tuple[Path, World]:
+    """The run directory and this process; under torchrun every process trains and only the first one writes,
+    here the resolved config."""
+    run_dir, here = Path(run_dir), world()
+    if here.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return run_dir, here
 
 
 def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> MambaLM:
@@ -150,10 +154,7 @@ class PretrainResult:
 def pretrain(
     config: PretrainConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
 ) -> PretrainResult:
-    run_dir, here = Path(run_dir), world()  # under torchrun: every process trains, the first one writes
-    if here.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    run_dir, here = open_run(config, run_dir)
     tokenizer = TextTokenizer.load(config.tokenizer)
     model = new_or_loaded_model(config, tokenizer).to(here.device())
     validation = {s.name: list(read_documents(s)) for s in config.validation}

@@ -27,19 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from medstate.errors import MedstateError
-from medstate.loading import from_data, read_yaml
+from medstate.loading import beside, from_data, read_yaml
 from medstate.ssm import load_pretrained
 from medstate.text.corpora import CorpusSource, read_documents, read_records
 from medstate.text.generate import generate_texts
 from medstate.text.packing import collate, pack_documents
-from medstate.text.pretrain import export_model, language_model_loss
+from medstate.text.pretrain import export_model, language_model_loss, open_run
 from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
 from medstate.text.rouge import rouge
 from medstate.text.tokenizer import TextTokenizer
-from medstate.train.distributed import world
 from medstate.train.loop import TrainConfig, Trainer
 
 TASK_KINDS = ("pubmedqa", "medquad", "records", "completion")
@@ -168,18 +166,14 @@ class SFTConfig:
 
     @classmethod
     def read(cls, path: str | Path) -> SFTConfig:
-        path = Path(path)
+        """A YAML file; relative paths in it are relative to the file's folder."""
         config = from_data(cls, read_yaml(path, "SFT config"), str(path))
-
-        def absolute(value: str | None) -> str | None:
-            return None if value is None else str((path.parent / Path(value).expanduser()).resolve())
-
         return dataclasses.replace(
             config,
-            init=absolute(config.init),
-            tokenizer=absolute(config.tokenizer),
-            pubmedqa_test=absolute(config.pubmedqa_test),
-            tasks=[dataclasses.replace(t, path=absolute(t.path)) for t in config.tasks],
+            init=beside(config.init, path),
+            tokenizer=beside(config.tokenizer, path),
+            pubmedqa_test=beside(config.pubmedqa_test, path),
+            tasks=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.tasks],
         )
 
 
@@ -198,10 +192,7 @@ def _rows(examples: list[Example], tokenizer: TextTokenizer, length: int):
 def finetune(
     config: SFTConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
 ) -> SFTResult:
-    run_dir, here = Path(run_dir), world()  # under torchrun: every process trains, the first one writes
-    if here.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    run_dir, here = open_run(config, run_dir)
     tokenizer = TextTokenizer.load(config.tokenizer or config.init)
     model = load_pretrained(config.init, device=here.device()).train()
     examples = {task.name: task_examples(task) for task in config.tasks}
