@@ -27,13 +27,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             logits = (hidden[rows] @ weight.T).float()
             keep = valid[rows]
             safe_targets = targets[rows].masked_fill(~keep, 0)
-            log_norm = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, safe_targets[:, None]).squeeze(1)
+            # one exponential pass serves the log-normaliser and the softmax: exp(logit - max), in place
+            peak = logits.amax(dim=-1, keepdim=True)
+            unnormalised = logits.sub_(peak).exp_()
+            sums = unnormalised.sum(dim=-1)
+            log_norm = peak.squeeze(1) + sums.log()
             total += ((log_norm - target_logit) * keep).sum()
             if needs_grad:
-                probs = torch.exp(logits.sub_(log_norm[:, None]))  # softmax, reusing the logits buffer
-                probs[torch.arange(probs.shape[0], device=probs.device), safe_targets] -= 1.0
-                probs.mul_((keep / count)[:, None])
+                weights = keep / count
+                probs = unnormalised.mul_((weights / sums)[:, None])  # softmax x row weight
+                probs[torch.arange(probs.shape[0], device=probs.device), safe_targets] -= weights
                 grad_hidden[rows] = (probs @ weight_f32).to(hidden.dtype)
                 grad_weight.addmm_(probs.T, hidden[rows].float())
         if needs_grad:
