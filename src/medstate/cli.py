@@ -343,13 +343,20 @@ def ehr_prepare(
 
 
 def _train_options(
-    max_steps: int, lr: float, warmup_steps: int, seed: int, bf16: bool, save_every: int
+    max_steps: int,
+    lr: float,
+    warmup_steps: int,
+    seed: int,
+    bf16: bool,
+    save_every: int,
+    grad_accumulation: int,
+    parallel: str,
 ):  # the TrainConfig shared by pretrain and finetune
     from medstate.train import TrainConfig
 
     return TrainConfig(
         max_steps=max_steps, lr=lr, warmup_steps=min(warmup_steps, max_steps), seed=seed, bf16=bf16,
-        save_every=save_every,
+        save_every=save_every, grad_accumulation=grad_accumulation, parallel=parallel,
     )  # fmt: skip
 
 
@@ -376,6 +383,10 @@ def _train(kind: str, prepared: Path, run_dir: Path, fit) -> None:
 
 MaxSteps = Annotated[int, typer.Option(min=1, help="optimizer steps")]
 TokenBudget = Annotated[int, typer.Option(min=16, help="tokens per packed batch")]
+GradAccumulation = Annotated[int, typer.Option(min=1, help="batches per optimizer step (on every process)")]
+Parallel = Annotated[
+    str, typer.Option(help="under torchrun: ddp (a replica per process) or fsdp (weights and optimizer sharded)")
+]
 
 
 @ehr_app.command("pretrain")
@@ -387,6 +398,7 @@ def ehr_pretrain(
     ] = "ehrmamba",
     d_model: Annotated[int | None, typer.Option(min=8, help="width (default 128; a resumed run keeps its own)")] = None,
     n_layer: Annotated[int | None, typer.Option(min=1, help="layers (default 4)")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="dropout rate (default 0.1)")] = None,
     ssm_version: Annotated[
         int | None, typer.Option(min=1, max=2, help="EhrMamba mixer: 1 Mamba (paper, default), 2 Mamba-2")
     ] = None,
@@ -397,17 +409,19 @@ def ehr_pretrain(
     save_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 50,
     seed: int = 0,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
+    grad_accumulation: GradAccumulation = 1,
+    parallel: Parallel = "ddp",
 ) -> None:
     """Pretrain on the training split: EhrMamba by next-event prediction, the Transformer baselines by MLM."""
     from medstate.ehr.training import pretrain, start_model
     from medstate.train.loop import seed_everything
 
     seed_everything(seed)
-    sizes = {"d_model": d_model, "n_layer": n_layer}
+    sizes = {"d_model": d_model, "n_layer": n_layer, "dropout": dropout}
     if model_kind == "ehrmamba":
         sizes["ssm_version"] = ssm_version
     model, _ = start_model(run_dir, prepared, kind=model_kind, sizes=sizes)
-    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
+    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
     _train("pretrain", prepared, run_dir, lambda p: pretrain(prepared, run_dir, model, config, token_budget, p))
 
 
@@ -427,6 +441,8 @@ def ehr_finetune(
     save_every: Annotated[int, typer.Option(min=1)] = 50,
     seed: int = 0,
     bf16: bool = False,
+    grad_accumulation: GradAccumulation = 1,
+    parallel: Parallel = "ddp",
 ) -> None:
     """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model."""
     from medstate.ehr.training import finetune, start_model
@@ -434,7 +450,7 @@ def ehr_finetune(
 
     seed_everything(seed)
     model, _ = start_model(run_dir, prepared, init=init, kind=model_kind)
-    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every)
+    config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
     names = parse_list(tasks, str, "--tasks") if tasks else None
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
 

@@ -125,11 +125,13 @@ def test_contamination_by_id_and_by_overlap():
 
 def test_contamination_report_over_sources(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps({"pmid": p, "text": t}) for p, t in [(1, "x"), (2, "y"), (3, "z")]))
+    records = [(1, "x"), (2, "y"), (4, " \n "), (3, "z"), (5, "")]  # two documents without text: skipped, counted
+    path.write_text("\n".join(json.dumps({"pmid": p, "text": t}) for p, t in records))
     source = CorpusSource("pubmed", str(path), id_field="pmid", id_namespace="pmid")
     report = find_contamination([source], ContaminationGuard([Document("pmid:2", "q")]))
     assert report.to_dict() == {
         "scanned": {"pubmed": 3},
+        "empty": {"pubmed": 2},
         "removed": {"pubmed": {"id": 1}},
         "documents": [{"source": "pubmed", "id": "pmid:2", "matches": "pmid:2"}],
     }

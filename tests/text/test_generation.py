@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from rouge_score import rouge_scorer
 
 from medstate import MedstateError
 from medstate.ssm import MambaLM, SSMConfig
@@ -57,12 +58,26 @@ def test_sft_learns_the_response_and_keeps_pubmedqa_test_out(small_tokenizer, mo
              SFTTask("pubmedqa", "pubmedqa", str(pubmedqa), limit=20)]  # fmt: skip
     test_ids = set(json.loads((pubmedqa / "test_ground_truth.json").read_text()))
     assert not {e.id.split(":")[1] for e in task_examples(SFTTask("p", "pubmedqa", str(pubmedqa)))} & test_ids
-    config = SFTConfig(init=str(tmp_path / "init"), tasks=tasks[:1], seq_len=64, batch_size=4,
-                       validation_fraction=0.0, train=TrainConfig(max_steps=60, lr=1e-2, warmup_steps=5))  # fmt: skip
+    # a held-out generation set: its prompt ("drug scan for") leaves training, its answers are scored with ROUGE
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"id": "h1", "q": "scan", "a": "no acute findings"}) + "\n")
+    generation = SFTTask("held", "records", str(held), prompt="drug {q} for", response=" {a}", id_field="id")
+    config = SFTConfig(init=str(tmp_path / "init"), tasks=tasks[:1], seq_len=64, batch_size=4, generate=[generation],
+                       max_new_tokens=8, validation_fraction=0.0,
+                       train=TrainConfig(max_steps=60, lr=1e-2, warmup_steps=5))  # fmt: skip
     result = finetune(config, tmp_path / "run")
     tuned = MambaLM.from_pretrained(result.model_dir)
     outputs = generate_texts(tuned, small_tokenizer, ["drug aspirin for", "drug heparin for"], max_new_tokens=24)
     assert outputs == [" chest pain", " platelet count"]
+    assert result.metrics["removed_as_generation_prompts"] == 10 and result.metrics["train_examples"] == 20
+    (line,) = (tmp_path / "run" / "generations-held.jsonl").read_text().splitlines()
+    written = json.loads(line)
+    assert written["reference"] == " no acute findings"
+    assert written["output"] == generate_texts(tuned, small_tokenizer, ["drug scan for"], max_new_tokens=8)[0]
+    expected = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True).score(written["reference"], written["output"])
+    assert result.metrics["generation_rouge"]["held"]["rouge1"]["value"] == pytest.approx(
+        100 * expected["rouge1"].fmeasure
+    )
 
 
 def test_batched_generation_equals_one_at_a_time(model, small_tokenizer):
@@ -94,8 +109,6 @@ def test_rouge_by_hand():
 
 def test_rouge_equals_rouge_score_on_aci_bench(shared_data):
     import csv
-
-    from rouge_score import rouge_scorer
 
     with gzip.open(shared_data / "aci-bench/challenge_data/valid.csv.gz", "rt") as handle:
         notes = [row["note"] for row in csv.DictReader(handle)]

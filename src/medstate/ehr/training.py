@@ -148,7 +148,8 @@ def pretrain(
 
     def loss_fn(model, indices: list[int]):
         batch = collate([samples.arrays[i] for i in indices], with_lm_targets=True)
-        return model.pretraining_loss(batch), int(batch["input_ids"].numel())
+        # the loss is a mean over the scored events: batches and processes are weighted by their count
+        return model.pretraining_loss(batch), int((batch["lm_targets"] != -100).sum())
 
     result = Trainer(model, loss_fn, batches, config, run_dir, progress).fit()
     attach_prepared(Path(run_dir), prepared)
@@ -183,7 +184,8 @@ def finetune(
     def loss_fn(model: EhrMamba, indices: list[int]):
         batch = collate([samples.arrays[i] for i in indices])
         logits = model(batch, ends=batch["ends"]).class_logits
-        return F.binary_cross_entropy_with_logits(logits.float(), labels[indices]), int(batch["input_ids"].numel())
+        # a mean over the batch's samples: batches and processes are weighted by their number of samples
+        return F.binary_cross_entropy_with_logits(logits.float(), labels[indices]), len(indices)
 
     result = Trainer(model, loss_fn, batches, config, run_dir, progress).fit()
     attach_prepared(Path(run_dir), prepared)

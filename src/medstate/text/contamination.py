@@ -32,6 +32,7 @@ class ContaminationReport:
     removed: Counter = field(default_factory=Counter)  # (source, reason) -> count
     removed_ids: list[tuple[str, str, str]] = field(default_factory=list)  # (source, training id, held-out id)
     scanned: Counter = field(default_factory=Counter)  # source -> documents read
+    empty: Counter = field(default_factory=Counter)  # source -> documents skipped for having no text
 
     def excluded(self) -> dict[str, set[str]]:
         """Per source, the ids of the documents to leave out."""
@@ -46,6 +47,7 @@ class ContaminationReport:
             by_source.setdefault(source, {})[reason] = count
         return {
             "scanned": dict(self.scanned),
+            "empty": dict(self.empty),
             "removed": by_source,
             "documents": [{"source": s, "id": i, "matches": h} for s, i, h in self.removed_ids],
         }
@@ -85,10 +87,11 @@ class ContaminationGuard:
 
 
 def find_contamination(sources: Iterable[CorpusSource], guard: ContaminationGuard) -> ContaminationReport:
-    """One pass over each training source: what the guard removes, by source and reason."""
+    """One pass over each training source: what the guard removes, by source and reason (and how many documents
+    had no text)."""
     report = ContaminationReport()
     for source in sources:
-        for document in read_documents(source):
+        for document in read_documents(source, report.empty):
             report.scanned[source.name] += 1
             found = guard.match(document)
             if found is not None:

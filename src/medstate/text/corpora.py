@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,9 @@ def read_corpus_list(path: str | Path) -> list[CorpusSource]:
     return [dataclasses.replace(s, path=beside(s.path, path)) for s in listed]
 
 
-def read_documents(source: CorpusSource) -> Iterator[Document]:
-    """The source's documents in file order (empty texts skipped), at most `limit` of them."""
+def read_documents(source: CorpusSource, empty: Counter | None = None) -> Iterator[Document]:
+    """The source's documents in file order, at most `limit` of them. Documents with no text are skipped, and
+    counted in `empty[source.name]` when a counter is given."""
     path = Path(source.path)
     if not path.exists():
         raise MedstateError(f"corpus {source.name!r}: {path} not found")
@@ -96,6 +98,8 @@ def read_documents(source: CorpusSource) -> Iterator[Document]:
     count = 0
     for document in reader(source, path):
         if not document.text.strip():
+            if empty is not None:
+                empty[source.name] += 1
             continue
         if source.limit is not None and count >= source.limit:
             return

@@ -35,6 +35,7 @@ from medstate.text.mixing import MixedStream
 from medstate.text.packing import IGNORE, LAYOUTS, collate
 from medstate.text.tokenizer import TextTokenizer, padded_vocab_size
 from medstate.train.distributed import World, world
+from medstate.train.ema import EMA
 from medstate.train.loop import TrainConfig, Trainer
 
 
@@ -202,13 +203,16 @@ def pretrain(
 
 def export_model(trainer: Trainer, tokenizer: TextTokenizer, directory: Path) -> Path:
     """The model to use: the best validated one where there is validation (EMA weights when there is an EMA),
-    else the last weights (EMA applied); with its tokenizer, in the Hugging Face layout."""
+    else the last weights (EMA applied); with its tokenizer, in the Hugging Face layout. Read from the run's
+    checkpoints, which hold whole weights, so the first process alone writes it whatever the parallelism."""
     if trainer.best_dir.is_dir():
         load_pretrained(trainer.best_dir).save_pretrained(directory)
-    elif trainer.ema is not None:
-        with trainer.ema.applied(trainer.model) as model:
-            model.save_pretrained(directory)
     else:
-        trainer.model.save_pretrained(directory)
+        model = load_pretrained(trainer.checkpoint_dir)
+        if trainer.ema is not None:
+            ema = EMA(model, trainer.ema.decay)
+            ema.load_state_dict(torch.load(trainer.checkpoint_dir / "trainer_state.pt", weights_only=True)["ema"])
+            ema.copy_to(model)
+        model.save_pretrained(directory)
     tokenizer.save(directory)
     return directory

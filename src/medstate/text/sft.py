@@ -12,7 +12,10 @@ Tasks are plain data:
 
 A share of every task (`validation_fraction`, drawn by a hash of the example id, so it never moves) is held out for
 validation; the best model on it (EMA weights when there is an EMA) is exported with its tokenizer to `model/`.
-With `pubmedqa_test` set, the official test split is scored before (zero-shot) and after finetuning.
+With `pubmedqa_test` set, the official test split is scored before (zero-shot) and after finetuning. Tasks listed
+under `generate` are held-out generation sets (e.g. ACI-Bench's test dialogues → notes, or the second halves of
+held-out notes): after finetuning each of their prompts is answered by greedy decoding and scored with ROUGE against
+its response; a training example with the same prompt as one of them is removed from training, and counted.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ class SFTConfig:
     batch_size: int = 8
     validation_fraction: float = 0.1
     pubmedqa_test: str | None = None  # a PubMedQA folder: score its official test split before and after
-    generate_items: int = 0  # after SFT, generate answers for this many test items and score them with ROUGE
+    generate_items: int = 0  # after SFT, generate answers for this many PubMedQA test items and score them with ROUGE
+    generate: list[SFTTask] = field(default_factory=list)  # held-out generation sets (never trained on)
     max_new_tokens: int = 96
     eval_batch_size: int = 8
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -174,6 +178,7 @@ class SFTConfig:
             tokenizer=beside(config.tokenizer, path),
             pubmedqa_test=beside(config.pubmedqa_test, path),
             tasks=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.tasks],
+            generate=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.generate],
         )
 
 
@@ -182,6 +187,19 @@ class SFTResult:
     run_dir: Path
     model_dir: Path
     metrics: dict
+
+
+def _generate_and_score(
+    config: SFTConfig, model: torch.nn.Module, tokenizer: TextTokenizer, items: list[Example], path: Path
+) -> dict:
+    """Greedy answers to the items' prompts, written with their references to `path`; ROUGE with intervals."""
+    outputs = generate_texts(model, tokenizer, [e.prompt for e in items], config.max_new_tokens,
+                             batch_size=config.eval_batch_size, max_prompt_tokens=config.seq_len)  # fmt: skip
+    references = [e.response for e in items]
+    path.write_text(
+        "".join(json.dumps({"id": e.id, "output": o, "reference": e.response}) + "\n" for e, o in zip(items, outputs))
+    )
+    return {k: dataclasses.asdict(v) for k, v in rouge(outputs, references).items()}
 
 
 def _rows(examples: list[Example], tokenizer: TextTokenizer, length: int):
@@ -195,9 +213,12 @@ def finetune(
     run_dir, here = open_run(config, run_dir)
     tokenizer = TextTokenizer.load(config.tokenizer or config.init)
     model = load_pretrained(config.init, device=here.device()).train()
+    generation_sets = {task.name: task_examples(task) for task in config.generate}
+    held_prompts = {e.prompt for group in generation_sets.values() for e in group}
     examples = {task.name: task_examples(task) for task in config.tasks}
-    train = [e for group in examples.values() for e in group if not is_validation(e.id, config.validation_fraction)]
-    held = [e for group in examples.values() for e in group if is_validation(e.id, config.validation_fraction)]
+    usable = [e for group in examples.values() for e in group if e.prompt not in held_prompts]
+    train = [e for e in usable if not is_validation(e.id, config.validation_fraction)]
+    held = [e for e in usable if is_validation(e.id, config.validation_fraction)]
     if not train:
         raise MedstateError("SFT: no training examples (check the tasks and validation_fraction)")
 
@@ -220,6 +241,7 @@ def finetune(
         "examples": {name: len(group) for name, group in examples.items()},
         "train_examples": len(train),
         "validation_examples": len(held),
+        "removed_as_generation_prompts": sum(len(group) for group in examples.values()) - len(usable),
     }
     if pubmedqa is not None and here.main:
         pool, test = pubmedqa
@@ -238,17 +260,13 @@ def finetune(
         finetuned = score_pubmedqa(tuned, tokenizer, test, majority_label(pool), config.eval_batch_size)
         metrics["pubmedqa_finetuned"] = finetuned.to_dict()
         if config.generate_items:
-            items = test[: config.generate_items]
-            prompts = [prompt_of(i) for i in items]
-            outputs = generate_texts(tuned, tokenizer, prompts, config.max_new_tokens,
-                                     batch_size=config.eval_batch_size, max_prompt_tokens=config.seq_len)  # fmt: skip
-            scores = rouge(outputs, [answer_of(i) for i in items])
-            metrics["pubmedqa_generation_rouge"] = {k: dataclasses.asdict(v) for k, v in scores.items()}
-            (run_dir / "generations.jsonl").write_text(
-                "".join(
-                    json.dumps({"id": i.id, "output": o, "reference": answer_of(i)}) + "\n"
-                    for i, o in zip(items, outputs)
-                )
+            items = [Example(i.id, prompt_of(i), answer_of(i)) for i in test[: config.generate_items]]
+            metrics["pubmedqa_generation_rouge"] = _generate_and_score(
+                config, tuned, tokenizer, items, run_dir / "generations.jsonl"
             )
+    for name, items in generation_sets.items():
+        metrics.setdefault("generation_rouge", {})[name] = _generate_and_score(
+            config, tuned, tokenizer, items, run_dir / f"generations-{name}.jsonl"
+        )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return SFTResult(run_dir, model_dir, metrics)

@@ -21,7 +21,9 @@ Logs: `log.csv` (step, loss, learning rate, tokens, seconds, validation) and, wh
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
+import dataclasses
 import json
 import random
 import shutil
@@ -34,10 +36,17 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import yaml
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from medstate.errors import MedstateError
-from medstate.train.distributed import all_reduce_sum, barrier, world
+from medstate.train.distributed import all_reduce_sum, barrier, gathered, shard_fully, world
 from medstate.train.ema import EMA
 from medstate.train.param_groups import parameter_groups
 from medstate.train.precision import use_bf16
@@ -63,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | str = False  # true, false or "auto" (bf16 autocast where it measures faster, train.precision)
     save_every: int = 50
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp (weights, gradients, optimizer sharded)
     log_every: int = 10
     eval_every: int = 0  # 0: validate only at the end (when there is a validation function)
     # flush subnormal floats to zero on CPU while training: gradients that decay along a long history fall into the
@@ -75,6 +85,8 @@ class TrainConfig:
             raise MedstateError("max_steps and grad_accumulation must be at least 1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise MedstateError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise MedstateError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -134,7 +146,7 @@ class EpochBatches:
 
 class Trainer:
     """`batches` is a `BatchStream` or a function `batches(epoch) -> list`; `loss_fn(model, batch)` returns
-    (mean loss over the batch's scored tokens, number of scored tokens)."""
+    (mean loss over the batch's scored items, their number: tokens, or samples for a per-sample loss)."""
 
     def __init__(
         self,
@@ -151,10 +163,20 @@ class Trainer:
         self.batches = batches if hasattr(batches, "state_dict") else EpochBatches(batches)
         if self.world.size > 1:
             self.batches.shard(self.world.rank, self.world.size)
-        # forward and backward go through the loss as a module, so that DDP sees whatever the loss calls on the
-        # model (a forward, or a method such as EhrMamba.pretraining_loss) and averages gradients in backward
+        # forward and backward go through the loss as a module, so that DDP / FSDP see whatever the loss calls on
+        # the model (a forward, or a method such as EhrMamba.pretraining_loss) and average gradients in backward
         loss_module = _LossModule(model, loss_fn)
-        self.wrapped = DistributedDataParallel(loss_module) if self.world.size > 1 else loss_module
+        self.sharded = self.world.size > 1 and config.parallel == "fsdp"
+        if self.sharded:
+            # the first process keeps a plain copy on the CPU to write whole checkpoints from
+            self._plain = copy.deepcopy(model).to("cpu") if self.world.main else None
+            self.wrapped = shard_fully(loss_module)  # before the optimizer: its parameters become DTensor shards
+        else:
+            # static graph: a loss may leave the same parameters unused at every step (EhrMamba's classifier in
+            # pretraining), which plain DDP takes for an error
+            self.wrapped = (
+                DistributedDataParallel(loss_module, static_graph=True) if self.world.size > 1 else loss_module
+            )
         self.evaluate = evaluate
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda step, total, loss: None)
@@ -209,8 +231,7 @@ class Trainer:
                 log.add_validation(step, self._validate(step))
             if step % self.config.save_every == 0 or last:
                 log.flush()
-                if main:
-                    self._save(step)
+                self._save(step)
                 barrier()  # no process reads or resumes past a checkpoint that is not on disk yet
         log.close()
         return TrainResult(step, last_loss, resumed, time.perf_counter() - started, self.best)
@@ -225,9 +246,7 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         for micro in range(accumulate):
             batch = _to_device(next(self.batches), self._device)
-            last = micro == accumulate - 1
-            synced = contextlib.nullcontext() if last or processes == 1 else self.wrapped.no_sync()
-            with synced:
+            with self._gradient_sync(micro == accumulate - 1):
                 with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, tokens = self.wrapped(batch)
                 (loss if exact else loss * tokens).backward()
@@ -247,40 +266,81 @@ class Trainer:
             self.ema.update(self.model)
         return (total_loss / total_tokens if total_tokens else float("nan")), int(total_tokens)
 
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool):
+        """Backward inside averages gradients over the processes only when `sync` (the last micro-batch)."""
+        if sync or self.world.size == 1:
+            yield
+        elif self.sharded:
+            self.wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.wrapped.set_requires_gradient_sync(True)
+        else:
+            with self.wrapped.no_sync():
+                yield
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """The model with its whole weights: gathered from the shards under FSDP (every process enters)."""
+        with gathered(self.wrapped) if self.sharded else contextlib.nullcontext():
+            yield self.model
+
+    def _write_model(self, directory: Path) -> None:
+        """The model's weights, whole, in its own checkpoint format (every process calls; the first writes)."""
+        if not self.sharded:
+            if self.world.main:
+                self.model.save_pretrained(directory)
+            return
+        state = get_model_state_dict(self.model, options=_WHOLE)  # collective; whole tensors on the first process
+        if self.world.main:
+            self._plain.load_state_dict(state)
+            self._plain.save_pretrained(directory)
+
     @property
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def _validate(self, step: int) -> float:
-        scored = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
-        with scored as model:
-            model.eval()
-            with torch.no_grad():
-                value = float(self.evaluate(model))
-            model.train()
+        """Every process evaluates (FSDP's forward is collective); the first one saves a new best."""
+        scored = self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+        with scored:
+            with self._whole() as model:
+                model.eval()
+                with torch.no_grad():
+                    value = float(self.evaluate(model))
+                model.train()
             if self.best is None or value < self.best:
                 self.best = value
-                if not self.world.main:
-                    return value
                 partial = self.best_dir.with_name("best.partial")
-                shutil.rmtree(partial, ignore_errors=True)
-                model.save_pretrained(partial)
-                (partial / "best.json").write_text(json.dumps({"step": step, "validation": value}) + "\n")
-                shutil.rmtree(self.best_dir, ignore_errors=True)
-                partial.rename(self.best_dir)
+                if self.world.main:
+                    shutil.rmtree(partial, ignore_errors=True)
+                self._write_model(partial)
+                if self.world.main:
+                    (partial / "best.json").write_text(json.dumps({"step": step, "validation": value}) + "\n")
+                    shutil.rmtree(self.best_dir, ignore_errors=True)
+                    partial.rename(self.best_dir)
         return value
 
     def _save(self, step: int) -> None:
+        """Every process gathers (weights, optimizer and EMA state are whole in the checkpoint, whatever the number
+        of processes); the first one writes."""
+        ema = self.ema.state_dict() if self.ema is not None else None
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=_WHOLE)
         partial = self.checkpoint_dir.with_name("last.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        self.model.save_pretrained(partial)
+        if self.world.main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self._write_model(partial)
+        if not self.world.main:
+            return
         torch.save(
             {
                 "step": step,
                 "data": json.dumps(self.batches.state_dict()),
                 "best": self.best,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "optimizer": self.optimizer.state_dict(),
+                "ema": ema,
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": torch.tensor(np.random.get_state()[1].astype(np.int64)),
@@ -295,8 +355,10 @@ class Trainer:
     def _load(self) -> int:
         state = torch.load(self.checkpoint_dir / "trainer_state.pt", weights_only=True)
         loaded = type(self.model).from_pretrained(self.checkpoint_dir)
-        self.model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_model_state_dict(self.model, loaded.state_dict(), options=_WHOLE)
+        # a parameter the loss never used (EhrMamba's classifier in pretraining) has no optimizer state: not an error
+        lenient = dataclasses.replace(_WHOLE, strict=False)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=lenient)
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(json.loads(state["data"]))
         self.best = state["best"]
@@ -308,6 +370,11 @@ class Trainer:
         np.random.set_state(("MT19937", state["numpy_rng"].numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0))
         random.setstate((3, tuple(state["python_rng"].tolist()), None))
         return state["step"]
+
+
+# checkpoints hold whole tensors keyed by parameter name, so that any number of processes, sharded or not, resumes
+# from them; saving gathers them to the first process
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class _LossModule(torch.nn.Module):
