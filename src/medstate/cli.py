@@ -768,13 +768,18 @@ def text_sft(
         result = finetune(settings, run_dir, progress)
     if not world().main:  # under torchrun, the first process reports
         return
-    _summary(f"sft: {run_dir}", {k: v for k, v in result.metrics.items() if not k.startswith("pubmedqa")})
+    _summary(
+        f"sft: {run_dir}",
+        {k: v for k, v in result.metrics.items() if not k.startswith("pubmedqa") and k != "generation_rouge"},
+    )
     for key in ("pubmedqa_zero_shot", "pubmedqa_finetuned"):
         if key in result.metrics:
             console.print(_pubmedqa_table(result.metrics[key], f"PubMedQA test, {key.removeprefix('pubmedqa_')}"))
     if "pubmedqa_generation_rouge" in result.metrics:
         scores = result.metrics["pubmedqa_generation_rouge"]
         _summary("PubMedQA answers generated (ROUGE F ×100)", {k: _interval(v, 1, 2) for k, v in scores.items()})
+    for name, scores in result.metrics.get("generation_rouge", {}).items():
+        _summary(f"{name}: generated (ROUGE F ×100)", {k: _interval(v, 1, 2) for k, v in scores.items()})
 
 
 @text_app.command("generate")
