@@ -64,3 +64,14 @@ def mimic_fhir_meds(tmp_path_factory):
     result = convert(root, out, "fhir", exclude_files=["*ED.ndjson.gz"])
     assert_every_record_accounted_for(result.report.as_dict())
     return result
+
+
+@pytest.fixture(scope="session")
+def synthea_bulk_meds(tmp_path_factory):
+    """The 13-patient Synthea bulk export (with its 1,215 visit notes) converted to MEDS."""
+    root = SHARED / "data" / "synthea-bulk-ndjson-10"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    result = convert(root, tmp_path_factory.mktemp("synthea-bulk") / "meds", "fhir")
+    assert_every_record_accounted_for(result.report.as_dict())
+    return result

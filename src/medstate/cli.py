@@ -750,6 +750,68 @@ def _pubmedqa_table(result: dict, title: str) -> Table:
     return table
 
 
+@text_app.command("notes")
+def text_notes(
+    source: Annotated[Path, typer.Argument(help="MEDS folder, MIMIC-III NOTEEVENTS, MIMIC-IV-Note CSV or n2c2 folder")],
+    out: Annotated[Path, typer.Argument(help="documents JSONL; with --cohort, a folder for dataset + criteria")],
+    source_format: Annotated[str, typer.Option("--format", help="auto, meds, mimic3, mimic4 or n2c2")] = "auto",
+    by: Annotated[str, typer.Option(help="one document per subject or per admission")] = "subject",
+    until: Annotated[str | None, typer.Option(help="only notes written at or before this time (ISO 8601)")] = None,
+    keep_deid: Annotated[bool, typer.Option(help="keep MIMIC-III de-identification brackets [** … **]")] = False,
+    cohort: Annotated[Path | None, typer.Option(help="cohort YAML: label criteria from structured MEDS data")] = None,
+) -> None:
+    """A patient's notes as documents in time order (a header per note), or a labelled cohort for `text classify`."""
+    import datetime as dt
+
+    from medstate.text.notes import build_documents, read_notes, write_documents
+
+    if cohort is not None:
+        from medstate.text.cohort import CohortConfig, write_cohort
+
+        settings = CohortConfig.read(cohort)
+        if source.resolve() != Path(settings.meds).resolve():
+            raise MedstateError(f"{cohort} reads {settings.meds}, not {source}")
+        folder = write_cohort(settings, out)
+        _summary(
+            f"cohort: {folder}", {"dataset": str(folder / "dataset.jsonl"), "criteria": str(folder / "criteria.yaml")}
+        )
+        return
+    try:
+        cut = dt.datetime.fromisoformat(until) if until else None
+    except ValueError:
+        raise MedstateError(f"--until wants an ISO 8601 time, got {until!r}") from None
+    documents = build_documents(read_notes(source, source_format), by, cut, clean_deid=not keep_deid)
+    path = write_documents(documents, out)
+    _summary(f"notes: {path}", {"documents": len(documents), "notes": sum(d.notes for d in documents)})
+
+
+@text_app.command("classify")
+def text_classify(
+    config: Annotated[Path, typer.Argument(help="classify YAML (init model, criteria, data, train)")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    max_steps: Annotated[int | None, typer.Option(min=1, help="override train.max_steps")] = None,
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
+) -> None:
+    """Prompt-based multi-label classification: answer-slot finetuning with state branching, thresholds and checkpoint
+    from the tuning split, the test split scored once (metrics.json, predictions.parquet, report.md)."""
+    from medstate.text.classify_run import ClassifyConfig, run_classification
+    from medstate.train.distributed import world
+
+    settings = _overridden(ClassifyConfig.read(config), max_steps, seed, init)
+    with _text_progress("classify", settings.train.max_steps, 0) as progress:
+        metrics = run_classification(settings, run_dir, progress)
+    if not world().main:
+        return
+    _summary(
+        f"classify: {run_dir}", {"documents": metrics["documents"], "best tuning loss": metrics["best_tuning_loss"]}
+    )
+    for kind in ("per_label", "global"):
+        values = metrics[f"test_{kind}_thresholds"]
+        shown = {k: _interval(v, 1, 3) if v["low"] is not None else v["status"] for k, v in values.items()}
+        _summary(f"test split, {kind.replace('_', '-')} thresholds", shown)
+
+
 @text_app.command("sft")
 def text_sft(
     config: Annotated[Path, typer.Argument(help="SFT YAML (init model, tasks, train)")],

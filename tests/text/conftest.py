@@ -2,10 +2,11 @@ import json
 import random
 
 import pytest
+import torch
 
 from medstate.text.corpora import CorpusSource
 from medstate.text.pretrain import PretrainConfig
-from medstate.text.tokenizer import train_bpe
+from medstate.text.tokenizer import padded_vocab_size, train_bpe
 from medstate.train.loop import TrainConfig
 
 WORDS = [
@@ -101,3 +102,23 @@ def _config(corpus_dir, **train):
             }
         ),
     )
+
+
+@pytest.fixture
+def pair(small_tokenizer, tmp_path):
+    """The same random Mamba-2 weights as Hugging Face transformers' Mamba2ForCausalLM and as medstate's model."""
+    transformers = pytest.importorskip("transformers")
+    from medstate.ssm import load_pretrained
+
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(
+        vocab_size=padded_vocab_size(len(small_tokenizer)), hidden_size=32, state_size=8, num_hidden_layers=2,
+        expand=2, conv_kernel=4, num_heads=8, head_dim=8, n_groups=2, chunk_size=16,
+    )  # fmt: skip
+    hf = transformers.Mamba2ForCausalLM(config)
+    with torch.no_grad():  # random init leaves many parameters at 0 or 1
+        for name, p in hf.named_parameters():
+            if "A_log" not in name and "dt" not in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    return hf, load_pretrained(tmp_path / "hf")

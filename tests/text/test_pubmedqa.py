@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from medstate.eval.metrics import macro_f1, wilson_interval
-from medstate.ssm import load_pretrained
 from medstate.text.choices import choice_loglikelihoods
 from medstate.text.pubmedqa import LABELS, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
-from medstate.text.tokenizer import padded_vocab_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,22 +17,6 @@ def pubmedqa():
     from pathlib import Path
 
     return load_pubmedqa(Path(__file__).resolve().parents[2] / "data/demo/text/pubmedqa")
-
-
-@pytest.fixture
-def pair(small_tokenizer, tmp_path):
-    torch.manual_seed(0)
-    config = transformers.Mamba2Config(
-        vocab_size=padded_vocab_size(len(small_tokenizer)), hidden_size=32, state_size=8, num_hidden_layers=2,
-        expand=2, conv_kernel=4, num_heads=8, head_dim=8, n_groups=2, chunk_size=16,
-    )  # fmt: skip
-    hf = transformers.Mamba2ForCausalLM(config)
-    with torch.no_grad():  # random init leaves many parameters at 0 or 1
-        for name, p in hf.named_parameters():
-            if "A_log" not in name and "dt" not in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    hf.eval().save_pretrained(tmp_path / "hf")
-    return hf, load_pretrained(tmp_path / "hf")
 
 
 def test_official_split(pubmedqa):

@@ -1,0 +1,205 @@
+"""`medstate text classify`: train and evaluate prompt-based multi-label classification on a labelled dataset.
+
+Inputs, both plain data:
+
+    criteria YAML     criteria: [{name, question}, …]
+    dataset JSONL     one document per line: {"id", "subject", "split": train|tuning|test, "text",
+                      "labels": {criterion name: true|false, …}}   (`medstate text notes` writes it)
+
+The model (a local checkpoint with its tokenizer) is finetuned on the train split with the answer-slot loss
+(`text.classify.slot_loss`, one document and all its criteria per micro-batch, state branching), the tuning split's
+slot loss picks the checkpoint (EMA weights when there is an EMA) and its scores pick the thresholds (one per label,
+and one global), and the test split is scored once, with that model and those thresholds. The run directory holds
+metrics.json (micro/macro P/R/F1 with both threshold kinds, P/R/F1@k, micro/macro AUROC, each with a 95% interval
+over subjects), predictions.parquet (one row per document and criterion) and report.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from medstate.errors import MedstateError
+from medstate.eval.multilabel import multilabel_metrics
+from medstate.loading import beside, from_data, read_yaml
+from medstate.ssm import load_pretrained
+from medstate.text.classify import Criterion, answer_ids, criterion_scores, slot_loss, tune_thresholds
+from medstate.text.pretrain import export_model, open_run
+from medstate.text.tokenizer import TextTokenizer
+from medstate.train.loop import TrainConfig, Trainer
+
+SPLITS = ("train", "tuning", "test")
+
+
+@dataclass(frozen=True)
+class LabelledDocument:
+    id: str
+    subject: str
+    split: str
+    text: str
+    labels: dict[str, bool]
+
+
+@dataclass
+class CriteriaFile:
+    criteria: list[Criterion]
+
+
+def read_criteria(path: str | Path) -> list[Criterion]:
+    criteria = from_data(CriteriaFile, read_yaml(path, "criteria"), str(path)).criteria
+    names = [c.name for c in criteria]
+    if not criteria or len(set(names)) != len(names):
+        raise MedstateError(f"{path}: criteria must be a non-empty list with distinct names")
+    return criteria
+
+
+def read_labelled(path: str | Path, criteria: list[Criterion]) -> list[LabelledDocument]:
+    """The dataset JSONL; every document must label every criterion and name a known split."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedstateError(f"{path} not found")
+    names = {c.name for c in criteria}
+    documents = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MedstateError(f"{where}: not JSON ({err.msg})") from None
+            missing = [k for k in ("id", "subject", "split", "text", "labels") if k not in record]
+            if missing:
+                raise MedstateError(f"{where}: no field(s) {', '.join(missing)}")
+            if record["split"] not in SPLITS:
+                raise MedstateError(f"{where}: split {record['split']!r} is not one of {', '.join(SPLITS)}")
+            labels = record["labels"]
+            if (
+                not isinstance(labels, dict)
+                or set(labels) != names
+                or not all(isinstance(v, bool) for v in labels.values())
+            ):
+                raise MedstateError(f"{where}: labels must give true/false for exactly the criteria {sorted(names)}")
+            documents.append(LabelledDocument(str(record["id"]), str(record["subject"]), record["split"],
+                                              str(record["text"]), labels))  # fmt: skip
+    for split in SPLITS:
+        if not any(d.split == split for d in documents):
+            raise MedstateError(f"{path}: no documents in the {split} split")
+    leaked = {d.subject for d in documents if d.split == "test"} & {d.subject for d in documents if d.split != "test"}
+    if leaked:
+        raise MedstateError(f"{path}: subjects in the test split and another split: {sorted(leaked)[:5]}")
+    return documents
+
+
+@dataclass
+class ClassifyConfig:
+    init: str  # the model directory (with its tokenizer)
+    criteria: str  # criteria YAML
+    data: str  # dataset JSONL
+    max_document_tokens: int = 16384
+    k: list[int] = field(default_factory=lambda: [1, 3])
+    bootstrap: int = 1000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-4, warmup_steps=10))
+
+    @classmethod
+    def read(cls, path: str | Path) -> ClassifyConfig:
+        config = from_data(cls, read_yaml(path, "classify config"), str(path))
+        return dataclasses.replace(
+            config,
+            init=beside(config.init, path),
+            criteria=beside(config.criteria, path),
+            data=beside(config.data, path),
+        )
+
+
+def _matrix(documents: list[LabelledDocument], criteria: list[Criterion]) -> np.ndarray:
+    return np.array([[d.labels[c.name] for c in criteria] for d in documents], dtype=bool)
+
+
+def run_classification(
+    config: ClassifyConfig, run_dir: str | Path, progress: Callable[[int, int, float], None] | None = None
+) -> dict:
+    run_dir, here = open_run(config, run_dir)
+    criteria = read_criteria(config.criteria)
+    documents = read_labelled(config.data, criteria)
+    tokenizer = TextTokenizer.load(config.init)
+    answer_ids(tokenizer)  # fails early, in one line, for a tokenizer without one-token answers
+    model = load_pretrained(config.init, device=here.device()).train()
+    split = {name: [d for d in documents if d.split == name] for name in SPLITS}
+
+    def batches(epoch: int) -> list[LabelledDocument]:
+        order = np.random.default_rng([config.train.seed, epoch]).permutation(len(split["train"]))
+        return [split["train"][i] for i in order]
+
+    def loss_fn(scored, document: LabelledDocument):
+        labels = [document.labels[c.name] for c in criteria]
+        return slot_loss(scored, tokenizer, document.text, criteria, labels, config.max_document_tokens), len(labels)
+
+    def evaluate(scored) -> float:
+        losses = [float(loss_fn(scored, d)[0]) for d in split["tuning"]]
+        return float(np.mean(losses))
+
+    trainer = Trainer(model, loss_fn, batches, config.train, run_dir, progress, evaluate)
+    result = trainer.fit()
+    if not here.main:
+        return {}
+    model_dir = export_model(trainer, tokenizer, run_dir / "model")
+    chosen = load_pretrained(model_dir, device=here.device())
+    scores = {name: criterion_scores(chosen, tokenizer, [d.text for d in split[name]], criteria,
+                                     config.max_document_tokens) for name in ("tuning", "test")}  # fmt: skip
+    labels = {name: _matrix(split[name], criteria) for name in ("tuning", "test")}
+    thresholds = tune_thresholds(labels["tuning"], scores["tuning"])  # the tuning split only
+    subjects = [d.subject for d in split["test"]]
+    metrics = {
+        "documents": {name: len(split[name]) for name in SPLITS},
+        "positives_test": {c.name: int(labels["test"][:, i].sum()) for i, c in enumerate(criteria)},
+        "steps": result.steps,
+        "best_tuning_loss": result.best,
+        "thresholds": {
+            "per_label": dict(zip([c.name for c in criteria], thresholds.per_label)),
+            "global": thresholds.global_,
+        },
+    }
+    for kind, chosen_thresholds in (("per_label", thresholds.per_label), ("global", thresholds.global_)):
+        values = multilabel_metrics(labels["test"], scores["test"], chosen_thresholds, subjects, config.k,
+                                    config.bootstrap)  # fmt: skip
+        metrics[f"test_{kind}_thresholds"] = {name: dataclasses.asdict(v) for name, v in values.items()}
+    rows = [
+        {"id": d.id, "subject": d.subject, "split": name, "criterion": c.name, "label": bool(labels[name][r, i]),
+         "score": float(scores[name][r, i])}
+        for name in ("tuning", "test") for r, d in enumerate(split[name]) for i, c in enumerate(criteria)
+    ]  # fmt: skip
+    pl.DataFrame(rows).write_parquet(run_dir / "predictions.parquet")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (run_dir / "report.md").write_text(report(metrics))
+    return metrics
+
+
+def report(metrics: dict) -> str:
+    lines = [
+        "# Prompt-based classification",
+        "",
+        f"Documents: {metrics['documents']}. Thresholds and checkpoint from the tuning split; test scored once.",
+        "",
+        "| metric | per-label thresholds | global threshold |",
+        "|---|---|---|",
+    ]
+    for name, value in metrics["test_per_label_thresholds"].items():
+        other = metrics["test_global_thresholds"][name]
+        lines.append(f"| {name} | {_cell(value)} | {_cell(other)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: dict) -> str:
+    if value["value"] is None:
+        return value["status"]
+    if value["low"] is None:
+        return f"{value['value']:.3f}"
+    return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"

@@ -1,0 +1,140 @@
+"""Cohort criteria over a patient's notes, labelled from structured data (never from the notes).
+
+A cohort YAML names a MEDS dataset that has NOTE events (e.g. Synthea FHIR converted by `medstate data convert`) and
+the criteria:
+
+    meds: synthea-meds
+    samples_per_subject: 4            # prediction times per patient: notes spread evenly over their history
+    splits: {train: 0.6, tuning: 0.2, test: 0.2}   # by patient
+    criteria:
+      - {name: hypertension, question: "Has the patient been diagnosed with hypertension?",
+         codes: "^DIAGNOSIS//SNOMED//(59621000|38341003)$"}
+      - {name: age_65, question: "Is the patient 65 years old or older?", min_age: 65}
+
+At each prediction time t (the time of one of the patient's notes), the document is the patient's notes written at
+or before t (`notes.build_documents(until=…)`), and a criterion is met when an event whose code matches `codes` is
+timed at or before t, or when the patient is at least `min_age` years old at t (from MEDS_BIRTH). The output is the
+dataset JSONL and criteria YAML that `medstate text classify` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from medstate.errors import MedstateError
+from medstate.loading import beside, compile_pattern, from_data, read_yaml
+from medstate.text.classify_run import SPLITS, LabelledDocument
+from medstate.text.notes import build_documents, read_meds_notes
+
+DAYS_PER_YEAR = 365.2425
+
+
+@dataclass
+class CohortCriterion:
+    name: str
+    question: str
+    codes: str | None = None  # regex over MEDS codes: met once such an event has happened
+    min_age: float | None = None  # met from this age (years) on
+
+    def __post_init__(self) -> None:
+        if (self.codes is None) == (self.min_age is None):
+            raise MedstateError(f"criterion {self.name!r}: give exactly one of codes and min_age")
+
+
+@dataclass
+class CohortConfig:
+    meds: str
+    criteria: list[CohortCriterion]
+    samples_per_subject: int = 4
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "tuning": 0.2, "test": 0.2})
+    seed: int = 0
+    clean_deid: bool = True
+
+    def __post_init__(self) -> None:
+        if set(self.splits) != set(SPLITS) or not all(v > 0 for v in self.splits.values()):
+            raise MedstateError(f"splits must give a positive share to each of {', '.join(SPLITS)}")
+        if self.samples_per_subject < 1:
+            raise MedstateError("samples_per_subject must be at least 1")
+
+    @classmethod
+    def read(cls, path: str | Path) -> CohortConfig:
+        config = from_data(cls, read_yaml(path, "cohort config"), str(path))
+        return dataclasses.replace(config, meds=beside(config.meds, path))
+
+
+def assign_splits(subjects: list[str], shares: dict[str, float], seed: int) -> dict[str, str]:
+    """Subjects in a seeded hash order, cut by the shares (each split gets at least one subject)."""
+    if len(subjects) < len(SPLITS):
+        raise MedstateError(f"{len(subjects)} subjects cannot fill the {len(SPLITS)} splits")
+    order = sorted(subjects, key=lambda s: hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest())
+    total = sum(shares.values())
+    counts = [max(1, round(len(order) * shares[name] / total)) for name in SPLITS[:-1]]
+    counts[0] = min(counts[0], len(order) - counts[1] - 1)
+    bounds = np.cumsum([0, *counts, len(order) - sum(counts)])
+    return {s: name for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]) for s in order[lo:hi]}
+
+
+def _labels(events: pl.DataFrame, births: dict[str, object], criteria: list[CohortCriterion], subject: str, time):
+    seen = events.filter((pl.col("subject_id") == subject) & (pl.col("time") <= time))["code"]
+    labels = {}
+    for criterion in criteria:
+        if criterion.codes is not None:
+            pattern = compile_pattern(criterion.codes, f"criterion {criterion.name}: codes")
+            labels[criterion.name] = bool(seen.str.contains(pattern.pattern).any())
+        else:
+            birth = births.get(subject)
+            if birth is None:
+                raise MedstateError(f"subject {subject} has no MEDS_BIRTH event: cannot tell their age")
+            labels[criterion.name] = (time - birth).days / DAYS_PER_YEAR >= criterion.min_age
+    return labels
+
+
+def build_cohort(config: CohortConfig) -> list[LabelledDocument]:
+    from medstate.data.meds import scan_meds
+
+    notes = read_meds_notes(config.meds)
+    if notes.is_empty():
+        raise MedstateError(f"{config.meds} has no NOTE events with text")
+    structured = (
+        scan_meds(config.meds)
+        .filter(~pl.col("code").str.starts_with("NOTE//") & pl.col("time").is_not_null())
+        .select(pl.col("subject_id").cast(pl.String), "time", "code")
+        .collect()
+    )
+    births = dict(
+        structured.filter(pl.col("code") == "MEDS_BIRTH").group_by("subject_id").agg(pl.col("time").min()).iter_rows()
+    )
+    subjects = sorted(notes["subject_id"].unique().to_list())
+    split_of = assign_splits(subjects, config.splits, config.seed)
+    documents = []
+    for subject in subjects:
+        times = notes.filter(pl.col("subject_id") == subject)["time"].sort().to_list()
+        picks = sorted({int(i) for i in np.linspace(0, len(times) - 1, config.samples_per_subject).round()})
+        for pick in picks:
+            time = times[pick]
+            (document,) = build_documents(notes, until={subject: time}, clean_deid=config.clean_deid)
+            labels = _labels(structured, births, config.criteria, subject, time)
+            documents.append(LabelledDocument(f"{subject}@{time.isoformat()}", subject, split_of[subject],
+                                              document.text, labels))  # fmt: skip
+    return documents
+
+
+def write_cohort(config: CohortConfig, out_dir: str | Path) -> Path:
+    """dataset.jsonl and criteria.yaml in `out_dir`, for `medstate text classify`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    documents = build_cohort(config)
+    with open(out_dir / "dataset.jsonl", "w", encoding="utf-8") as handle:
+        for d in documents:
+            handle.write(json.dumps(dataclasses.asdict(d), ensure_ascii=False) + "\n")
+    criteria = [{"name": c.name, "question": c.question} for c in config.criteria]
+    (out_dir / "criteria.yaml").write_text(yaml.safe_dump({"criteria": criteria}, sort_keys=False))
+    return out_dir

@@ -1,0 +1,183 @@
+"""Longitudinal note documents: the readers on fixtures in the exact MIMIC-III, MIMIC-IV-Note and n2c2 2018 schemas,
+MEDS notes from the Synthea FHIR demo, time order and headers, the `until` cut, and chunking that loses no text."""
+
+import csv
+import datetime as dt
+import gzip
+
+import polars as pl
+import pytest
+
+from medstate import MedstateError
+from medstate.text.notes import (
+    build_documents,
+    chunk,
+    read_meds_notes,
+    read_mimic3_notes,
+    read_mimic4_notes,
+    read_n2c2_2018,
+)
+
+MIMIC3_HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY", "DESCRIPTION",
+                 "CGID", "ISERROR", "TEXT"]  # fmt: skip
+
+
+@pytest.fixture
+def mimic3(tmp_path):
+    path = tmp_path / "NOTEEVENTS.csv.gz"
+    rows = [
+        [1, 7, 100, "2150-01-02", "", "", "Discharge summary", "Report", "", "",
+         "Admission Date:  [**2150-1-1**]\nName: [**Known lastname 123**], seen by Dr. [**First Name (Titles) **]"],
+        [2, 7, 100, "2150-01-01", "2150-01-01 08:30:00", "", "Nursing", "Generic", "1", "", "Pt stable, \"quoted\""],
+        [3, 7, 100, "2150-01-01", "2150-01-01 09:00:00", "", "Nursing", "Generic", "1", "1", "written in error"],
+        [4, 7, 200, "2152-06-01", "2152-06-01 10:00:00", "", "Radiology", "CHEST", "", "", "No acute process."],
+        [5, 8, "", "2151-03-03", "", "", "ECG", "Report", "", "", "Sinus rhythm."],
+    ]  # fmt: skip
+    with gzip.open(path, "wt", newline="") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC)
+        writer.writerow(MIMIC3_HEADER)
+        writer.writerows(rows)
+    return path
+
+
+def test_mimic3_reader(mimic3):
+    notes = read_mimic3_notes(mimic3)
+    assert notes["note_id"].to_list() == ["1", "2", "4", "5"]  # ROW_ID 3 is flagged ISERROR
+    times = dict(zip(notes["note_id"], notes["time"]))
+    assert times["2"] == dt.datetime(2150, 1, 1, 8, 30)
+    # known only by its day: the end of that day
+    assert times["1"] == dt.datetime(2150, 1, 2, 23, 59, 59, 999999)
+    assert notes.filter(pl.col("note_id") == "5")["admission"].to_list() == [None]
+    assert 'Pt stable, "quoted"' in notes["text"].to_list()
+
+
+def test_documents_in_time_order_with_headers_and_deid_tags_removed(mimic3):
+    notes = read_mimic3_notes(mimic3)
+    (document, other) = build_documents(notes)
+    assert (document.subject_id, document.notes, other.subject_id) == ("7", 3, "8")
+    assert document.text == (
+        '2150-01-01 -- Nursing note --\nPt stable, "quoted"\n\n'
+        "2150-01-02 -- Discharge summary note --\nAdmission Date:  \nName: , seen by Dr.\n\n"
+        "2152-06-01 -- Radiology note --\nNo acute process."
+    )
+    kept = build_documents(notes, clean_deid=False)[0].text
+    assert "[**Known lastname 123**]" in kept
+    by_admission = build_documents(notes, by="admission")
+    assert [(d.id, d.notes) for d in by_admission] == [("7/100", 2), ("7/200", 1)]  # subject 8's note has no admission
+
+
+def test_until_never_lets_a_later_note_in(mimic3):
+    notes = read_mimic3_notes(mimic3)
+    cut = dt.datetime(2150, 1, 2, 12, 0)  # the discharge summary is dated that day, time unknown: not yet
+    (document,) = build_documents(notes, until={"7": cut})
+    assert document.notes == 1 and document.last <= cut
+    for until in [dt.datetime(2150, 1, 1, 8, 29), dt.datetime(2150, 1, 3), dt.datetime(2153, 1, 1)]:
+        for document in build_documents(notes, until=until):
+            written = notes.filter((pl.col("subject_id") == document.subject_id) & (pl.col("time") <= until))
+            assert document.notes == written.height and document.last <= until
+    with pytest.raises(MedstateError):
+        build_documents(notes, by="visit")
+
+
+def test_mimic4_reader(tmp_path):
+    header = ["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text"]
+    discharge, radiology = tmp_path / "discharge.csv.gz", tmp_path / "radiology.csv.gz"
+    for path, rows in [
+        (discharge, [["10000032-DS-21", 10000032, 22595853, "DS", 21, "2180-05-07 00:00:00", "", "Name: ___\nSex: F"]]),
+        (radiology, [["10000032-RR-14", 10000032, 22595853, "RR", 14, "2180-05-06 21:19:00", "", "CXR: clear."]]),
+    ]:
+        with gzip.open(path, "wt", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+    notes = read_mimic4_notes(discharge, radiology)
+    assert notes.sort("time")["category"].to_list() == ["Radiology", "Discharge summary"]
+    (document,) = build_documents(notes, by="admission")
+    assert document.id == "10000032/22595853" and document.text.startswith("2180-05-06 -- Radiology note --\nCXR")
+    with pytest.raises(MedstateError, match="MIMIC-IV-Note"):
+        read_mimic4_notes(tmp_path / "discharge.csv.gz", _write(tmp_path / "wrong.csv", "a,b\n1,2\n"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_n2c2_2018_reader(tmp_path):
+    text = (
+        "\n\n\nRecord date: 2069-04-07\n\nGILBERT, JOSEPH\nHbA1c 7.2, on metformin.\n\n"
+        "****************************************************************************************************\n"
+        "Record date: 2070-01-02\n\nFollow-up: creatinine 1.9; MI in 2068.\n"
+    )
+    tags = '<ABDOMINAL met="not met" />\n<CREATININE met="met" />\n<MI-6MOS met="not met" />'
+    (tmp_path / "100.xml").write_text(
+        f'<?xml version="1.0" encoding="UTF-8" ?>\n<PatientMatching>\n<TEXT><![CDATA[{text}]]></TEXT>\n'
+        f"<TAGS>\n{tags}\n</TAGS>\n</PatientMatching>\n"
+    )
+    (patient,) = read_n2c2_2018(tmp_path)
+    assert patient.labels == {"ABDOMINAL": False, "CREATININE": True, "MI-6MOS": False}
+    assert patient.notes["time"].dt.date().to_list() == [dt.date(2069, 4, 7), dt.date(2070, 1, 2)]
+    assert patient.notes["text"][0].startswith("Record date: 2069-04-07") and "metformin" in patient.notes["text"][0]
+    assert not patient.notes["text"][0].rstrip().endswith("*")
+    (document,) = build_documents(patient.notes)
+    assert document.notes == 2 and "creatinine 1.9" in document.text
+    (tmp_path / "101.xml").write_text('<PatientMatching><TEXT>x</TEXT><TAGS><A met="maybe"/></TAGS></PatientMatching>')
+    with pytest.raises(MedstateError, match=r"101\.xml"):
+        read_n2c2_2018(tmp_path)
+
+
+def test_meds_notes_from_synthea_fhir(synthea_bulk_meds):
+    meds = synthea_bulk_meds.summary.output
+    notes = read_meds_notes(meds)
+    events = pl.read_parquet(list((meds / "data").rglob("*.parquet")))
+    expected = events.filter(pl.col("code").str.starts_with("NOTE//") & pl.col("text_value").is_not_null())
+    assert notes.height == expected.height == 1215  # SOURCE.md: 1,215 DocumentReference visit notes
+    assert set(notes["subject_id"]) == {str(s) for s in expected["subject_id"].unique()}
+    documents = build_documents(notes)
+    assert sum(d.notes for d in documents) == notes.height
+    assert all(d.first <= d.last for d in documents)
+    assert documents[0].text.split("\n")[0].endswith("note --")
+
+
+def test_chunks_concatenate_back_to_the_document(small_tokenizer):
+    text = " ".join(f"note {i}: the patient was given aspirin for chest pain" for i in range(300))
+    ids = small_tokenizer.encode(text)
+    for length in (1, 7, 64, len(ids), len(ids) + 5):
+        pieces = chunk(ids, length)
+        assert [t for piece in pieces for t in piece] == ids
+        assert all(0 < len(piece) <= length for piece in pieces)
+        assert len(pieces) == -(-len(ids) // length)
+    assert small_tokenizer.decode([t for piece in chunk(ids, 50) for t in piece]) == text
+    with pytest.raises(MedstateError):
+        chunk(ids, 0)
+
+
+def test_cohort_labels_from_structured_data_at_each_time(synthea_bulk_meds, tmp_path):
+    from medstate.text.cohort import CohortConfig, CohortCriterion, build_cohort
+
+    meds = synthea_bulk_meds.summary.output
+    criteria = [
+        CohortCriterion("prediabetes", "Prediabetes?", codes="^DIAGNOSIS//SNOMED//15777000$"),
+        CohortCriterion("lisinopril", "Lisinopril?", codes="^MEDICATION//.*RXNORM//314076$"),
+        CohortCriterion("age_40", "At least 40?", min_age=40),
+    ]
+    documents = build_cohort(CohortConfig(str(meds), criteria, samples_per_subject=3))
+    events = pl.read_parquet(list((meds / "data").rglob("*.parquet"))).with_columns(
+        pl.col("subject_id").cast(pl.String)
+    )
+    splits = {}
+    for document in documents:
+        subject, _, stamp = document.id.partition("@")
+        time = dt.datetime.fromisoformat(stamp)
+        mine = events.filter((pl.col("subject_id") == subject) & (pl.col("time") <= time))
+        # labels recomputed here from the raw events, never from the notes
+        assert document.labels["prediabetes"] == (mine["code"] == "DIAGNOSIS//SNOMED//15777000").any()
+        assert document.labels["lisinopril"] == mine["code"].str.ends_with("RXNORM//314076").any()
+        birth = events.filter((pl.col("subject_id") == subject) & (pl.col("code") == "MEDS_BIRTH"))["time"][0]
+        assert document.labels["age_40"] == ((time - birth).days / 365.2425 >= 40)
+        # the document holds exactly the notes written up to the prediction time
+        notes = mine.filter(pl.col("code").str.starts_with("NOTE//") & pl.col("text_value").is_not_null())
+        assert document.text.count(" note --\n") == notes.height
+        assert splits.setdefault(subject, document.split) == document.split  # one split per patient
+    assert set(splits.values()) == {"train", "tuning", "test"}
+    assert any(d.labels["prediabetes"] for d in documents) and not all(d.labels["prediabetes"] for d in documents)
