@@ -792,20 +792,27 @@ def text_classify(
     max_steps: Annotated[int | None, typer.Option(min=1, help="override train.max_steps")] = None,
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
     init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="tfidf: TF-IDF + logistic regression on the same data, splits and metrics")
+    ] = None,
 ) -> None:
     """Prompt-based multi-label classification: answer-slot finetuning with state branching, thresholds and checkpoint
     from the tuning split, the test split scored once (metrics.json, predictions.parquet, report.md)."""
-    from medstate.text.classify_run import ClassifyConfig, run_classification
+    from medstate.text.classify_run import ClassifyConfig, run_classification, run_tfidf_baseline
     from medstate.train.distributed import world
 
     settings = _overridden(ClassifyConfig.read(config), max_steps, seed, init)
-    with _text_progress("classify", settings.train.max_steps, 0) as progress:
-        metrics = run_classification(settings, run_dir, progress)
+    if baseline not in (None, "tfidf"):
+        raise MedstateError(f"--baseline must be tfidf, got {baseline!r}")
+    if baseline == "tfidf":
+        metrics = run_tfidf_baseline(settings, run_dir)
+    else:
+        with _text_progress("classify", settings.train.max_steps, 0) as progress:
+            metrics = run_classification(settings, run_dir, progress)
     if not world().main:
         return
-    _summary(
-        f"classify: {run_dir}", {"documents": metrics["documents"], "best tuning loss": metrics["best_tuning_loss"]}
-    )
+    shown = {k: metrics[k] for k in ("model", "documents", "best_tuning_loss") if k in metrics}
+    _summary(f"classify: {run_dir}", shown)
     for kind in ("per_label", "global"):
         values = metrics[f"test_{kind}_thresholds"]
         shown = {k: _interval(v, 1, 3) if v["low"] is not None else v["status"] for k, v in values.items()}

@@ -143,10 +143,9 @@ def test_multilabel_metrics_against_scikit_learn():
 def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenizer, tmp_path):
     import json
 
-    import polars as pl
     import yaml
 
-    from medstate.text.classify_run import ClassifyConfig, run_classification
+    from medstate.text.classify_run import ClassifyConfig, run_classification, run_tfidf_baseline
     from medstate.train.loop import TrainConfig
 
     model.save_pretrained(tmp_path / "init")
@@ -168,7 +167,18 @@ def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenize
                             data=str(tmp_path / "data.jsonl"), bootstrap=50, train=train)  # fmt: skip
     metrics = run_classification(config, tmp_path / "run")
     assert metrics["documents"] == {"train": 12, "tuning": 6, "test": 6}
-    predictions = pl.read_parquet(tmp_path / "run" / "predictions.parquet")
+    check_thresholds_from_tuning(metrics, tmp_path / "run")
+    assert (tmp_path / "run" / "report.md").read_text().startswith("# Prompt-based classification")
+    # the TF-IDF baseline goes through the same thresholds and metrics
+    baseline = run_tfidf_baseline(config, tmp_path / "tfidf")
+    assert baseline["model"].startswith("tfidf") and baseline["documents"] == metrics["documents"]
+    check_thresholds_from_tuning(baseline, tmp_path / "tfidf")
+
+
+def check_thresholds_from_tuning(metrics, run_dir):
+    import polars as pl
+
+    predictions = pl.read_parquet(run_dir / "predictions.parquet")
     names = [c.name for c in CRITERIA]
 
     def matrix(split, column):
@@ -185,4 +195,3 @@ def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenize
     assert metrics["test_per_label_thresholds"]["micro_f1"]["value"] == pytest.approx(
         f1_score(y, predicted, average="micro", zero_division=0)
     )
-    assert (tmp_path / "run" / "report.md").read_text().startswith("# Prompt-based classification")

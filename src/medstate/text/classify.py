@@ -4,7 +4,8 @@ Each label is a criterion asked as a question after the document; the model's an
 
     <document>\\n\\nQuestion: <question>\\nAnswer:
 
-and the criterion's score is logit(" yes") − logit(" no") there. Training is cross-entropy at each slot with target
+and the criterion's score is logit(" yes") − logit(" no") there (of the tokens that begin them, where a small
+tokenizer splits them). Training is cross-entropy at each slot with target
 " yes" or " no" (over the whole vocabulary, as ClinicalMamba).
 
 ClinicalMamba appends all questions to one sequence, so K criteria are read after one another and each question
@@ -42,10 +43,11 @@ class Criterion:
 
 
 def answer_ids(tokenizer: TextTokenizer) -> tuple[int, int]:
-    """The token ids of " yes" and " no" (each must be one token)."""
+    """The first token of " yes" and of " no" (one token each in GPT-NeoX's tokenizer; a small BPE may split them,
+    and the slot then compares the tokens that begin them, which must differ)."""
     ids = [tokenizer.encode(answer) for answer in ANSWERS]
-    if any(len(i) != 1 for i in ids):
-        raise MedstateError(f"the answers {ANSWERS} must each be one token in this tokenizer, got {ids}")
+    if not all(ids) or ids[0][0] == ids[1][0]:
+        raise MedstateError(f"the answers {ANSWERS} must begin with different tokens in this tokenizer, got {ids}")
     return ids[0][0], ids[1][0]
 
 

@@ -130,7 +130,7 @@ def run_classification(
     criteria = read_criteria(config.criteria)
     documents = read_labelled(config.data, criteria)
     tokenizer = TextTokenizer.load(config.init)
-    answer_ids(tokenizer)  # fails early, in one line, for a tokenizer without one-token answers
+    answer_ids(tokenizer)  # fails early, in one line, for a tokenizer that cannot tell the answers apart
     model = load_pretrained(config.init, device=here.device()).train()
     split = {name: [d for d in documents if d.split == name] for name in SPLITS}
 
@@ -154,19 +154,51 @@ def run_classification(
     chosen = load_pretrained(model_dir, device=here.device())
     scores = {name: criterion_scores(chosen, tokenizer, [d.text for d in split[name]], criteria,
                                      config.max_document_tokens) for name in ("tuning", "test")}  # fmt: skip
+    metrics = {"model": str(model_dir), "steps": result.steps, "best_tuning_loss": result.best}
+    return _write_results(config, criteria, split, scores, run_dir, metrics)
+
+
+def run_tfidf_baseline(config: ClassifyConfig, run_dir: str | Path) -> dict:
+    """The same data, splits, thresholds and metrics with TF-IDF (word 1-2-grams, sublinear tf) and one
+    class-balanced logistic regression per criterion (scikit-learn), fitted on the train split; scores are the
+    regressions' log-odds. A criterion with one class only in train scores every document the same."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    criteria = read_criteria(config.criteria)
+    documents = read_labelled(config.data, criteria)
+    split = {name: [d for d in documents if d.split == name] for name in SPLITS}
+    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1, max_features=50_000)
+    features = {"train": vectorizer.fit_transform([d.text for d in split["train"]])}
+    features.update({name: vectorizer.transform([d.text for d in split[name]]) for name in ("tuning", "test")})
+    train_labels = _matrix(split["train"], criteria)
+    scores = {name: np.zeros((len(split[name]), len(criteria))) for name in ("tuning", "test")}
+    for k in range(len(criteria)):
+        if train_labels[:, k].all() or not train_labels[:, k].any():
+            continue  # one class in train: a constant score
+        regression = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000, random_state=config.train.seed)
+        regression.fit(features["train"], train_labels[:, k])
+        for name in ("tuning", "test"):
+            scores[name][:, k] = regression.decision_function(features[name])
+    return _write_results(config, criteria, split, scores, run_dir, {"model": "tfidf + logistic regression"})
+
+
+def _write_results(config, criteria, split, scores, run_dir: Path, metrics: dict) -> dict:
+    """Thresholds from the tuning split's scores, applied once to the test split's: metrics.json, predictions.parquet
+    and report.md in `run_dir`."""
     labels = {name: _matrix(split[name], criteria) for name in ("tuning", "test")}
     thresholds = tune_thresholds(labels["tuning"], scores["tuning"])  # the tuning split only
     subjects = [d.subject for d in split["test"]]
-    metrics = {
-        "documents": {name: len(split[name]) for name in SPLITS},
-        "positives_test": {c.name: int(labels["test"][:, i].sum()) for i, c in enumerate(criteria)},
-        "steps": result.steps,
-        "best_tuning_loss": result.best,
-        "thresholds": {
+    metrics.update(
+        documents={name: len(split[name]) for name in SPLITS},
+        positives_test={c.name: int(labels["test"][:, i].sum()) for i, c in enumerate(criteria)},
+        thresholds={
             "per_label": dict(zip([c.name for c in criteria], thresholds.per_label)),
             "global": thresholds.global_,
         },
-    }
+    )
     for kind, chosen_thresholds in (("per_label", thresholds.per_label), ("global", thresholds.global_)):
         values = multilabel_metrics(labels["test"], scores["test"], chosen_thresholds, subjects, config.k,
                                     config.bootstrap)  # fmt: skip
@@ -186,7 +218,8 @@ def report(metrics: dict) -> str:
     lines = [
         "# Prompt-based classification",
         "",
-        f"Documents: {metrics['documents']}. Thresholds and checkpoint from the tuning split; test scored once.",
+        f"Model: {metrics['model']}. Documents: {metrics['documents']}. Thresholds (and checkpoint) from the tuning "
+        "split; the test split scored once.",
         "",
         "| metric | per-label thresholds | global threshold |",
         "|---|---|---|",
