@@ -2,7 +2,9 @@
 (each document's k highest-scored labels), micro and macro AUROC, each with a 95% bootstrap interval over subjects.
 
     micro: pool every (document, label) decision, then P = TP / (TP + FP), R = TP / (TP + FN), F1 = 2TP / (2TP+FP+FN)
-    macro: the mean over labels of each label's metric, over the labels where it is defined
+    macro: the mean over labels of each label's metric, over the labels where it is defined (precision: some
+           predicted; recall: some positive; F1: some predicted or positive, so a label with no positives but false
+           alarms counts as 0)
     at k:  predicted = the k top-scored labels of each document; P@k = TP / (k · documents), R@k = TP / positives
     AUROC: micro on the pooled pairs; macro the mean over labels with both classes present
 """
@@ -41,9 +43,7 @@ def _decisions(thresholds: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dic
             "micro_f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "macro_precision": _macro([_ratio(a, a + b) for a, b in zip(per_tp, per_fp)]),
             "macro_recall": _macro([_ratio(a, a + c) for a, c in zip(per_tp, per_fn)]),
-            "macro_f1": _macro(
-                [_ratio(2 * a, 2 * a + b + c) if a + c else None for a, b, c in zip(per_tp, per_fp, per_fn)]
-            ),
+            "macro_f1": _macro([_ratio(2 * a, 2 * a + b + c) for a, b, c in zip(per_tp, per_fp, per_fn)]),
         }
 
     return metrics
