@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from harness import median, run_worker, timed
+from medstate.train.memory import retained_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,13 +94,14 @@ def layout(spec: dict) -> dict:
     batches = RowBatches(stream, spec["batch_size"])
     trainer = _trainer(_model(spec, padded_vocab_size(len(tokenizer))), batches, spec)
     real, seconds = [], []
-    trainer._step("cpu")  # warm-up
-    for _ in range(spec["steps"]):
-        before = sum(c.tokens for c in stream.cursors)
-        start = time.perf_counter()
-        trainer._step("cpu")
-        seconds.append(time.perf_counter() - start)
-        real.append(sum(c.tokens for c in stream.cursors) - before)
+    with retained_memory():  # as Trainer.fit does on the CPU
+        trainer._step("cpu")  # warm-up
+        for _ in range(spec["steps"]):
+            before = sum(c.tokens for c in stream.cursors)
+            start = time.perf_counter()
+            trainer._step("cpu")
+            seconds.append(time.perf_counter() - start)
+            real.append(sum(c.tokens for c in stream.cursors) - before)
     return {"times": seconds, "real_tokens_per_s": [r / s for r, s in zip(real, seconds)],
             "padding_share": 1 - sum(real) / (spec["steps"] * spec["seq_len"] * spec["batch_size"])}  # fmt: skip
 
@@ -140,7 +142,8 @@ def step(spec: dict) -> dict:
 
         extra = {"layer_decay": 0.9, "ema_decay": 0.999} if spec.get("llrd_ema") else {}
         trainer = _trainer(model, Same(), spec, **extra)
-        times = timed(lambda: trainer._step("cpu"), spec["repeats"])
+        with retained_memory():  # as Trainer.fit does on the CPU
+            times = timed(lambda: trainer._step("cpu"), spec["repeats"])
         return {"times": times}
     import transformers
     from torch.utils.data import Dataset
@@ -169,7 +172,8 @@ def step(spec: dict) -> dict:
         learning_rate=1e-4, max_grad_norm=1.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
-    transformers.Trainer(model=model, args=arguments, train_dataset=Rows(), callbacks=[Clock()]).train()
+    with retained_memory(spec.get("retain_memory", False)):  # medstate's Trainer keeps freed memory on the CPU
+        transformers.Trainer(model=model, args=arguments, train_dataset=Rows(), callbacks=[Clock()]).train()
     return {"times": times[1:]}  # the first step warms up
 
 
@@ -248,10 +252,11 @@ def ddp_worker(spec: dict) -> None:
     tokenizer = _tokenizer()
     stream = MixedStream(_corpora(), tokenizer, spec["seq_len"], seed=0)
     trainer = _trainer(_model(spec, padded_vocab_size(len(tokenizer))), RowBatches(stream, spec["batch_size"]), spec)
-    trainer._step("cpu")
-    start = time.perf_counter()
-    tokens = sum(trainer._step("cpu")[1] for _ in range(spec["steps"]))  # scored tokens of all processes
-    elapsed = all_reduce_sum([time.perf_counter() - start], torch.device("cpu"))[0] / trainer.world.size
+    with retained_memory():  # as Trainer.fit does on the CPU
+        trainer._step("cpu")
+        start = time.perf_counter()
+        tokens = sum(trainer._step("cpu")[1] for _ in range(spec["steps"]))  # scored tokens of all processes
+        elapsed = all_reduce_sum([time.perf_counter() - start], torch.device("cpu"))[0] / trainer.world.size
     if trainer.world.main:
         print(json.dumps({"tokens_per_s": [tokens / elapsed], "processes": trainer.world.size}))
 
@@ -310,11 +315,14 @@ def main() -> None:
             _checkpoint(step_spec, checkpoint)
             ours = median(case(f"step medstate {label}", {**step_spec, "impl": "medstate"}))
             theirs = median(case(f"step hf {label}", {**step_spec, "impl": "hf"}))
+            kept = median(case(f"step hf, memory kept {label}", {**step_spec, "impl": "hf", "retain_memory": True}))
             floor = median(case(f"step gemm floor {label}", {**step_spec, "case": "gemm_floor"}))
             rows.append((f"continued-pretraining step (s), {label}: medstate vs HF Mamba2ForCausalLM + Trainer",
                          ours, theirs, _ratio(theirs, ours), "≥ 2",
                          f"50,288 ids; ratio HF / medstate; the step's matrix products alone take {floor:.3f} s, "
-                         f"so no implementation in fp32 here can beat {_ratio(theirs, floor):.2f}×"))  # fmt: skip
+                         f"so no implementation in fp32 here can beat {_ratio(theirs, floor):.2f}×; HF with "
+                         f"medstate's malloc setting (train.memory) {kept:.3f} s, "
+                         f"ratio {_ratio(kept, ours):.2f}×"))  # fmt: skip
             if index == 0:
                 both = median(case("step medstate llrd+ema", {**step_spec, "impl": "medstate", "llrd_ema": True}))
                 rows.append(("medstate step (s): with LLRD + EMA vs without", both, ours, _ratio(both, ours),

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medstate.errors import MedstateError
 from medstate.train.distributed import all_reduce_sum, barrier, gathered, shard_fully, world
 from medstate.train.ema import EMA
+from medstate.train.memory import retained_memory
 from medstate.train.param_groups import parameter_groups
 from medstate.train.precision import use_bf16
 from medstate.train.schedules import check_schedule, learning_rate_factor
@@ -78,6 +79,9 @@ class TrainConfig:
     # flush subnormal floats to zero on CPU while training: gradients that decay along a long history fall into the
     # subnormal range, where CPU arithmetic is 10-50x slower (a 16k-token EhrMamba step: 3x faster with it)
     flush_denormal: bool = True
+    # on CPU, keep freed memory for the next step instead of unmapping and page-faulting it in again (train.memory):
+    # a 16k-token step 1.5x faster for 25% more peak memory
+    retain_memory: bool = True
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -198,13 +202,14 @@ class Trainer:
         return self.run_dir / "checkpoints" / "best"
 
     def fit(self) -> TrainResult:
-        if not self.config.flush_denormal:
-            return self._fit()
-        torch.set_flush_denormal(True)
-        try:
-            return self._fit()
-        finally:
-            torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
+        with retained_memory(self.config.retain_memory and self._device.type == "cpu"):
+            if not self.config.flush_denormal:
+                return self._fit()
+            torch.set_flush_denormal(True)
+            try:
+                return self._fit()
+            finally:
+                torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
 
     def _fit(self) -> TrainResult:
         started = time.perf_counter()
