@@ -759,12 +759,23 @@ def text_notes(
     until: Annotated[str | None, typer.Option(help="only notes written at or before this time (ISO 8601)")] = None,
     keep_deid: Annotated[bool, typer.Option(help="keep MIMIC-III de-identification brackets [** … **]")] = False,
     cohort: Annotated[Path | None, typer.Option(help="cohort YAML: label criteria from structured MEDS data")] = None,
+    n2c2_test: Annotated[
+        Path | None, typer.Option(help="n2c2 2018 test folder: SOURCE is its train folder; write a labelled cohort")
+    ] = None,
 ) -> None:
     """A patient's notes as documents in time order (a header per note), or a labelled cohort for `text classify`."""
     import datetime as dt
 
     from medstate.text.notes import build_documents, read_notes, write_documents
 
+    if n2c2_test is not None:
+        from medstate.text.cohort import write_n2c2_cohort
+
+        folder = write_n2c2_cohort(source, n2c2_test, out)
+        _summary(
+            f"cohort: {folder}", {"dataset": str(folder / "dataset.jsonl"), "criteria": str(folder / "criteria.yaml")}
+        )
+        return
     if cohort is not None:
         from medstate.text.cohort import CohortConfig, write_cohort
 
@@ -785,6 +796,19 @@ def text_notes(
     _summary(f"notes: {path}", {"documents": len(documents), "notes": sum(d.notes for d in documents)})
 
 
+@text_app.command("coding")
+def text_coding(
+    folder: Annotated[Path, typer.Argument(help="the NCBI disease corpus (its train / develop / test PubTator files)")],
+    out: Annotated[Path, typer.Argument(help="folder for dataset.jsonl and criteria.yaml")],
+    top: Annotated[int, typer.Option(min=1, help="the most frequent training concepts to code")] = 20,
+) -> None:
+    """ICD-coding-style labels on the NCBI disease corpus's official split, for `text classify`."""
+    from medstate.text.coding import write_ncbi_disease
+
+    folder = write_ncbi_disease(folder, out, top)
+    _summary(f"coding: {folder}", {"dataset": str(folder / "dataset.jsonl"), "criteria": str(folder / "criteria.yaml")})
+
+
 @text_app.command("classify")
 def text_classify(
     config: Annotated[Path, typer.Argument(help="classify YAML (init model, criteria, data, train)")],
@@ -793,19 +817,18 @@ def text_classify(
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
     init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="tfidf: TF-IDF + logistic regression on the same data, splits and metrics")
+        str | None,
+        typer.Option(help="tfidf or pooled (the model's mean hidden state): logistic regression, same splits, metrics"),
     ] = None,
 ) -> None:
     """Prompt-based multi-label classification: answer-slot finetuning with state branching, thresholds and checkpoint
     from the tuning split, the test split scored once (metrics.json, predictions.parquet, report.md)."""
-    from medstate.text.classify_run import ClassifyConfig, run_classification, run_tfidf_baseline
+    from medstate.text.classify_run import ClassifyConfig, run_baseline, run_classification
     from medstate.train.distributed import world
 
     settings = _overridden(ClassifyConfig.read(config), max_steps, seed, init)
-    if baseline not in (None, "tfidf"):
-        raise MedstateError(f"--baseline must be tfidf, got {baseline!r}")
-    if baseline == "tfidf":
-        metrics = run_tfidf_baseline(settings, run_dir)
+    if baseline is not None:
+        metrics = run_baseline(settings, run_dir, baseline)
     else:
         with _text_progress("classify", settings.train.max_steps, 0) as progress:
             metrics = run_classification(settings, run_dir, progress)

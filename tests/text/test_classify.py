@@ -149,7 +149,7 @@ def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenize
 
     import yaml
 
-    from medstate.text.classify_run import ClassifyConfig, run_classification, run_tfidf_baseline
+    from medstate.text.classify_run import ClassifyConfig, run_baseline, run_classification
     from medstate.train.loop import TrainConfig
 
     model.save_pretrained(tmp_path / "init")
@@ -174,9 +174,10 @@ def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenize
     check_thresholds_from_tuning(metrics, tmp_path / "run")
     assert (tmp_path / "run" / "report.md").read_text().startswith("# Prompt-based classification")
     # the TF-IDF baseline goes through the same thresholds and metrics
-    baseline = run_tfidf_baseline(config, tmp_path / "tfidf")
-    assert baseline["model"].startswith("tfidf") and baseline["documents"] == metrics["documents"]
-    check_thresholds_from_tuning(baseline, tmp_path / "tfidf")
+    for kind in ("tfidf", "pooled"):
+        baseline = run_baseline(config, tmp_path / kind, kind)
+        assert baseline["documents"] == metrics["documents"]
+        check_thresholds_from_tuning(baseline, tmp_path / kind)
 
 
 def check_thresholds_from_tuning(metrics, run_dir):
@@ -199,3 +200,18 @@ def check_thresholds_from_tuning(metrics, run_dir):
     assert metrics["test_per_label_thresholds"]["micro_f1"]["value"] == pytest.approx(
         f1_score(y, predicted, average="micro", zero_division=0)
     )
+
+
+def test_pooled_states_are_the_mean_final_hidden_state(model, tokenizer, tmp_path):
+    from medstate.text.classify_run import ClassifyConfig, _pooled_states
+
+    model.save_pretrained(tmp_path / "init")
+    tokenizer.save(tmp_path / "init")
+    config = ClassifyConfig(init=str(tmp_path / "init"), criteria="", data="", max_document_tokens=20)
+    texts = [DOCUMENT, "discharged home"]
+    got = _pooled_states(config, texts)
+    for row, text in enumerate(texts):
+        ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)][-20:]])
+        with torch.no_grad():
+            hidden = model(ids).hidden_states[0]
+        np.testing.assert_allclose(got[row], hidden.mean(0).double().numpy(), rtol=1e-4, atol=1e-5)

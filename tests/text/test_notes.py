@@ -181,3 +181,36 @@ def test_cohort_labels_from_structured_data_at_each_time(synthea_bulk_meds, tmp_
         assert splits.setdefault(subject, document.split) == document.split  # one split per patient
     assert set(splits.values()) == {"train", "tuning", "test"}
     assert any(d.labels["prediabetes"] for d in documents) and not all(d.labels["prediabetes"] for d in documents)
+
+
+def write_n2c2_patient(folder, name, met):
+    from medstate.text.cohort import N2C2_QUESTIONS
+
+    tags = "\n".join(f'<{tag} met="{"met" if tag in met else "not met"}" />' for tag in N2C2_QUESTIONS)
+    text = f"\nRecord date: 2070-01-0{len(name) % 9 + 1}\n\nPatient {name}: notes.\n"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.xml").write_text(
+        f"<?xml version='1.0'?>\n<PatientMatching><TEXT><![CDATA[{text}]]></TEXT><TAGS>{tags}</TAGS></PatientMatching>"
+    )
+
+
+def test_n2c2_cohort_keeps_the_official_test_split(tmp_path):
+    from medstate.text.classify_run import read_criteria, read_labelled
+    from medstate.text.cohort import N2C2_QUESTIONS, write_n2c2_cohort
+
+    met = {f"p{i}": {"ENGLISH", "HBA1C"} if i % 2 else {"CREATININE"} for i in range(10)}
+    for name in [f"p{i}" for i in range(8)]:
+        write_n2c2_patient(tmp_path / "train", name, met[name])
+    for name in ("p8", "p9"):
+        write_n2c2_patient(tmp_path / "test", name, met[name])
+    out = write_n2c2_cohort(tmp_path / "train", tmp_path / "test", tmp_path / "cohort", tuning=0.25)
+    criteria = read_criteria(out / "criteria.yaml")
+    assert [c.name for c in criteria] == list(N2C2_QUESTIONS)
+    documents = read_labelled(out / "dataset.jsonl", criteria)
+    splits = {d.id: d.split for d in documents}
+    assert sorted(i for i, s in splits.items() if s == "test") == ["test/p8", "test/p9"]
+    assert sum(s == "tuning" for s in splits.values()) == 2 and sum(s == "train" for s in splits.values()) == 6
+    for document in documents:
+        name = document.id.split("/")[1]
+        assert {k for k, v in document.labels.items() if v} == met[name]
+        assert f"Patient {name}: notes." in document.text

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from medstate.errors import MedstateError
 from medstate.eval.multilabel import multilabel_metrics
@@ -158,21 +159,31 @@ def run_classification(
     return _write_results(config, criteria, split, scores, run_dir, metrics)
 
 
-def run_tfidf_baseline(config: ClassifyConfig, run_dir: str | Path) -> dict:
-    """The same data, splits, thresholds and metrics with TF-IDF (word 1-2-grams, sublinear tf) and one
-    class-balanced logistic regression per criterion (scikit-learn), fitted on the train split; scores are the
-    regressions' log-odds. A criterion with one class only in train scores every document the same."""
+BASELINES = ("tfidf", "pooled")
+
+
+def run_baseline(config: ClassifyConfig, run_dir: str | Path, kind: str = "tfidf") -> dict:
+    """The same data, splits, thresholds and metrics with one class-balanced logistic regression per criterion
+    (scikit-learn), fitted on the train split, over document features: `tfidf` (word 1-2-grams, sublinear tf) or
+    `pooled` (the mean of the `init` model's final hidden states over the document, the model frozen: a linear head
+    on the Mamba's pooled states). Scores are the regressions' log-odds; a criterion with one class only in train
+    scores every document the same."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
+    if kind not in BASELINES:
+        raise MedstateError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     criteria = read_criteria(config.criteria)
     documents = read_labelled(config.data, criteria)
     split = {name: [d for d in documents if d.split == name] for name in SPLITS}
-    vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1, max_features=50_000)
-    features = {"train": vectorizer.fit_transform([d.text for d in split["train"]])}
-    features.update({name: vectorizer.transform([d.text for d in split[name]]) for name in ("tuning", "test")})
+    if kind == "tfidf":
+        vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1, max_features=50_000)
+        features = {"train": vectorizer.fit_transform([d.text for d in split["train"]])}
+        features.update({name: vectorizer.transform([d.text for d in split[name]]) for name in ("tuning", "test")})
+    else:
+        features = {name: _pooled_states(config, [d.text for d in split[name]]) for name in SPLITS}
     train_labels = _matrix(split["train"], criteria)
     scores = {name: np.zeros((len(split[name]), len(criteria))) for name in ("tuning", "test")}
     for k in range(len(criteria)):
@@ -182,7 +193,23 @@ def run_tfidf_baseline(config: ClassifyConfig, run_dir: str | Path) -> dict:
         regression.fit(features["train"], train_labels[:, k])
         for name in ("tuning", "test"):
             scores[name][:, k] = regression.decision_function(features[name])
-    return _write_results(config, criteria, split, scores, run_dir, {"model": "tfidf + logistic regression"})
+    name = (
+        "tfidf + logistic regression" if kind == "tfidf" else f"logistic regression on pooled states of {config.init}"
+    )
+    return _write_results(config, criteria, split, scores, run_dir, {"model": name})
+
+
+@torch.no_grad()
+def _pooled_states(config: ClassifyConfig, texts: list[str]) -> np.ndarray:
+    """[documents, d_model]: the mean final hidden state over each document's tokens (read in segments)."""
+    from medstate.text.choices import encode_prompt
+
+    model, tokenizer = load_pretrained(config.init).eval(), TextTokenizer.load(config.init)
+    rows = []
+    for text in texts:
+        ids = torch.tensor([encode_prompt(tokenizer, text, config.max_document_tokens)])
+        rows.append(model.prefill(ids, segment_length=4096).hidden_states[0].mean(0).double().numpy())
+    return np.stack(rows)
 
 
 def _write_results(config, criteria, split, scores, run_dir: Path, metrics: dict) -> dict:

@@ -15,6 +15,9 @@ At each prediction time t (the time of one of the patient's notes), the document
 or before t (`notes.build_documents(until=…)`), and a criterion is met when an event whose code matches `codes` is
 timed at or before t, or when the patient is at least `min_age` years old at t (from MEDS_BIRTH). The output is the
 dataset JSONL and criteria YAML that `medstate text classify` reads.
+
+`write_n2c2_cohort` makes the same files from n2c2 2018 track 1 (cohort selection for clinical trials): each
+patient's records as one document, its 13 criteria tags (met / not met) as labels.
 """
 
 from __future__ import annotations
@@ -136,5 +139,55 @@ def write_cohort(config: CohortConfig, out_dir: str | Path) -> Path:
         for d in documents:
             handle.write(json.dumps(dataclasses.asdict(d), ensure_ascii=False) + "\n")
     criteria = [{"name": c.name, "question": c.question} for c in config.criteria]
+    (out_dir / "criteria.yaml").write_text(yaml.safe_dump({"criteria": criteria}, sort_keys=False))
+    return out_dir
+
+
+# The 13 criteria of n2c2 2018 track 1 (cohort selection for clinical trials), by their tags, as questions.
+N2C2_QUESTIONS = {
+    "ABDOMINAL": "Has the patient had intra-abdominal surgery, a bowel resection or a small bowel obstruction?",
+    "ADVANCED-CAD": "Does the patient have advanced cardiovascular disease?",
+    "ALCOHOL-ABUSE": "Does the patient currently drink alcohol over the weekly recommended limits?",
+    "ASP-FOR-MI": "Does the patient take aspirin to prevent myocardial infarction?",
+    "CREATININE": "Has the patient had a serum creatinine above the upper limit of normal?",
+    "DIETSUPP-2MOS": "Has the patient taken a dietary supplement other than vitamin D in the past 2 months?",
+    "DRUG-ABUSE": "Has the patient abused drugs, now or in the past?",
+    "ENGLISH": "Does the patient speak English?",
+    "HBA1C": "Has the patient had an HbA1c value between 6.5 and 9.5%?",
+    "KETO-1YR": "Has the patient been diagnosed with ketoacidosis in the past year?",
+    "MAJOR-DIABETES": "Has the patient had a major diabetes-related complication?",
+    "MAKES-DECISIONS": "Does the patient make their own medical decisions?",
+    "MI-6MOS": "Has the patient had a myocardial infarction in the past 6 months?",
+}
+
+
+def write_n2c2_cohort(
+    train: str | Path, test: str | Path, out_dir: str | Path, tuning: float = 0.2, seed: int = 0
+) -> Path:
+    """dataset.jsonl and criteria.yaml from n2c2 2018 track 1's train and test folders: each patient's records as one
+    document, its 13 tags as labels; a seeded share `tuning` of the training patients forms the tuning split."""
+    from medstate.text.notes import read_n2c2_2018
+
+    out_dir = Path(out_dir)
+    patients = {"train": read_n2c2_2018(train), "test": read_n2c2_2018(test)}
+    order = sorted(
+        (p.subject_id for p in patients["train"]),
+        key=lambda s: hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest(),
+    )
+    held = set(order[: max(1, round(len(order) * tuning))])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "dataset.jsonl", "w", encoding="utf-8") as handle:
+        for source, group in patients.items():
+            for patient in group:
+                missing = set(N2C2_QUESTIONS) - set(patient.labels)
+                if missing:
+                    raise MedstateError(f"n2c2 patient {patient.subject_id}: no tag(s) {', '.join(sorted(missing))}")
+                split = "tuning" if source == "train" and patient.subject_id in held else source
+                (document,) = build_documents(patient.notes)
+                labels = {tag: patient.labels[tag] for tag in N2C2_QUESTIONS}
+                record = LabelledDocument(f"{source}/{patient.subject_id}", f"{source}/{patient.subject_id}", split,
+                                          document.text, labels)  # fmt: skip
+                handle.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
+    criteria = [{"name": tag, "question": question} for tag, question in N2C2_QUESTIONS.items()]
     (out_dir / "criteria.yaml").write_text(yaml.safe_dump({"criteria": criteria}, sort_keys=False))
     return out_dir
