@@ -4,7 +4,7 @@ whose disease mentions carry MeSH / OMIM concept ids, in the official train / de
 ids joined by `|` or `+` for composite mentions).
 
 A document's labels are the concepts mentioned in it; the `top` concepts most frequent over the training
-abstracts become the criteria, each asked as "Does the abstract mention <its most frequent mention text>?". The
+abstracts become the criteria, each asked as "Does the abstract mention <its most frequent spelled-out mention>?". The
 train file is the train split, dev the tuning split, test the test split; the output is the dataset JSONL and
 criteria YAML that `medstate text classify` reads.
 """
@@ -77,7 +77,9 @@ def write_ncbi_disease(folder: str | Path, out_dir: str | Path, top: int = 20) -
     names = {}
     for concept in concepts:
         texts = Counter(text.lower() for a in splits["train"] for text, c in a.mentions if c == concept)
-        names[concept] = texts.most_common(1)[0][0]
+        # the most frequent spelled-out mention ("duchenne muscular dystrophy", not "dmd"), else the most frequent
+        spelled = [text for text, _ in texts.most_common() if " " in text or len(text) > 6]
+        names[concept] = spelled[0] if spelled else texts.most_common(1)[0][0]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "dataset.jsonl", "w", encoding="utf-8") as handle:
         for split, abstracts in splits.items():
