@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def peak_rss_gb() -> float:
@@ -47,3 +48,29 @@ def run_worker(script: str, spec: dict, timeout: float) -> dict:
 
 def median(result: dict, key: str = "times") -> float | None:
     return statistics.median(result[key]) if key in result else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def write_report(name: str, rows, results: dict, directory: Path) -> None:
+    """The rows (case, medstate, compared with, ratio, target, note) as a markdown table with the run's GEMM peaks,
+    printed and written to `directory/name.md`, the raw results to `directory/name.json`."""
+    import torch
+
+    lines = ["| case | medstate | compared with | ratio | target | note |", "|---|---|---|---|---|---|"]
+    for case, ours, theirs, value, target, note in rows:
+        if value is None:
+            lines.append(f"| {case} | - | - | - | {target} | failed: {note} |")
+            continue
+        lines.append(f"| {case} | {ours:,.3f} | {theirs:,.3f} | {value:.2f}× | {target} | {note} |")
+    peaks = results["gemm_gflops"]
+    lines.append("")
+    lines.append(f"GEMM peak in this run: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())}; "
+                 f"torch {torch.__version__}, {os.cpu_count()} CPUs.")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    directory.mkdir(exist_ok=True)
+    (directory / f"{name}.md").write_text(text + "\n")
+    (directory / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

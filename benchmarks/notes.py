@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from backbone import GPT2SizedTransformer
-from harness import median, peak_rss_gb, run_worker, timed
+from harness import median, peak_rss_gb, ratio, run_worker, timed, write_report
 from text import NEOX, gemm_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,11 +204,11 @@ def main() -> None:
     agree, same = largest_difference(branched, hf), largest_difference(branched, reencoded)
     width = f"d {small['d_model']} × {small['n_layer']} layers"
     rows.append((f"13 criteria on a {document_tokens:,}-token document (s), {width}: branching vs re-encoding each "
-                 "prompt", median(branched), median(reencoded), _ratio(median(reencoded), median(branched)), "≥ 5",
+                 "prompt", median(branched), median(reencoded), ratio(median(reencoded), median(branched)), "≥ 5",
                  "ratio = re-encoding / branching" + (f"; largest yes/no logit difference {same:.1e}"
                                                        if same is not None else "")))  # fmt: skip
     rows.append(("the same 13 scores (s): medstate branching vs HF Mamba2ForCausalLM, one forward per prompt",
-                 median(branched), median(hf), _ratio(median(hf), median(branched)), "≥ 2",
+                 median(branched), median(hf), ratio(median(hf), median(branched)), "≥ 2",
                  "ratio = HF / medstate"
                  + (f"; largest yes/no logit difference {agree:.1e}" if agree is not None else "")))  # fmt: skip
 
@@ -224,32 +223,10 @@ def main() -> None:
         other = theirs.get("error") or f"Transformer peak RSS {theirs['peak_rss_gb']:.1f} GB"
         rows.append((f"training step on one {tokens:,}-token document (s): {shape} (gradient checkpointing per "
                      "block) vs a GPT-2-small-sized Transformer (SDPA)", median(ours), median(theirs),
-                     _ratio(median(theirs), median(ours)), "report", f"{mine}; {other}"))  # fmt: skip
+                     ratio(median(theirs), median(ours)), "report", f"{mine}; {other}"))  # fmt: skip
     rows.append((f"peak RSS of that {shape} training step at {lengths[-1]:,} tokens (GB)", ours.get("peak_rss_gb"),
-                 8.0, _ratio(ours.get("peak_rss_gb"), 8.0), "≤ 8 GB", "ratio = RSS / 8 GB"))  # fmt: skip
-    report(rows, results)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def report(rows, results) -> None:
-    lines = ["| case | medstate | compared with | ratio | target | note |", "|---|---|---|---|---|---|"]
-    for name, ours, theirs, ratio, target, note in rows:
-        if ratio is None:
-            lines.append(f"| {name} | - | - | - | {target} | failed: {note} |")
-            continue
-        lines.append(f"| {name} | {ours:,.3f} | {theirs:,.3f} | {ratio:.2f}× | {target} | {note} |")
-    peaks = results["gemm_gflops"]
-    lines.append("")
-    lines.append(f"GEMM peak in this run: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())}; "
-                 f"torch {torch.__version__}, {os.cpu_count()} CPUs.")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "notes.md").write_text(text + "\n")
-    (RESULTS / "notes.json").write_text(json.dumps(results, indent=1) + "\n")
+                 8.0, ratio(ours.get("peak_rss_gb"), 8.0), "≤ 8 GB", "ratio = RSS / 8 GB"))  # fmt: skip
+    write_report("notes", rows, results, RESULTS)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from harness import median, run_worker, timed
+from harness import median, ratio, run_worker, timed, write_report
 from medstate.train.memory import retained_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,7 +298,7 @@ def main() -> None:
                                 "steps": steps})  # fmt: skip
     rate = {n: statistics.median(results[f"layout {n}"]["real_tokens_per_s"]) for n in ("packed", "padded")}
     rows.append(("real tokens/s, packed vs BioMamba's padded rows (1,024 tokens)", rate["packed"], rate["padded"],
-                 _ratio(rate["packed"], rate["padded"]), "≥ 2.5",
+                 ratio(rate["packed"], rate["padded"]), "≥ 2.5",
                  f"padding {results['layout padded']['padding_share']:.0%} of padded rows"))  # fmt: skip
 
     # the step at the demo's width and at the shape of state-spaces/mamba2-130m (BioMamba's smallest model)
@@ -318,51 +318,29 @@ def main() -> None:
             kept = median(case(f"step hf, memory kept {label}", {**step_spec, "impl": "hf", "retain_memory": True}))
             floor = median(case(f"step gemm floor {label}", {**step_spec, "case": "gemm_floor"}))
             rows.append((f"continued-pretraining step (s), {label}: medstate vs HF Mamba2ForCausalLM + Trainer",
-                         ours, theirs, _ratio(theirs, ours), "≥ 2",
+                         ours, theirs, ratio(theirs, ours), "≥ 2",
                          f"50,288 ids; ratio HF / medstate; the step's matrix products alone take {floor:.3f} s, "
-                         f"so no implementation in fp32 here can beat {_ratio(theirs, floor):.2f}×; HF with "
+                         f"so no implementation in fp32 here can beat {ratio(theirs, floor):.2f}×; HF with "
                          f"medstate's malloc setting (train.memory) {kept:.3f} s, "
-                         f"ratio {_ratio(kept, ours):.2f}×"))  # fmt: skip
+                         f"ratio {ratio(kept, ours):.2f}×"))  # fmt: skip
             if index == 0:
                 both = median(case("step medstate llrd+ema", {**step_spec, "impl": "medstate", "llrd_ema": True}))
-                rows.append(("medstate step (s): with LLRD + EMA vs without", both, ours, _ratio(both, ours),
+                rows.append(("medstate step (s): with LLRD + EMA vs without", both, ours, ratio(both, ours),
                              "≤ 1.10", "ratio = with / without"))  # fmt: skip
         qa_spec = {"case": "pubmedqa", "items": 10 if quick else 100, "checkpoint": str(Path(directory) / "shape0")}
         ours_qa = case("pubmedqa medstate", {**qa_spec, "impl": "medstate"})
         theirs_qa = case("pubmedqa hf", {**qa_spec, "impl": "hf"})
         agree = max(abs(a - b) for x, y in zip(ours_qa["scores"], theirs_qa["scores"]) for a, b in zip(x, y))
         rows.append((f"PubMedQA scoring of {qa_spec['items']} test items × 3 answers (s)", median(ours_qa),
-                     median(theirs_qa), _ratio(median(theirs_qa), median(ours_qa)), "≥ 2",
+                     median(theirs_qa), ratio(median(theirs_qa), median(ours_qa)), "≥ 2",
                      f"ratio = HF / medstate; largest log-likelihood difference {agree:.1e}"))  # fmt: skip
     ddp_spec = {"sizes": sizes, "seq_len": 512, "batch_size": 2, "steps": 3 if quick else 8, "case": "ddp"}
     one = case("ddp 1 process", {**ddp_spec, "processes": 1, "threads": 2})
     two = case("ddp 2 processes", {**ddp_spec, "processes": 2, "threads": 1})
     rate_two, rate_one = median(two, "tokens_per_s"), median(one, "tokens_per_s")
     rows.append(("DDP tokens/s: 2 processes (1 thread each) vs 1 (2 threads)", rate_two, rate_one,
-                 _ratio(rate_two, rate_one), "report", "gloo on CPU"))  # fmt: skip
-    report(rows, results)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def report(rows, results) -> None:
-    lines = ["| case | medstate | compared with | ratio | target | note |", "|---|---|---|---|---|---|"]
-    for name, ours, theirs, ratio, target, note in rows:
-        if ratio is None:
-            lines.append(f"| {name} | - | - | - | {target} | failed |")
-            continue
-        lines.append(f"| {name} | {ours:,.3f} | {theirs:,.3f} | {ratio:.2f}× | {target} | {note} |")
-    peaks = results["gemm_gflops"]
-    lines.append("")
-    lines.append(f"GEMM peak in this run: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())}; "
-                 f"torch {torch.__version__}, {os.cpu_count()} CPUs.")  # fmt: skip
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "text.md").write_text(text + "\n")
-    (RESULTS / "text.json").write_text(json.dumps(results, indent=1) + "\n")
+                 ratio(rate_two, rate_one), "report", "gloo on CPU"))  # fmt: skip
+    write_report("text", rows, results, RESULTS)
 
 
 if __name__ == "__main__":
