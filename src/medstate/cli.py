@@ -766,7 +766,9 @@ def text_notes(
     """A patient's notes as documents in time order (a header per note), or a labelled cohort for `text classify`."""
     import datetime as dt
 
-    from medstate.text.notes import build_documents, read_notes, write_documents
+    import warnings
+
+    from medstate.text.notes import build_documents, read_notes, unusable_notes, write_documents
 
     if n2c2_test is not None:
         from medstate.text.cohort import write_n2c2_cohort
@@ -791,9 +793,13 @@ def text_notes(
         cut = dt.datetime.fromisoformat(until) if until else None
     except ValueError:
         raise MedstateError(f"--until wants an ISO 8601 time, got {until!r}") from None
-    documents = build_documents(read_notes(source, source_format), by, cut, clean_deid=not keep_deid)
+    notes = read_notes(source, source_format)
+    with warnings.catch_warnings():  # the summary counts what was left out
+        warnings.simplefilter("ignore")
+        documents = build_documents(notes, by, cut, clean_deid=not keep_deid)
     path = write_documents(documents, out)
-    _summary(f"notes: {path}", {"documents": len(documents), "notes": sum(d.notes for d in documents)})
+    left_out = {f"notes left out {why}": n for why, n in unusable_notes(notes).items() if n}
+    _summary(f"notes: {path}", {"documents": len(documents), "notes": sum(d.notes for d in documents), **left_out})
 
 
 @text_app.command("coding")

@@ -11,12 +11,13 @@ import pytest
 from medstate import MedstateError
 from medstate.text.notes import (
     build_documents,
-    chunk,
     read_meds_notes,
     read_mimic3_notes,
     read_mimic4_notes,
     read_n2c2_2018,
+    unusable_notes,
 )
+from medstate.text.packing import pieces_of
 
 MIMIC3_HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY", "DESCRIPTION",
                  "CGID", "ISERROR", "TEXT"]  # fmt: skip
@@ -84,15 +85,20 @@ def test_mimic4_reader(tmp_path):
     discharge, radiology = tmp_path / "discharge.csv.gz", tmp_path / "radiology.csv.gz"
     for path, rows in [
         (discharge, [["10000032-DS-21", 10000032, 22595853, "DS", 21, "2180-05-07 00:00:00", "", "Name: ___\nSex: F"]]),
-        (radiology, [["10000032-RR-14", 10000032, 22595853, "RR", 14, "2180-05-06 21:19:00", "", "CXR: clear."]]),
-    ]:
+        (radiology, [["10000032-RR-14", 10000032, 22595853, "RR", 14, "2180-05-06 21:19:00", "", "CXR: clear."],
+                     ["10000032-RR-15", 10000032, 22595853, "RR", 15, "2180-05-06 22:00:00", "", "  \n "],
+                     ["10000032-RR-16", 10000032, 22595853, "RR", 16, "", "", "No time."]]),
+    ]:  # fmt: skip
         with gzip.open(path, "wt", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
             writer.writerows(rows)
     notes = read_mimic4_notes(discharge, radiology)
-    assert notes.sort("time")["category"].to_list() == ["Radiology", "Discharge summary"]
-    (document,) = build_documents(notes, by="admission")
+    assert notes.height == 4  # readers keep every row; documents leave out, and count, what cannot be placed
+    assert unusable_notes(notes) == {"without a subject": 0, "without a time": 1, "without text": 1}
+    with pytest.warns(UserWarning, match=r"2 of 4 notes left out \(1 without a time, 1 without text\)"):
+        (document,) = build_documents(notes, by="admission")
+    assert document.notes == 2
     assert document.id == "10000032/22595853" and document.text.startswith("2180-05-06 -- Radiology note --\nCXR")
     with pytest.raises(MedstateError, match="MIMIC-IV-Note"):
         read_mimic4_notes(tmp_path / "discharge.csv.gz", _write(tmp_path / "wrong.csv", "a,b\n1,2\n"))
@@ -143,13 +149,13 @@ def test_chunks_concatenate_back_to_the_document(small_tokenizer):
     text = " ".join(f"note {i}: the patient was given aspirin for chest pain" for i in range(300))
     ids = small_tokenizer.encode(text)
     for length in (1, 7, 64, len(ids), len(ids) + 5):
-        pieces = chunk(ids, length)
+        pieces = pieces_of(ids, length)
         assert [t for piece in pieces for t in piece] == ids
         assert all(0 < len(piece) <= length for piece in pieces)
         assert len(pieces) == -(-len(ids) // length)
-    assert small_tokenizer.decode([t for piece in chunk(ids, 50) for t in piece]) == text
+    assert small_tokenizer.decode([t for piece in pieces_of(ids, 50) for t in piece]) == text
     with pytest.raises(MedstateError):
-        chunk(ids, 0)
+        pieces_of(ids, 0)
 
 
 def test_cohort_labels_from_structured_data_at_each_time(synthea_bulk_meds, tmp_path):

@@ -151,22 +151,33 @@ def macro_f1(y_true, y_pred, labels) -> float:
 def bootstrap(metric, y, s, subjects, n: int = N_BOOTSTRAP, seed: int = 0) -> MetricResult:
     """The metric with a 95% percentile interval from resampling *subjects* (all of a subject's samples together),
     so that patients with many samples do not narrow the interval."""
-    value = metric(y, s)
-    if value is None:
-        return MetricResult(None, status="undefined: " + ("no positives" if y.sum() == 0 else "one class only"))
+    return bootstrap_metrics(lambda a, b: {"metric": metric(a, b)}, y, s, subjects, n, seed)["metric"]
+
+
+def bootstrap_metrics(metrics, y, s, subjects, n: int = N_BOOTSTRAP, seed: int = 0) -> dict[str, MetricResult]:
+    """`bootstrap` for a function returning several metrics by name, computed once per resample."""
+    values = metrics(y, s)
     unique, inverse = np.unique(subjects, return_inverse=True)
     members = [np.flatnonzero(inverse == i) for i in range(len(unique))]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n):
+    resampled: dict[str, list[float]] = {name: [] for name, value in values.items() if value is not None}
+    for _ in range(n if resampled else 0):
         chosen = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
-        resampled = metric(y[chosen], s[chosen])
-        if resampled is not None:
-            values.append(resampled)
-    if not values:
-        return MetricResult(value, status="no bootstrap resample defined the metric")
-    low, high = np.percentile(values, [2.5, 97.5])
-    return MetricResult(value, float(low), float(high), "ok", len(values))
+        for name, value in metrics(y[chosen], s[chosen]).items():
+            if value is not None and name in resampled:
+                resampled[name].append(value)
+    out = {}
+    for name, value in values.items():
+        if value is None:
+            out[name] = MetricResult(
+                None, status="undefined: " + ("no positives" if y.sum() == 0 else "one class only")
+            )
+        elif not resampled[name]:
+            out[name] = MetricResult(value, status="no bootstrap resample defined the metric")
+        else:
+            low, high = np.percentile(resampled[name], [2.5, 97.5])
+            out[name] = MetricResult(value, float(low), float(high), "ok", len(resampled[name]))
+    return out
 
 
 def evaluate_task(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from medstate.eval.metrics import MetricResult, auroc, bootstrap
+from medstate.eval.metrics import MetricResult, auroc, bootstrap_metrics
 
 
 def _counts(y: np.ndarray, predicted: np.ndarray, axis=None):
@@ -90,6 +90,5 @@ def multilabel_metrics(
     groups += [_at_k(value) for value in k if value <= y.shape[1]]
     out: dict[str, MetricResult] = {}
     for group in groups:
-        for name in group(y, s):
-            out[name] = bootstrap(lambda a, b, g=group, n=name: g(a, b)[n], y, s, subjects, n_bootstrap, seed)
+        out.update(bootstrap_metrics(group, y, s, subjects, n_bootstrap, seed))
     return out

@@ -17,15 +17,16 @@ that day, so that a cut at a time t during the day never lets it in early.
 told by its header). `build_documents` groups notes per patient or per admission, in time order (ties by note id),
 each note opened by a header `"{date} -- {category} note --"` (ClinicalMamba's), with the de-identification brackets
 of MIMIC-III (`[**Known lastname 123**]`) removed when asked, and keeps only the notes written at or before `until`
-(one time for all, or one per subject). Nothing is cut to a context length here: `chunk` splits token ids into
-pieces of at most `length` that concatenate back to the whole document (ClinicalMamba's preprocessing kept only the
-last chunk of a long admission).
+(one time for all, or one per subject). Nothing is cut to a context length here: pretraining splits each document's
+token ids into pieces of at most the row length that concatenate back to the whole document
+(`text.packing.pieces_of`; ClinicalMamba's preprocessing kept only the last chunk of a long admission).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,26 @@ def _finish(frame: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     frame = frame.with_columns(
         [pl.when(pl.col(c).str.strip_chars() != "").then(pl.col(c)) for c in ("subject_id", "admission", "note_id")]
     )
-    return frame.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != "")).collect()
+    return frame.collect()
+
+
+def _usable() -> pl.Expr:
+    return (
+        pl.col("subject_id").is_not_null()
+        & pl.col("time").is_not_null()
+        & pl.col("text").is_not_null()
+        & (pl.col("text").str.strip_chars() != "")
+    )
+
+
+def unusable_notes(notes: pl.DataFrame) -> dict[str, int]:
+    """How many notes `build_documents` leaves out, by reason (a note may have several): no subject, no time (it
+    cannot be placed in time order or cut at a prediction time), no text (null or only white space)."""
+    return {
+        "without a subject": notes["subject_id"].null_count(),
+        "without a time": notes["time"].null_count(),
+        "without text": notes.filter(pl.col("text").is_null() | (pl.col("text").str.strip_chars() == "")).height,
+    }
 
 
 def _require(path: Path, frame: pl.LazyFrame, columns: Sequence[str], what: str) -> None:
@@ -202,10 +222,14 @@ def build_documents(
 ) -> list[NoteDocument]:
     """One document per subject (`by="subject"`) or per admission (`by="admission"`; notes without an admission
     are left out), its notes in time order, each under its header, separated by a blank line. With `until`, only
-    notes timed at or before it (a mapping gives each subject its own time; subjects not in it are left out)."""
+    notes timed at or before it (a mapping gives each subject its own time; subjects not in it are left out). Notes
+    with no subject, time or text are left out with a warning that counts them (`unusable_notes`)."""
     if by not in ("subject", "admission"):
         raise MedstateError(f"by must be 'subject' or 'admission', got {by!r}")
-    frame = notes
+    frame = notes.filter(_usable())
+    if frame.height < notes.height:
+        reasons = ", ".join(f"{n} {why}" for why, n in unusable_notes(notes).items() if n)
+        warnings.warn(f"{notes.height - frame.height} of {notes.height} notes left out ({reasons})", stacklevel=2)
     if isinstance(until, Mapping):
         cut = pl.DataFrame({"subject_id": list(until), "_until": list(until.values())}, schema_overrides={
             "subject_id": pl.String, "_until": pl.Datetime("us")})  # fmt: skip
@@ -235,13 +259,6 @@ def build_documents(
             )
         )
     return documents
-
-
-def chunk(ids: Sequence[int], length: int) -> list[list[int]]:
-    """Consecutive pieces of at most `length` ids; their concatenation is `ids`."""
-    if length < 1:
-        raise MedstateError(f"chunk length must be at least 1, got {length}")
-    return [list(ids[start : start + length]) for start in range(0, len(ids), length)]
 
 
 NOTE_FORMATS = ("auto", "meds", "mimic3", "mimic4", "n2c2")

@@ -31,7 +31,9 @@ class Row:
 
 
 def pieces_of(tokens: Sequence[int], length: int) -> list[list[int]]:
-    """A document's tokens cut into pieces of at most `length`."""
+    """A document's tokens cut into consecutive pieces of at most `length`; they concatenate back to `tokens`."""
+    if length < 1:
+        raise MedstateError(f"piece length must be at least 1, got {length}")
     return [list(tokens[i : i + length]) for i in range(0, len(tokens), length)]
 
 
