@@ -13,7 +13,9 @@ sees the earlier ones (and their order matters). Here the document is read once,
 times, and each question continues from its own copy (`branched_slot_logits`): K criteria cost one document plus K
 short questions, every score equals reading that document + question alone (`reencoded_slot_logits`, the reference
 twin), and no question sees another. A document longer than `max_document_tokens` loses its start; the questions
-are never cut. Gradients flow through the branches into the document's reading.
+are never cut. The same code runs the Transformer baseline (`text.transformer`), whose state is its key/value cache
+and whose documents are also cut to leave the questions room within its learned positions. Gradients flow
+through the branches into the document's reading.
 
 Thresholds are chosen on the tuning split only (`tune_thresholds`: one per label for its F1, and one global for
 micro-F1) and applied unchanged to the test split.
@@ -55,6 +57,18 @@ def question_ids(tokenizer: TextTokenizer, criteria: Sequence[Criterion]) -> lis
     return [tokenizer.encode(QUESTION_TEMPLATE.format(question=c.question)) for c in criteria]
 
 
+def document_budget(model, questions: Sequence[Sequence[int]], max_document_tokens: int | None) -> int | None:
+    """How many document tokens to keep (from the end): `max_document_tokens`, and for a model with learned
+    positions (the Transformer baseline's `max_positions`) no more than leave room for the longest question."""
+    limit = getattr(model, "max_positions", None)
+    if limit is None:
+        return max_document_tokens
+    room = limit - max(len(q) for q in questions)
+    if room < 2:
+        raise MedstateError(f"a question is longer than the model's {limit} positions")
+    return room if max_document_tokens is None else min(room, max_document_tokens)
+
+
 def _last_hidden(model, input_ids: torch.Tensor, lengths: torch.Tensor, state=None) -> torch.Tensor:
     """Final hidden state at each row's last real token ([B, D]); rows are right-padded, which a causal model never
     reads back."""
@@ -80,9 +94,11 @@ def branched_slot_logits(
     """[K, V] next-token logits at each criterion's answer slot: the document read once, each question continuing
     from its own copy of the state. Differentiable (call under torch.no_grad() to score)."""
     device = next(model.parameters()).device
-    document_ids = torch.tensor([encode_prompt(tokenizer, document, max_document_tokens)], device=device)
+    asked = question_ids(tokenizer, criteria)
+    budget = document_budget(model, asked, max_document_tokens)
+    document_ids = torch.tensor([encode_prompt(tokenizer, document, budget)], device=device)
     _, state = model.backbone(document_ids, None, None, None, True)
-    questions, lengths = _right_padded(question_ids(tokenizer, criteria), tokenizer.eos_id, device)
+    questions, lengths = _right_padded(asked, tokenizer.eos_id, device)
     branches = state.select([0] * len(criteria))
     hidden = _last_hidden(model, questions, lengths, branches)
     return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
@@ -97,9 +113,10 @@ def reencoded_slot_logits(
 ) -> torch.Tensor:
     """Reference twin of `branched_slot_logits`: each document + question read as one sequence of its own."""
     device = next(model.parameters()).device
-    document_ids = encode_prompt(tokenizer, document, max_document_tokens)
+    asked = question_ids(tokenizer, criteria)
+    document_ids = encode_prompt(tokenizer, document, document_budget(model, asked, max_document_tokens))
     rows = []
-    for ids in question_ids(tokenizer, criteria):
+    for ids in asked:
         sequence = torch.tensor([document_ids + ids], device=device)
         hidden = _last_hidden(model, sequence, torch.tensor([sequence.shape[1]], device=device))
         rows.append(model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()[0])

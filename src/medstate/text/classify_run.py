@@ -31,6 +31,7 @@ from medstate.eval.multilabel import multilabel_metrics
 from medstate.loading import beside, from_data, read_yaml
 from medstate.ssm import load_pretrained
 from medstate.text.classify import Criterion, answer_ids, criterion_scores, slot_loss, tune_thresholds
+from medstate.text.models import load_language_model
 from medstate.text.pretrain import export_model, open_run
 from medstate.text.tokenizer import TextTokenizer
 from medstate.train.loop import TrainConfig, Trainer
@@ -132,7 +133,7 @@ def run_classification(
     documents = read_labelled(config.data, criteria)
     tokenizer = TextTokenizer.load(config.init)
     answer_ids(tokenizer)  # fails early, in one line, for a tokenizer that cannot tell the answers apart
-    model = load_pretrained(config.init, device=here.device()).train()
+    model = load_language_model(config.init, device=here.device()).train()
     split = {name: [d for d in documents if d.split == name] for name in SPLITS}
 
     def batches(epoch: int) -> list[LabelledDocument]:
@@ -152,7 +153,7 @@ def run_classification(
     if not here.main:
         return {}
     model_dir = export_model(trainer, tokenizer, run_dir / "model")
-    chosen = load_pretrained(model_dir, device=here.device())
+    chosen = load_language_model(model_dir, device=here.device())
     scores = {name: criterion_scores(chosen, tokenizer, [d.text for d in split[name]], criteria,
                                      config.max_document_tokens) for name in ("tuning", "test")}  # fmt: skip
     metrics = {"model": str(model_dir), "steps": result.steps, "best_tuning_loss": result.best}

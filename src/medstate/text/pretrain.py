@@ -27,13 +27,15 @@ import yaml
 
 from medstate.errors import MedstateError
 from medstate.loading import beside, from_data, read_yaml
-from medstate.ssm import MambaLM, SSMConfig, load_pretrained
+from medstate.ssm import MambaLM
 from medstate.text.contamination import ContaminationGuard, find_contamination
 from medstate.text.corpora import CorpusSource, Document, read_documents
 from medstate.text.evaluate import evaluate_corpora, score_documents
 from medstate.text.mixing import MixedStream
+from medstate.text.models import load_language_model, new_language_model
 from medstate.text.packing import IGNORE, LAYOUTS, collate
 from medstate.text.tokenizer import TextTokenizer, padded_vocab_size
+from medstate.text.transformer import TransformerLM
 from medstate.train.distributed import World, world
 from medstate.train.ema import EMA
 from medstate.train.loop import TrainConfig, Trainer
@@ -46,7 +48,7 @@ class PretrainConfig:
     validation: list[CorpusSource] = field(default_factory=list)  # scored; the first one selects the best model
     held_out: list[CorpusSource] = field(default_factory=list)  # kept out of training, not scored here
     init: str | None = None  # a checkpoint directory to continue from; None: a new model of `model`'s sizes
-    model: dict[str, Any] = field(default_factory=dict)  # SSMConfig fields of a new model
+    model: dict[str, Any] = field(default_factory=dict)  # a new model's sizes (`text.models.new_language_model`)
     vocab_multiple: int = 16
     seq_len: int = 1024
     batch_size: int = 8  # rows per micro-batch (× train.grad_accumulation per optimizer step)
@@ -96,9 +98,9 @@ def open_run(config: Any, run_dir: str | Path) -> tuple[Path, World]:
     return run_dir, here
 
 
-def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> MambaLM:
+def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> MambaLM | TransformerLM:
     if config.init is not None:
-        model = load_pretrained(config.init).train()
+        model = load_language_model(config.init).train()
         if model.config.vocab_size < len(tokenizer):
             raise MedstateError(
                 f"{config.init} has {model.config.vocab_size} embedding rows, fewer than the tokenizer's "
@@ -106,9 +108,8 @@ def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> Mam
             )
         return model
     vocab_size = padded_vocab_size(len(tokenizer), config.vocab_multiple)
-    sizes = from_data(SSMConfig, {**config.model, "vocab_size": vocab_size}, "pretraining config: model")
     torch.manual_seed(config.train.seed)
-    return MambaLM(sizes)
+    return new_language_model(config.model, vocab_size, "pretraining config: model")
 
 
 class RowBatches:
@@ -186,7 +187,7 @@ def pretrain(
     if not here.main:
         return PretrainResult(run_dir, model_dir, result.steps, {})
     export_model(trainer, tokenizer, model_dir)
-    final = load_pretrained(model_dir, device=here.device())
+    final = load_language_model(model_dir, device=here.device())
     metrics = {
         "steps": result.steps,
         "resumed_from": result.resumed_from,
@@ -206,9 +207,9 @@ def export_model(trainer: Trainer, tokenizer: TextTokenizer, directory: Path) ->
     else the last weights (EMA applied); with its tokenizer, in the Hugging Face layout. Read from the run's
     checkpoints, which hold whole weights, so the first process alone writes it whatever the parallelism."""
     if trainer.best_dir.is_dir():
-        load_pretrained(trainer.best_dir).save_pretrained(directory)
+        load_language_model(trainer.best_dir).save_pretrained(directory)
     else:
-        model = load_pretrained(trainer.checkpoint_dir)
+        model = load_language_model(trainer.checkpoint_dir)
         if trainer.ema is not None:
             ema = EMA(model, trainer.ema.decay)
             ema.load_state_dict(torch.load(trainer.checkpoint_dir / "trainer_state.pt", weights_only=True)["ema"])

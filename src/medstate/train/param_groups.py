@@ -13,7 +13,8 @@ import re
 
 import torch
 
-_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # medstate's blocks; GPT-2's `h`
+_EMBEDDING = re.compile(r"embed|(?:^|\.)(?:wte|wpe)\.")  # GPT-2's token and position embeddings
 _NO_DECAY = re.compile(r"(norm|bias|(^|\.)A_log$|(^|\.)D$)")
 
 
@@ -26,7 +27,7 @@ def depth(name: str, n_layer: int) -> int:
     found = _BLOCK.search(name)
     if found:
         return int(found.group(1)) + 1
-    return 0 if "embed" in name else n_layer + 1
+    return 0 if _EMBEDDING.search(name) else n_layer + 1
 
 
 def parameter_groups(
