@@ -762,12 +762,15 @@ def text_notes(
     n2c2_test: Annotated[
         Path | None, typer.Option(help="n2c2 2018 test folder: SOURCE is its train folder; write a labelled cohort")
     ] = None,
+    split: Annotated[
+        bool, typer.Option(help="give each document its patient's split (train 60%, tuning 20%, test 20%, seeded)")
+    ] = False,
 ) -> None:
     """A patient's notes as documents in time order (a header per note), or a labelled cohort for `text classify`."""
     import datetime as dt
-
     import warnings
 
+    from medstate.text.cohort import DEFAULT_SPLITS
     from medstate.text.notes import build_documents, read_notes, unusable_notes, write_documents
 
     if n2c2_test is not None:
@@ -797,7 +800,7 @@ def text_notes(
     with warnings.catch_warnings():  # the summary counts what was left out
         warnings.simplefilter("ignore")
         documents = build_documents(notes, by, cut, clean_deid=not keep_deid)
-    path = write_documents(documents, out)
+    path = write_documents(documents, out, DEFAULT_SPLITS if split else None)
     left_out = {f"notes left out {why}": n for why, n in unusable_notes(notes).items() if n}
     _summary(f"notes: {path}", {"documents": len(documents), "notes": sum(d.notes for d in documents), **left_out})
 

@@ -22,6 +22,20 @@ def test_jsonl_gz_fields_ids_and_limit(tmp_path):
     assert len(list(read_documents(source))) == 1
 
 
+def test_select_keeps_records_with_the_given_field_values(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    records = [{"id": "a", "split": "train", "text": "x"}, {"id": "b", "split": "test", "text": "y"},
+               {"id": "c", "split": "train", "text": "z"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train = CorpusSource("n", str(path), id_field="id", select={"split": "train"})
+    assert [d.id for d in read_documents(train)] == ["n:a", "n:c"]
+    with pytest.raises(MedstateError, match="no field 'ward'"):
+        list(read_documents(CorpusSource("n", str(path), id_field="id", select={"ward": "icu"})))
+    (tmp_path / "t.txt").write_text("plain")
+    with pytest.raises(MedstateError, match="record files"):
+        CorpusSource("t", str(tmp_path / "t.txt"), select={"split": "train"})
+
+
 def test_json_object_keyed_by_id_with_list_fields(tmp_path):
     path = tmp_path / "qa.json"
     path.write_text(json.dumps({"123": {"QUESTION": "Q?", "CONTEXTS": ["c1", "c2"]}}))

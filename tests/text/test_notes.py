@@ -4,11 +4,14 @@ MEDS notes from the Synthea FHIR demo, time order and headers, the `until` cut, 
 import csv
 import datetime as dt
 import gzip
+import json
+from collections import Counter
 
 import polars as pl
 import pytest
 
 from medstate import MedstateError
+from medstate.text.cohort import DEFAULT_SPLITS
 from medstate.text.notes import (
     build_documents,
     read_meds_notes,
@@ -16,6 +19,7 @@ from medstate.text.notes import (
     read_mimic4_notes,
     read_n2c2_2018,
     unusable_notes,
+    write_documents,
 )
 from medstate.text.packing import pieces_of
 
@@ -132,7 +136,7 @@ def test_n2c2_2018_reader(tmp_path):
         read_n2c2_2018(tmp_path)
 
 
-def test_meds_notes_from_synthea_fhir(synthea_bulk_meds):
+def test_meds_notes_from_synthea_fhir(synthea_bulk_meds, tmp_path):
     meds = synthea_bulk_meds.summary.output
     notes = read_meds_notes(meds)
     events = pl.read_parquet(list((meds / "data").rglob("*.parquet")))
@@ -143,6 +147,12 @@ def test_meds_notes_from_synthea_fhir(synthea_bulk_meds):
     assert sum(d.notes for d in documents) == notes.height
     assert all(d.first <= d.last for d in documents)
     assert documents[0].text.split("\n")[0].endswith("note --")
+    # per admission, with each patient's split: a patient's admissions all land in one split
+    path = write_documents(build_documents(notes, by="admission"), tmp_path / "d.jsonl", DEFAULT_SPLITS, seed=3)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    split_of = {}
+    assert all(split_of.setdefault(r["subject_id"], r["split"]) == r["split"] for r in records)
+    assert sorted(Counter(split_of.values()).values()) == [2, 3, 8]  # 13 patients: 60 / 20 / 20%
 
 
 def test_chunks_concatenate_back_to_the_document(small_tokenizer):

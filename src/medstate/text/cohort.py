@@ -37,6 +37,7 @@ from medstate.loading import beside, compile_pattern, from_data, read_yaml
 from medstate.text.classify_run import SPLITS, LabelledDocument
 from medstate.text.notes import build_documents, read_meds_notes
 
+DEFAULT_SPLITS = {"train": 0.6, "tuning": 0.2, "test": 0.2}  # shares of patients
 DAYS_PER_YEAR = 365.2425
 
 
@@ -57,7 +58,7 @@ class CohortConfig:
     meds: str
     criteria: list[CohortCriterion]
     samples_per_subject: int = 4
-    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.6, "tuning": 0.2, "test": 0.2})
+    splits: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
     seed: int = 0
     clean_deid: bool = True
 

@@ -46,12 +46,15 @@ class CorpusSource:
     weight: float = 1.0
     limit: int | None = None
     note_codes: str = "^NOTE//"  # meds-notes: the codes whose text_value is a note
+    select: dict[str, str] = field(default_factory=dict)  # record files: only records with these field values
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise MedstateError(f"corpus {self.name!r}: unknown format {self.format!r}; choose one of {FORMATS}")
         if self.weight < 0:
             raise MedstateError(f"corpus {self.name!r}: weight must be >= 0, got {self.weight}")
+        if self.select and self.resolved_format() not in ("jsonl", "json", "csv", "parquet"):
+            raise MedstateError(f"corpus {self.name!r}: select applies to record files (JSON, CSV, Parquet)")
 
     @property
     def namespace(self) -> str:
@@ -185,8 +188,16 @@ def _parquet_records(path: Path, columns: list[str] | None) -> Iterator[tuple[st
 
 
 def _read_records(source: CorpusSource, path: Path) -> Iterator[Document]:
-    columns = list(dict.fromkeys([*source.text_fields, *([source.id_field] if source.id_field else [])]))
-    for number, (where, record) in enumerate(read_records(path, columns), 1):
+    columns = [*source.text_fields, *([source.id_field] if source.id_field else []), *source.select]
+    number = 0
+    for where, record in read_records(path, list(dict.fromkeys(columns))):
+        if isinstance(record, dict) and source.select:
+            missing = [name for name in source.select if name not in record]
+            if missing:
+                raise MedstateError(f"{where}: no field {missing[0]!r} to select on")
+            if any(str(record[name]) != str(value) for name, value in source.select.items()):
+                continue
+        number += 1
         key = record.pop("_key", None) if isinstance(record, dict) and not source.id_field else None
         yield _document(record, number, source, where, key)
 

@@ -297,16 +297,25 @@ def _guess_format(path: Path) -> str:
     raise MedstateError(f"{path}: not a MIMIC-III NOTEEVENTS or MIMIC-IV-Note table (columns {', '.join(names)})")
 
 
-def write_documents(documents: Sequence[NoteDocument], path: str | Path) -> Path:
+def write_documents(
+    documents: Sequence[NoteDocument], path: str | Path, splits: Mapping[str, float] | None = None, seed: int = 0
+) -> Path:
     """JSON Lines, one document per line (id, subject_id, admission, notes, first, last, text): a corpus that
-    `medstate text pretrain` reads with `text_fields: [text]` and `id_field: id`."""
+    `medstate text pretrain` reads with `text_fields: [text]` and `id_field: id`. With `splits` (train / tuning /
+    test shares), each document also gets its patient's `split` (seeded, by patient, as cohorts are split), which a
+    corpus selects with `select: {split: train}`."""
     import json
 
+    from medstate.text.cohort import assign_splits
+
+    split_of = assign_splits(sorted({d.subject_id for d in documents}), splits, seed) if splits else {}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for d in documents:
             record = {"id": d.id, "subject_id": d.subject_id, "admission": d.admission, "notes": d.notes,
                       "first": d.first.isoformat(), "last": d.last.isoformat(), "text": d.text}  # fmt: skip
+            if split_of:
+                record["split"] = split_of[d.subject_id]
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
