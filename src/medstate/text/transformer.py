@@ -44,7 +44,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise MedstateError("the Transformer model needs Hugging Face transformers: pip install transformers") from None
+        raise MedstateError(
+            "the Transformer baseline needs Hugging Face transformers: pip install 'medstate[baselines]'"
+        ) from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers

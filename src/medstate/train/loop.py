@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medstate.errors import MedstateError
 from medstate.train.distributed import all_reduce_sum, barrier, gathered, shard_fully, world
 from medstate.train.ema import EMA
-from medstate.train.memory import retained_memory
+from medstate.train.memory import KeptGradients, retained_memory
 from medstate.train.param_groups import parameter_groups
 from medstate.train.precision import use_bf16
 from medstate.train.schedules import check_schedule, learning_rate_factor
@@ -188,6 +188,7 @@ class Trainer:
             model, config.lr, config.weight_decay, config.layer_decay, embeddings_at_peak=config.embeddings_at_peak
         )
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), fused=_fusable(model))
+        self._kept_gradients: KeptGradients | None = None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: learning_rate_factor(s, config))
         self.ema = EMA(model, config.ema_decay) if config.ema_decay else None
         self.bf16 = use_bf16(config.bf16, next(model.parameters()).device)
@@ -202,14 +203,17 @@ class Trainer:
         return self.run_dir / "checkpoints" / "best"
 
     def fit(self) -> TrainResult:
-        with retained_memory(self.config.retain_memory and self._device.type == "cpu"):
-            if not self.config.flush_denormal:
-                return self._fit()
-            torch.set_flush_denormal(True)
+        with retained_memory(self.config.retain_memory and self._device.type == "cpu") as kept:
+            # one process: gradient buffers allocated first and kept (DDP and FSDP manage their own)
+            self._kept_gradients = KeptGradients(self.model.parameters()) if kept and self.world.size == 1 else None
+            torch.set_flush_denormal(self.config.flush_denormal)
             try:
                 return self._fit()
             finally:
                 torch.set_flush_denormal(False)  # torch's default: leave the process as we found it
+                if self._kept_gradients is not None:
+                    self._kept_gradients.close()
+                    self._kept_gradients = None
 
     def _fit(self) -> TrainResult:
         started = time.perf_counter()
@@ -247,7 +251,10 @@ class Trainer:
         equal one large batch."""
         accumulate, processes = self.config.grad_accumulation, self.world.size
         exact = accumulate == 1 and processes == 1  # one batch: the loss's own gradient, nothing rescaled
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._kept_gradients is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._kept_gradients.zero()
         total_loss, total_tokens = 0.0, 0
         for micro in range(accumulate):
             batch = _to_device(next(self.batches), self._device)
@@ -257,6 +264,8 @@ class Trainer:
                 (loss if exact else loss * tokens).backward()
             total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
+        if self._kept_gradients is not None:
+            self._kept_gradients.release_untouched()
         if not exact:
             total_loss, total_tokens = all_reduce_sum([total_loss, total_tokens], self._device)
             # DDP averaged the per-process sums of loss x tokens: x processes / all tokens = the global token mean
