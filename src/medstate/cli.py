@@ -710,15 +710,15 @@ def text_eval(
 ) -> None:
     """Perplexity and bits per byte per corpus (token-weighted, 95% intervals over documents) and PubMedQA accuracy
     and macro-F1 on the official test split, with the majority baseline."""
-    from medstate.ssm import load_pretrained
     from medstate.text.corpora import read_corpus_list, read_documents
     from medstate.text.evaluate import evaluate_corpora
+    from medstate.text.models import load_language_model
     from medstate.text.pubmedqa import load_pubmedqa, majority_label, score_pubmedqa
     from medstate.text.tokenizer import TextTokenizer
 
     if corpora is None and pubmedqa is None:
         raise MedstateError("give --corpora FILE and/or --pubmedqa FOLDER")
-    model, encoder = load_pretrained(model_dir), TextTokenizer.load(tokenizer or model_dir)
+    model, encoder = load_language_model(model_dir), TextTokenizer.load(tokenizer or model_dir)
     figures: dict = {}
     if corpora is not None:
         documents = {s.name: list(read_documents(s)) for s in read_corpus_list(corpora)}
