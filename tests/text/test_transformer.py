@@ -97,3 +97,20 @@ def test_pretraining_a_transformer_with_the_same_recipe(pretrain_config, small_t
     # layer-wise decay knows GPT-2's names: embeddings lowest, block i at i + 1, the final norm on top
     names = ("wte.weight", "wpe.weight", "h.1.mlp.c_fc.weight", "ln_f.weight")
     assert [depth(f"backbone.gpt2.{n}", 2) for n in names] == [0, 0, 2, 3]
+
+
+def test_long_documents_are_scored_in_windows_within_the_positions(saved, small_tokenizer):
+    from medstate.text.corpora import Document
+    from medstate.text.evaluate import score_documents
+
+    ours, hf = saved
+    text = " ".join(["the patient was given aspirin for chest pain"] * 7)
+    ids = [small_tokenizer.eos_id, *small_tokenizer.encode(text)]
+    assert 100 < len(ids) <= 160
+    # segments of 50: every window holds the whole history (at most 110 earlier tokens fit): HF on the whole text
+    (nll,) = score_documents(ours, small_tokenizer, [Document("d", text)], length=50).nll
+    with torch.no_grad():
+        whole = float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss) * (len(ids) - 1)
+    assert nll == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(MedstateError, match="below"):
+        score_documents(ours, small_tokenizer, [Document("d", text * 3)], length=160)

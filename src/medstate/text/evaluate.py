@@ -144,13 +144,22 @@ def score_documents(
 
 def _score_in_segments(model: torch.nn.Module, sequence: Sequence[int], length: int) -> float:
     """A long document segment by segment with the state carried: position t of a segment predicts token t + 1,
-    which may be the first token of the next segment (known already)."""
+    which may be the first token of the next segment (known already). A model with learned positions
+    (`max_positions`, the Transformer baseline) cannot carry its cache past them: each segment is read after at most
+    `max_positions - length` earlier tokens (a sliding window) and only its own positions are scored."""
     tokens = torch.tensor(sequence, device=next(model.parameters()).device)
+    limit = getattr(model, "max_positions", None)
+    if limit is not None and length >= limit:
+        raise MedstateError(f"the row length {length} must be below the model's {limit} positions")
     total, state = 0.0, None
     for start in range(0, len(sequence) - 1, length):
         segment = tokens[start : start + length]
-        out = model(segment[None], state=state, return_state=True)
-        state = out.state
         targets = tokens[start + 1 : start + 1 + len(segment)]
-        total += float(_token_nll(out.logits[0, : len(targets)], targets).double().sum())
+        if limit is None:
+            out = model(segment[None], state=state, return_state=True)
+            state, logits = out.state, out.logits[0]
+        else:
+            context = min(start, limit - length)
+            logits = model(tokens[start - context : start + len(segment)][None]).logits[0, context:]
+        total += float(_token_nll(logits[: len(targets)], targets).double().sum())
     return total
