@@ -95,10 +95,15 @@ def _canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> MambaLM:
-    """Load a local Mamba / Mamba-2 checkpoint directory into a `MambaLM` (eval mode)."""
+    """Load a local Mamba / Mamba-2 checkpoint directory into a `MambaLM` (eval mode). A LoRA adapter directory
+    (PEFT's format) loads its base model with the adapters on it."""
+    from medstate.train.lora import is_adapter, load_adapter
+
     directory = Path(path)
     if not directory.is_dir():
         raise MedstateError(f"checkpoint directory {directory} does not exist")
+    if is_adapter(directory):
+        return load_adapter(directory, lambda base: load_pretrained(base, dtype, device)).eval()
     config = read_config(directory)
     weights = _canonical_names(read_weights(directory))
     embedding = weights.get("backbone.embeddings.weight")
@@ -124,7 +129,12 @@ def load_pretrained(
 
 
 def save_pretrained(model: MambaLM, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors in the Hugging Face layout."""
+    """Write config.json + model.safetensors in the Hugging Face layout; a model with LoRA adapters writes the
+    adapters (PEFT's format, naming its base model)."""
+    from medstate.train.lora import has_lora, save_adapter
+
+    if has_lora(model):
+        return save_adapter(model, directory)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()

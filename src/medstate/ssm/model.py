@@ -120,7 +120,7 @@ class MambaLM(nn.Module):
         and no logits are returned."""
         hidden, new_state = self.backbone(input_ids, inputs_embeds, state, seq_idx, return_state)
         targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-        if labels is not None and not return_logits:
+        if labels is not None and not return_logits and type(self.lm_head) is nn.Linear:  # (not when adapted)
             loss = fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets)
             return LMOutput(None, hidden, new_state, loss)
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))

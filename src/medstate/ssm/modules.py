@@ -80,7 +80,8 @@ class _Mixer(nn.Module):
     ) -> tuple[torch.Tensor, LayerState]:
         if norm is None:
             projected = self.in_proj(hidden)
-        elif hidden.dtype in (torch.float32, torch.float64):
+        elif hidden.dtype in (torch.float32, torch.float64) and type(self.in_proj) is nn.Linear:
+            # (an adapted in_proj, a LoRA layer, is called as a module: its weight alone is not what it computes)
             projected = rms_norm_linear(hidden, norm.weight, norm.eps, self.in_proj.weight, self.in_proj.bias)
         else:
             projected = self.in_proj(norm(hidden))
@@ -120,6 +121,8 @@ class Mamba1Mixer(_Mixer):
             self.dt_proj.bias.copy_(_init_dt_bias(d_inner, config))
 
     def _dt(self, low_rank: torch.Tensor) -> torch.Tensor:
+        if type(self.dt_proj) is not nn.Linear:  # adapted (LoRA): the module computes more than its weight
+            return F.softplus(self.dt_proj(low_rank).float())
         return F.softplus(F.linear(low_rank, self.dt_proj.weight).float() + self.dt_proj.bias.float())
 
     def mix(self, projected: torch.Tensor, state: LayerState | None, seq_idx: torch.Tensor | None):
