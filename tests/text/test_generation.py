@@ -149,3 +149,42 @@ def test_generation_stops_early_at_a_stop_string(model, small_tokenizer, monkeyp
     stopped = generate_texts(model, small_tokenizer, ["the patient"], max_new_tokens=40, stop=[free[2:5]])[0]
     assert stopped == free[: free.index(free[2:5])]
     assert len(steps) < 39  # it stopped stepping once the stop string appeared, not at max_new_tokens
+
+
+def test_beam_search_with_one_beam_is_greedy(model, small_tokenizer):
+    from medstate.text.generate import beam_search
+
+    ids = [small_tokenizer.eos_id, *small_tokenizer.encode("aspirin for chest pain and")]
+    greedy = model.generate(torch.tensor([ids]), 12)[0, len(ids) :].tolist()
+    assert beam_search(model, ids, 1, 12) == greedy
+    end = greedy[4]  # taken as the end-of-text token: greedy stops before it, and so must the beam
+    assert beam_search(model, ids, 1, 12, eos_id=end) == greedy[: greedy.index(end)]
+    # through the text API: the decoded continuation
+    (text,) = generate_texts(model, small_tokenizer, ["aspirin for chest pain and"], 12, num_beams=3)
+    assert text == small_tokenizer.decode(beam_search(model, ids, 3, 12, eos_id=small_tokenizer.eos_id))
+
+
+def test_beam_search_finds_the_best_of_all_continuations():
+    from itertools import product
+
+    from medstate.text.generate import beam_search
+
+    torch.manual_seed(3)
+    vocab, eos, penalty = 6, 5, 0.7
+    model = MambaLM(SSMConfig(version=2, vocab_size=vocab, d_model=16, n_layer=2, d_state=8, head_dim=8,
+                              chunk_size=8)).eval()  # fmt: skip
+    prompt = [1, 3, 2]
+
+    def summed(tokens):  # log-probability of the tokens after the prompt, read whole
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(tokens)])).logits[0].double().log_softmax(-1)
+        return sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens))
+
+    candidates = []  # every continuation of up to 3 tokens: ended by eos, or still going at the limit
+    for length in range(3):
+        for body in product(range(eos), repeat=length):
+            candidates.append((summed([*body, eos]) / (length + 1) ** penalty, list(body)))
+    candidates += [(summed(body) / 3**penalty, list(body)) for body in product(range(eos), repeat=3)]
+    best = max(candidates, key=lambda c: c[0])[1]
+    # 25 beams hold every live prefix of 2 tokens: the search is exhaustive
+    assert beam_search(model, prompt, 25, 3, eos_id=eos, length_penalty=penalty) == best
