@@ -858,12 +858,21 @@ def text_sft(
     max_steps: Annotated[int | None, typer.Option(min=1, help="override train.max_steps")] = None,
     seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
     init: Annotated[Path | None, typer.Option(help="override init: the model to finetune")] = None,
+    lora: Annotated[
+        bool, typer.Option(help="train LoRA adapters only (the YAML's `lora:` settings, else rank 16, alpha 32)")
+    ] = False,
 ) -> None:
-    """Supervised finetuning with the loss on response tokens only; PubMedQA scored before and after if asked."""
+    """Supervised finetuning with the loss on response tokens only; PubMedQA scored before and after if asked.
+    With LoRA, run_dir/adapter holds the adapters (PEFT's format) and run_dir/model the merged model."""
+    import dataclasses
+
     from medstate.text.sft import SFTConfig, finetune
     from medstate.train.distributed import world
+    from medstate.train.lora import LoraSettings
 
     settings = _overridden(SFTConfig.read(config), max_steps, seed, init)
+    if lora and settings.lora is None:
+        settings = dataclasses.replace(settings, lora=LoraSettings())
     tokens_per_step = settings.seq_len * settings.batch_size * settings.train.grad_accumulation
     with _text_progress("sft", settings.train.max_steps, tokens_per_step) as progress:
         result = finetune(settings, run_dir, progress)
@@ -883,6 +892,41 @@ def text_sft(
         _summary(f"{name}: generated (ROUGE F ×100)", {k: _interval(v, 1, 2) for k, v in scores.items()})
 
 
+@text_app.command("prune")
+def text_prune(
+    model_dir: Annotated[Path, typer.Argument(help="model directory (with its tokenizer)")],
+    out: Annotated[Path, typer.Argument(help="directory for the pruned model")],
+    keep: Annotated[
+        str | None, typer.Option(help="blocks to keep: 0,1,2,4 or first:K, last:K, every-other, drop:3,5")
+    ] = None,
+    drop: Annotated[
+        int | None, typer.Option(min=0, help="drop this many blocks of least influence on the calibration text")
+    ] = None,
+    calibration: Annotated[Path | None, typer.Option(help="YAML with a `corpora:` list of calibration text")] = None,
+    tokens: Annotated[int, typer.Option(min=2, help="calibration tokens")] = 16_384,
+    length: Annotated[int, typer.Option(min=2, help="tokens per calibration row")] = 1024,
+) -> None:
+    """Remove whole blocks: an ordinary checkpoint (HF transformers loads it), with prune.json."""
+    from medstate.text.corpora import read_corpus_list
+    from medstate.text.pruning import prune_checkpoint
+
+    sources = read_corpus_list(calibration) if calibration is not None else None
+    report = prune_checkpoint(model_dir, out, keep, drop, sources, tokens, length)
+    shown = {k: report[k] for k in ("layers_before", "layers_after", "kept", "dropped", "parameters_after")}
+    _summary(f"prune: {out}", {k: ", ".join(map(str, v)) if isinstance(v, list) else v for k, v in shown.items()})
+
+
+@text_app.command("merge")
+def text_merge(
+    adapter: Annotated[Path, typer.Argument(help="LoRA adapter directory (PEFT's format, naming its base model)")],
+    out: Annotated[Path, typer.Argument(help="directory for the merged model")],
+) -> None:
+    """Fold LoRA adapters into their base model: a plain checkpoint in the Hugging Face layout."""
+    from medstate.text.models import merge_adapter
+
+    _summary("merge", {"model": str(merge_adapter(adapter, out))})
+
+
 @text_app.command("generate")
 def text_generate(
     model_dir: Annotated[Path, typer.Argument(help="model directory (with its tokenizer)")],
@@ -893,6 +937,8 @@ def text_generate(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    num_beams: Annotated[int, typer.Option(min=1, help="beam search with this many beams (1: greedy/sampled)")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="beam search: score / length ** this")] = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeat for several)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     limit: Annotated[int | None, typer.Option(min=1, help="first N records only")] = None,
@@ -911,7 +957,7 @@ def text_generate(
     result = generate_for_records(
         model, encoder, prompts=prompt, records=records, template=template, reference=reference, limit=limit,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop or (),
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, num_beams=num_beams, length_penalty=length_penalty,
     )  # fmt: skip
     if records is None:
         for text in result["outputs"]:

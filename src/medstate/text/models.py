@@ -35,3 +35,19 @@ def load_language_model(path: str | Path, device: torch.device | str = "cpu") ->
     ):
         return TransformerLM.from_pretrained(path, device)
     return load_pretrained(path, device=device)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """A LoRA adapter directory (PEFT's format) merged into its base model, written as a plain checkpoint in the
+    Hugging Face layout with the base model's tokenizer."""
+    from medstate.text.tokenizer import TextTokenizer
+    from medstate.train.lora import is_adapter, merge_lora
+
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter(adapter_dir):
+        raise MedstateError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+    model = load_pretrained(adapter_dir)
+    base = Path(model.lora_base)
+    merge_lora(model).save_pretrained(out_dir)
+    TextTokenizer.load(base).save(Path(out_dir))
+    return Path(out_dir)

@@ -39,6 +39,7 @@ from medstate.text.transformer import TransformerLM
 from medstate.train.distributed import World, world
 from medstate.train.ema import EMA
 from medstate.train.loop import TrainConfig, Trainer
+from medstate.train.lora import has_lora, merge_lora, save_adapter
 
 
 @dataclass
@@ -205,15 +206,20 @@ def pretrain(
 def export_model(trainer: Trainer, tokenizer: TextTokenizer, directory: Path) -> Path:
     """The model to use: the best validated one where there is validation (EMA weights when there is an EMA),
     else the last weights (EMA applied); with its tokenizer, in the Hugging Face layout. Read from the run's
-    checkpoints, which hold whole weights, so the first process alone writes it whatever the parallelism."""
+    checkpoints, which hold whole weights, so the first process alone writes it whatever the parallelism. A model
+    trained with LoRA adapters is written twice: the adapters (PEFT's format) in `adapter/` beside `directory`, and
+    merged into a plain model in `directory`."""
     if trainer.best_dir.is_dir():
-        load_language_model(trainer.best_dir).save_pretrained(directory)
+        model = load_language_model(trainer.best_dir)
     else:
         model = load_language_model(trainer.checkpoint_dir)
         if trainer.ema is not None:
             ema = EMA(model, trainer.ema.decay)
             ema.load_state_dict(torch.load(trainer.checkpoint_dir / "trainer_state.pt", weights_only=True)["ema"])
             ema.copy_to(model)
-        model.save_pretrained(directory)
+    if has_lora(model):
+        save_adapter(model, directory.with_name("adapter"))
+        merge_lora(model)
+    model.save_pretrained(directory)
     tokenizer.save(directory)
     return directory

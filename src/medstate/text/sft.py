@@ -42,6 +42,7 @@ from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, pro
 from medstate.text.rouge import rouge
 from medstate.text.tokenizer import TextTokenizer
 from medstate.train.loop import TrainConfig, Trainer
+from medstate.train.lora import LoraSettings, add_lora
 
 TASK_KINDS = ("pubmedqa", "medquad", "records", "completion")
 
@@ -161,7 +162,10 @@ class SFTConfig:
     generate_items: int = 0  # after SFT, generate answers for this many PubMedQA test items and score them with ROUGE
     generate: list[SFTTask] = field(default_factory=list)  # held-out generation sets (never trained on)
     max_new_tokens: int = 96
+    num_beams: int = 1  # generation: greedy, or beam search with this many beams
+    length_penalty: float = 1.0
     eval_batch_size: int = 8
+    lora: LoraSettings | None = None  # train LoRA adapters only (the base frozen); the exported model is merged
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -192,9 +196,11 @@ class SFTResult:
 def _generate_and_score(
     config: SFTConfig, model: torch.nn.Module, tokenizer: TextTokenizer, items: list[Example], path: Path
 ) -> dict:
-    """Greedy answers to the items' prompts, written with their references to `path`; ROUGE with intervals."""
+    """Answers to the items' prompts (greedy or beam search), written with their references to `path`; ROUGE with
+    intervals."""
     outputs = generate_texts(model, tokenizer, [e.prompt for e in items], config.max_new_tokens,
-                             batch_size=config.eval_batch_size, max_prompt_tokens=config.seq_len)  # fmt: skip
+                             batch_size=config.eval_batch_size, max_prompt_tokens=config.seq_len,
+                             num_beams=config.num_beams, length_penalty=config.length_penalty)  # fmt: skip
     references = [e.response for e in items]
     path.write_text(
         "".join(json.dumps({"id": e.id, "output": o, "reference": e.response}) + "\n" for e, o in zip(items, outputs))
@@ -213,6 +219,8 @@ def finetune(
     run_dir, here = open_run(config, run_dir)
     tokenizer = TextTokenizer.load(config.tokenizer or config.init)
     model = load_pretrained(config.init, device=here.device()).train()
+    if config.lora is not None:
+        add_lora(model, config.lora, base=Path(config.init).resolve())
     generation_sets = {task.name: task_examples(task) for task in config.generate}
     held_prompts = {e.prompt for group in generation_sets.values() for e in group}
     examples = {task.name: task_examples(task) for task in config.tasks}

@@ -23,7 +23,8 @@ class EMA:
 
     @staticmethod
     def _parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        return ((n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point)
+        # the trained parameters (a frozen base under LoRA adapters does not move)
+        return ((n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point and p.requires_grad)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

@@ -99,7 +99,7 @@ def add_lora(model: nn.Module, settings: LoraSettings, base: str | Path | None =
     peft.inject_adapter_in_model(config, model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
-    model.lora_config = config
+    model.lora_config, model.lora_base = config, None if base is None else str(base)
     return model
 
 
@@ -148,7 +148,7 @@ def load_adapter(directory: str | Path, load_base: Callable[[Path], nn.Module]) 
                             f"unexpected {result.unexpected_keys[:3]})")  # fmt: skip
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
-    model.lora_config = config
+    model.lora_config, model.lora_base = config, str(base_path.resolve())
     return model
 
 
