@@ -188,3 +188,19 @@ def test_beam_search_finds_the_best_of_all_continuations():
     best = max(candidates, key=lambda c: c[0])[1]
     # 25 beams hold every live prefix of 2 tokens: the search is exhaustive
     assert beam_search(model, prompt, 25, 3, eos_id=eos, length_penalty=penalty) == best
+
+
+def test_paired_rouge_difference():
+    from medstate.text.rouge import paired_rouge_difference
+
+    references = ["no acute findings on the scan", "aspirin given for chest pain", "heparin was started today"]
+    better = ["no acute findings on scan", "aspirin for chest pain", "heparin started"]
+    worse = ["the scan", "pain", "started"]
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    expected = np.mean([100 * (scorer.score(r, a)["rouge1"].fmeasure - scorer.score(r, b)["rouge1"].fmeasure)
+                        for r, a, b in zip(references, better, worse)])  # fmt: skip
+    result = paired_rouge_difference(better, worse, references, n_bootstrap=500)
+    assert result["rouge1"]["difference"] == pytest.approx(expected)
+    assert 0 < result["rouge1"]["low"] <= expected <= result["rouge1"]["high"] and result["rouge1"]["p_not_better"] == 0
+    same = paired_rouge_difference(better, better, references, n_bootstrap=100)["rouge2"]
+    assert (same["difference"], same["low"], same["high"], same["p_not_better"]) == (0, 0, 0, 1)
