@@ -204,3 +204,20 @@ def test_paired_rouge_difference():
     assert 0 < result["rouge1"]["low"] <= expected <= result["rouge1"]["high"] and result["rouge1"]["p_not_better"] == 0
     same = paired_rouge_difference(better, better, references, n_bootstrap=100)["rouge2"]
     assert (same["difference"], same["low"], same["high"], same["p_not_better"]) == (0, 0, 0, 1)
+
+
+def test_sft_validation_from_a_dataset_split(small_tokenizer, model, tmp_path):
+    records, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
+    records.write_text("\n".join(json.dumps({"id": i, "q": "aspirin", "a": "chest pain"}) for i in range(12)))
+    valid.write_text("\n".join(json.dumps({"id": f"v{i}", "q": "scan", "a": "no findings"}) for i in range(3)))
+    model.save_pretrained(tmp_path / "init")
+    small_tokenizer.save(tmp_path / "init")
+    task = dict(kind="records", prompt="drug {q} for", response=" {a}", id_field="id")
+    config = SFTConfig(init=str(tmp_path / "init"), tasks=[SFTTask("qa", path=str(records), **task)], seq_len=32,
+                       batch_size=4, validation=[SFTTask("qa-valid", path=str(valid), **task)],
+                       train=TrainConfig(max_steps=2, lr=1e-3, warmup_steps=0, eval_every=1))  # fmt: skip
+    result = finetune(config, tmp_path / "run")
+    # the valid file is the validation set; every training example trains (no fraction is held out)
+    assert result.metrics["validation_examples"] == 3 and result.metrics["train_examples"] == 12
+    logged = [r.split(",")[5] for r in (tmp_path / "run/log.csv").read_text().splitlines()[1:]]
+    assert sum(1 for v in logged if v) == 2

@@ -26,13 +26,18 @@ def _ids(n=2, length=12):
     return torch.randint(0, 48, (n, length), generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("sizes", [MAMBA1, MAMBA2], ids=["mamba1", "mamba2"])
-def test_every_adapter_gets_a_gradient_and_moves_the_output(sizes):
-    model = add_lora(_model(sizes), LoraSettings(EVERYTHING[sizes["version"]], rank=2, alpha=4, dropout=0.0))
+def test_every_adapter_gets_a_gradient_and_moves_the_output(sizes, device):
+    """On CUDA the fused kernels (mamba-ssm, causal-conv1d) run the scans: no adapter may be bypassed there either."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = _model(sizes).to(device)
+    model = add_lora(model, LoraSettings(EVERYTHING[sizes["version"]], rank=2, alpha=4, dropout=0.0))
     adapters = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert adapters and all(p.requires_grad for p in adapters.values())
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-    ids = _ids()
+    ids = _ids().to(device)
     for fused in (False, True):  # the logits' loss, and the fused loss that never forms logits
         model.zero_grad()
         with torch.no_grad():  # one of each pair starts at zero (so the other gets no gradient): give all values

@@ -35,8 +35,8 @@ def main() -> None:
         shutil.copy(SHARED / "pubmedqa-pqal" / name, OUT / "pubmedqa" / name)
     for name in ("LICENSE", "LICENSE-CC-BY-4.0.txt", "NOTICE-BC5CDR.txt"):
         shutil.copy(SHARED / "text-biomed/pubmed-abstracts-ncbi" / name, OUT / f"pubmed-{name}")
-    (OUT / "aci-bench").mkdir(exist_ok=True)  # ACI-Bench's training split and its first test set, files unchanged
-    for name in ("train.csv.gz", "clinicalnlp_taskB_test1.csv.gz"):
+    (OUT / "aci-bench").mkdir(exist_ok=True)  # ACI-Bench's train / valid splits and test set 1, files unchanged
+    for name in ("train.csv.gz", "valid.csv.gz", "clinicalnlp_taskB_test1.csv.gz"):
         shutil.copy(SHARED / "aci-bench/challenge_data" / name, OUT / "aci-bench" / name)
 
 

@@ -161,6 +161,9 @@ class SFTConfig:
     pubmedqa_test: str | None = None  # a PubMedQA folder: score its official test split before and after
     generate_items: int = 0  # after SFT, generate answers for this many PubMedQA test items and score them with ROUGE
     generate: list[SFTTask] = field(default_factory=list)  # held-out generation sets (never trained on)
+    # a dataset's own validation split (e.g. ACI-Bench's valid set): its loss selects the model, instead of a
+    # `validation_fraction` of the tasks' examples
+    validation: list[SFTTask] = field(default_factory=list)
     max_new_tokens: int = 96
     num_beams: int = 1  # generation: greedy, or beam search with this many beams
     length_penalty: float = 1.0
@@ -183,6 +186,7 @@ class SFTConfig:
             pubmedqa_test=beside(config.pubmedqa_test, path),
             tasks=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.tasks],
             generate=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.generate],
+            validation=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.validation],
         )
 
 
@@ -225,8 +229,10 @@ def finetune(
     held_prompts = {e.prompt for group in generation_sets.values() for e in group}
     examples = {task.name: task_examples(task) for task in config.tasks}
     usable = [e for group in examples.values() for e in group if e.prompt not in held_prompts]
-    train = [e for e in usable if not is_validation(e.id, config.validation_fraction)]
-    held = [e for e in usable if is_validation(e.id, config.validation_fraction)]
+    fraction = 0.0 if config.validation else config.validation_fraction
+    train = [e for e in usable if not is_validation(e.id, fraction)]
+    held = [e for task in config.validation for e in task_examples(task) if e.prompt not in held_prompts]
+    held += [e for e in usable if is_validation(e.id, fraction)]
     if not train:
         raise MedstateError("SFT: no training examples (check the tasks and validation_fraction)")
 
