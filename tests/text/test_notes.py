@@ -230,3 +230,21 @@ def test_n2c2_cohort_keeps_the_official_test_split(tmp_path):
         name = document.id.split("/")[1]
         assert {k for k, v in document.labels.items() if v} == met[name]
         assert f"Patient {name}: notes." in document.text
+
+
+def test_us_core_bundles_give_notes_and_labels_from_their_own_resources(tmp_path, shared_data):
+    """The second FHIR producer (Inferno's US Core transaction bundles): DocumentReference text notes become MEDS
+    NOTE events and documents, and its Conditions the diagnosis events cohort labels are read from."""
+    from medstate.data.convert import convert
+
+    root = shared_data / "synthea-uscore-inferno"
+    meds = convert(root, tmp_path / "meds", "fhir").summary.output
+    notes = read_meds_notes(meds)
+    # SOURCE.md: 19 + 24 text notes (patient 85's advance-directive DocumentReference has no text attachment)
+    assert notes.group_by("subject_id").len().sort("len")["len"].to_list() == [19, 24]
+    documents = build_documents(notes)
+    assert [d.notes for d in sorted(documents, key=lambda d: d.notes)] == [19, 24]
+    assert all("# Chief Complaint" in d.text for d in documents)
+    # the structured side a cohort labels from: patient 355's prediabetes (SOURCE.md) is a diagnosis event
+    events = pl.read_parquet(list((meds / "data").rglob("*.parquet")))
+    assert (events["code"] == "DIAGNOSIS//SNOMED//15777000").sum() >= 1
