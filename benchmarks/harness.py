@@ -46,6 +46,50 @@ def run_worker(script: str, spec: dict, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def answer_worker(spec: str | None, workers: dict) -> bool:
+    """In a worker process (`--worker SPEC`): run the case SPEC names and print its JSON result; True if it did."""
+    if spec is None:
+        return False
+    parsed = json.loads(spec)
+    print(json.dumps(workers[parsed["case"]](parsed)))
+    return True
+
+
+def case_runner(script: str, results: dict, timeout: float = 1800):
+    """`case(name, spec)`: run one case in a worker of `script`, keep its result under `name` in `results`."""
+
+    def case(name: str, spec: dict, limit: float = timeout) -> dict:
+        print(f"{name} ...", flush=True)
+        results[name] = run_worker(script, spec, limit)
+        if "error" in results[name]:
+            print(f"  error: {results[name]['error']}")
+        return results[name]
+
+    return case
+
+
+def trainer_steps(parameters, loss_of, optimizer, steps: int, retain: bool = True) -> list[float]:
+    """Seconds of `steps` training steps (backward of `loss_of()`, optimizer step) as medstate's Trainer runs them
+    on the CPU: freed memory kept (unless `retain` is false), one malloc arena, gradient buffers allocated first."""
+    from medstate.train.memory import KeptGradients, retained_memory
+
+    times = []
+    with retained_memory(retain) as kept:
+        gradients = KeptGradients(parameters) if kept else None
+        for _ in range(steps):
+            start = time.perf_counter()
+            if gradients is not None:
+                gradients.zero()
+            loss_of().backward()
+            if gradients is not None:
+                gradients.release_untouched()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        if gradients is not None:
+            gradients.close()
+    return times
+
+
 def median(result: dict, key: str = "times") -> float | None:
     return statistics.median(result[key]) if key in result else None
 

@@ -19,15 +19,13 @@ Writes benchmarks/results/notes.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from backbone import GPT2SizedTransformer
-from harness import median, peak_rss_gb, ratio, run_worker, timed, write_report
+from harness import answer_worker, case_runner, median, peak_rss_gb, ratio, timed, trainer_steps, write_report
 from text import NEOX, gemm_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -149,20 +147,9 @@ def train_step(spec: dict) -> dict:
             targets = torch.nn.functional.pad(ids[0, 1:], (0, 1), value=-100)
             return fused_linear_cross_entropy(model(ids)[0], head.weight, targets)
 
-    from medstate.train.memory import KeptGradients, retained_memory
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = []
-    # both models as medstate's Trainer runs on the CPU: freed memory kept, gradient buffers allocated first
-    with retained_memory(spec.get("retain", True)) as kept:
-        gradients = KeptGradients(model.parameters()) if kept else None
-        for _ in range(spec.get("steps", 2)):  # the first step allocates; the second is the steady state
-            start = time.perf_counter()
-            if gradients is not None:
-                gradients.zero()
-            loss_of().backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
+    # both models as medstate's Trainer runs on the CPU; the first step allocates, the second is the steady state
+    times = trainer_steps(model.parameters(), loss_of, optimizer, spec.get("steps", 2), spec.get("retain", True))
     return {"times": times[1:] or times, "first_step": times[0], "peak_rss_gb": peak_rss_gb(),
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
@@ -178,19 +165,12 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(WORKERS[spec["case"]](spec)))
+    if answer_worker(args.worker, WORKERS):
         return
     quick = args.quick
     script, results, rows = str(Path(__file__).resolve()), {"gemm_gflops": gemm_peak()}, []
 
-    def case(name: str, spec: dict, timeout: float = 1800) -> dict:
-        print(f"{name} ...", flush=True)
-        results[name] = run_worker(script, spec, timeout)
-        if "error" in results[name]:
-            print(f"  error: {results[name]['error']}")
-        return results[name]
+    case = case_runner(script, results, 1800)
 
     small = dict(d_model=128, n_layer=2, d_state=32, head_dim=32, chunk_size=64) if quick else dict(
         d_model=256, n_layer=4, d_state=64, head_dim=32, chunk_size=128)  # fmt: skip

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from harness import median, ratio, run_worker, timed, write_report
+from harness import answer_worker, case_runner, median, ratio, timed, write_report
 from medstate.train.memory import retained_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,9 +273,7 @@ def main() -> None:
     parser.add_argument("--ddp-worker")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(WORKERS[spec["case"]](spec)))
+    if answer_worker(args.worker, WORKERS):
         return
     if args.ddp_worker:
         ddp_worker(json.loads(args.ddp_worker))
@@ -285,12 +283,7 @@ def main() -> None:
         d_model=256, n_layer=4, d_state=64, head_dim=32, chunk_size=128)  # fmt: skip
     script, results, rows = str(Path(__file__).resolve()), {"gemm_gflops": gemm_peak()}, []
 
-    def case(name: str, spec: dict, timeout: float = 1800) -> dict:
-        print(f"{name} ...", flush=True)
-        results[name] = run_worker(script, spec, timeout)
-        if "error" in results[name]:
-            print(f"  error: {results[name]['error']}")
-        return results[name]
+    case = case_runner(script, results, 1800)
 
     steps = 2 if quick else 6
     for name in ("packed", "padded"):

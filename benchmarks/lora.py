@@ -13,33 +13,26 @@ worker process (its peak RSS its own):
    influence (1 of its 4 blocks), same data, steps and generation, LoRA's learning rate (1e-3 or 1e-2) chosen by
    the loss on ACI-Bench's validation split; ROUGE with intervals and the paired difference.
 
-    python benchmarks/peft.py            # ~15 min on 2 cores (add --quality: ~6 min more)
-    python benchmarks/peft.py --quick    # small sizes: checks the script only
+    python benchmarks/lora.py            # ~15 min on 2 cores (add --quality: ~6 min more)
+    python benchmarks/lora.py --quick    # small sizes: checks the script only
 
-Writes benchmarks/results/peft.{json,md}.
+Writes benchmarks/results/lora.{json,md}. (Not named peft.py: a script folder holding peft.py would shadow the
+PEFT package for every benchmark there that imports transformers.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-# this file shares its name with Hugging Face's `peft` package: import the package before this folder is searched
-_folder = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _folder]
-import peft  # noqa: E402, F401
-
-sys.path.insert(0, _folder)
-
-from harness import median, peak_rss_gb, ratio, run_worker, write_report  # noqa: E402
-from notes import _checkpoint, _document, _tokenizer  # noqa: E402
-from text import gemm_peak  # noqa: E402
+from harness import answer_worker, case_runner, median, peak_rss_gb, ratio, trainer_steps, write_report
+from notes import _checkpoint, _document, _tokenizer
+from text import gemm_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +45,8 @@ def train_steps(spec: dict) -> dict:
     tokenizer = _tokenizer()
     ids = torch.tensor([tokenizer.encode(_document(tokenizer, spec["tokens"]))])
     if spec["impl"] == "hf":
-        import transformers
-
         import peft
+        import transformers
 
         transformers.logging.set_verbosity_error()
         model = transformers.Mamba2ForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32)
@@ -77,20 +69,9 @@ def train_steps(spec: dict) -> dict:
         def loss_of():
             return model(ids, labels=ids, return_logits=False).loss
 
-    from medstate.train.memory import KeptGradients, retained_memory
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
-    times = []
-    with retained_memory() as kept:  # every case as medstate's Trainer runs on the CPU
-        gradients = KeptGradients(model.parameters()) if kept else None
-        for _ in range(spec["steps"]):
-            start = time.perf_counter()
-            if gradients is not None:
-                gradients.zero()
-            loss_of().backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
+    times = trainer_steps(model.parameters(), loss_of, optimizer, spec["steps"])  # as medstate's Trainer on the CPU
     return {"times": times[1:], "first_step": times[0], "peak_rss_gb": peak_rss_gb(),
             "trainable": sum(p.numel() for p in trainable),
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
@@ -145,19 +126,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quality", action="store_true")
     args = parser.parse_args()
-    if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(WORKERS[spec["case"]](spec)))
+    if answer_worker(args.worker, WORKERS):
         return
     quick = args.quick
     script, results, rows = str(Path(__file__).resolve()), {"gemm_gflops": gemm_peak()}, []
 
-    def case(name: str, spec: dict, timeout: float = 3600) -> dict:
-        print(f"{name} ...", flush=True)
-        results[name] = run_worker(script, spec, timeout)
-        if "error" in results[name]:
-            print(f"  error: {results[name]['error']}")
-        return results[name]
+    case = case_runner(script, results, 3600)
 
     sizes = (dict(d_model=64, n_layer=6, d_state=16, head_dim=16, chunk_size=64) if quick else
              dict(d_model=768, n_layer=24, d_state=128, head_dim=64, chunk_size=256))  # fmt: skip
@@ -207,7 +181,7 @@ def main() -> None:
                          f"LoRA LR {lr:g} (lowest validation loss of 1e-3, 1e-2); paired difference "
                          f"{difference['difference']:+.2f} [{difference['low']:+.2f}, "
                          f"{difference['high']:+.2f}]"))  # fmt: skip
-    write_report("peft", rows, results, RESULTS)
+    write_report("lora", rows, results, RESULTS)
 
 
 if __name__ == "__main__":
