@@ -188,6 +188,9 @@ def test_beam_search_finds_the_best_of_all_continuations():
     best = max(candidates, key=lambda c: c[0])[1]
     # 25 beams hold every live prefix of 2 tokens: the search is exhaustive
     assert beam_search(model, prompt, 25, 3, eos_id=eos, length_penalty=penalty) == best
+    # without an end token, 36 beams hold every 2-token prefix: the best 3-token continuation of all 216
+    longest = max(product(range(vocab), repeat=3), key=summed)
+    assert beam_search(model, prompt, 36, 3) == list(longest)
 
 
 def test_paired_rouge_difference():
@@ -208,7 +211,7 @@ def test_paired_rouge_difference():
 
 def test_sft_validation_from_a_dataset_split(small_tokenizer, model, tmp_path):
     records, valid = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
-    records.write_text("\n".join(json.dumps({"id": i, "q": "aspirin", "a": "chest pain"}) for i in range(12)))
+    records.write_text("\n".join(json.dumps({"id": i, "q": "aspirin", "a": "chest pain"}) for i in range(40)))
     valid.write_text("\n".join(json.dumps({"id": f"v{i}", "q": "scan", "a": "no findings"}) for i in range(3)))
     model.save_pretrained(tmp_path / "init")
     small_tokenizer.save(tmp_path / "init")
@@ -218,6 +221,6 @@ def test_sft_validation_from_a_dataset_split(small_tokenizer, model, tmp_path):
                        train=TrainConfig(max_steps=2, lr=1e-3, warmup_steps=0, eval_every=1))  # fmt: skip
     result = finetune(config, tmp_path / "run")
     # the valid file is the validation set; every training example trains (no fraction is held out)
-    assert result.metrics["validation_examples"] == 3 and result.metrics["train_examples"] == 12
+    assert result.metrics["validation_examples"] == 3 and result.metrics["train_examples"] == 40
     logged = [r.split(",")[5] for r in (tmp_path / "run/log.csv").read_text().splitlines()[1:]]
     assert sum(1 for v in logged if v) == 2
