@@ -443,16 +443,39 @@ def ehr_finetune(
     bf16: bool = False,
     grad_accumulation: GradAccumulation = 1,
     parallel: Parallel = "ddp",
+    lora: Annotated[
+        bool, typer.Option(help="train LoRA adapters on --init's projections and the classifier whole; the rest frozen")
+    ] = False,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="comma-separated LoRA targets (default: every projection: in_proj, out_proj…)")
+    ] = None,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
+    lora_alpha: Annotated[float, typer.Option(min=0.0)] = 32.0,
 ) -> None:
-    """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model."""
+    """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model. With --lora the
+    run's checkpoints are adapters (PEFT's format, naming --init); `medstate ehr merge` folds them in."""
     from medstate.ehr.training import finetune, start_model
     from medstate.train.loop import seed_everything
+    from medstate.train.lora import LoraSettings
 
     seed_everything(seed)
-    model, _ = start_model(run_dir, prepared, init=init, kind=model_kind)
+    targets = parse_list(lora_targets, str, "--lora-targets") if lora_targets else []
+    adapters = LoraSettings(targets, lora_rank, lora_alpha, modules_to_save=["classifier"]) if lora else None
+    model, _ = start_model(run_dir, prepared, init=init, kind=model_kind, lora=adapters)
     config = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
     names = parse_list(tasks, str, "--tasks") if tasks else None
     _train("finetune", prepared, run_dir, lambda p: finetune(prepared, run_dir, model, config, names, token_budget, p))
+
+
+@ehr_app.command("merge")
+def ehr_merge(
+    adapter: Annotated[Path, typer.Argument(help="checkpoint of a `finetune --lora` run (adapters + classifier)")],
+    out: Annotated[Path, typer.Argument(help="directory for the merged model")],
+) -> None:
+    """Fold LoRA adapters into their base model: a plain EHR checkpoint with the base's prepared files."""
+    from medstate.ehr.training import merge_adapter
+
+    _summary("merge", {"model": str(merge_adapter(adapter, out))})
 
 
 @ehr_app.command("evaluate")

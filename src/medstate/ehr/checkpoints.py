@@ -1,7 +1,8 @@
 """Checkpoints of the EHR models in Hugging Face layout: config.json (with a model_type) + model.safetensors.
 
 Tied weights (one tensor under several names, e.g. concept embedding = backbone embedding = LM head) are stored
-once; on load, exactly those names may be absent from the file."""
+once; on load, exactly those names may be absent from the file. A model with LoRA adapters saves the adapters
+(PEFT's format, naming its base checkpoint), and such a directory loads as the base model with the adapters on it."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ class CheckpointMixin:
     CONFIG_CLASS: type
 
     def save_pretrained(self, directory: str | Path) -> None:
+        from medstate.train.lora import has_lora, save_adapter
+
+        if has_lora(self):
+            save_adapter(self, directory)
+            return
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"model_type": self.MODEL_TYPE, **asdict(self.config)}
@@ -44,7 +50,11 @@ class CheckpointMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path):
+        from medstate.train.lora import is_adapter, load_adapter
+
         directory = Path(directory)
+        if is_adapter(directory):
+            return load_adapter(directory, cls.from_pretrained)
         path = directory / "config.json"
         data = dict(expect_mapping(read_json(path, "checkpoint config"), str(path)))
         if data.pop("model_type", None) != cls.MODEL_TYPE:

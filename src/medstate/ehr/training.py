@@ -26,7 +26,9 @@ from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.loading import expect_mapping, read_json, read_yaml
+from medstate.train import lora as lora_adapters
 from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step
+from medstate.train.lora import LoraSettings, add_lora, has_lora, is_adapter, load_adapter
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
 
@@ -80,18 +82,28 @@ def start_model(
     init: str | Path | None = None,
     kind: str = "ehrmamba",
     sizes: dict | None = None,
+    lora: LoraSettings | None = None,
 ) -> tuple[object, int]:
     """The model a training run starts from, decided here and nowhere else: the run's own last checkpoint when it
     has one (a resume; sizes the caller sets must match it), else the weights of `init`, else a new `kind` model
-    with `sizes` (a size left None takes the config's default). Returns the model and the step it resumes from
-    (0: a fresh start)."""
+    with `sizes` (a size left None takes the config's default). With `lora`, `init` is frozen and adapters are
+    trained (a resumed run's checkpoint holds them). Returns the model and the step it resumes from (0: a fresh
+    start)."""
     sizes = {name: value for name, value in (sizes or {}).items() if value is not None}
     checkpoint = Path(run_dir) / "checkpoints" / "last"
     done = checkpoint_step(checkpoint)
     source = checkpoint if done else init
+    if lora is not None and init is None:
+        raise MedstateError("LoRA finetunes a pretrained model: give --init")
     if source is None:
         return new_model(Path(prepared), sizes, kind), 0
     model = load_model(source)
+    if lora is not None and not done:
+        add_lora(model, lora, base=Path(init).resolve())
+    elif done and (lora is not None) != has_lora(model):
+        have = "has" if has_lora(model) else "has no"
+        raise MedstateError(f"{run_dir} resumes a run at step {done} that {have} LoRA adapters: use a new run "
+                            "directory, or the same LoRA setting")  # fmt: skip
     different = {k: v for k, v in sizes.items() if getattr(model.config, k, v) != v}
     if different:
         held = ", ".join(f"{k}={getattr(model.config, k)}" for k in different)
@@ -110,17 +122,30 @@ def prepared_max_length(prepared: Path) -> int:
 
 
 def load_model(directory: str | Path):
-    """Any medstate EHR checkpoint, by the model_type in its config.json."""
+    """Any medstate EHR checkpoint, by the model_type in its config.json; a LoRA adapter directory loads its base
+    checkpoint with the adapters on it."""
 
     from medstate.ehr.baselines.lstm import EhrLSTM
     from medstate.ehr.baselines.transformer import EhrTransformer
 
+    if is_adapter(directory):
+        return load_adapter(directory, load_model)
     path = Path(directory) / "config.json"
     model_type = expect_mapping(read_json(path, "checkpoint config"), str(path)).get("model_type")
     classes = {cls.MODEL_TYPE: cls for cls in (EhrMamba, EhrLSTM, EhrTransformer)}
     if model_type not in classes:
         raise MedstateError(f"{directory}: unknown model_type {model_type!r}")
     return classes[model_type].from_pretrained(directory)
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """A LoRA-finetuned checkpoint (adapters + classifier, PEFT's format) merged into its base: a plain checkpoint
+    with the prepared files (vocabulary, bins, tasks) of the base."""
+    base = lora_adapters.merge_adapter(adapter_dir, out_dir, load_model)
+    for name in PREPARED_FILES:
+        if (base / name).is_file():
+            shutil.copy(base / name, Path(out_dir) / name)
+    return Path(out_dir)
 
 
 def attach_prepared(run_dir: Path, prepared: Path) -> None:

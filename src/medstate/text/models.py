@@ -41,13 +41,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """A LoRA adapter directory (PEFT's format) merged into its base model, written as a plain checkpoint in the
     Hugging Face layout with the base model's tokenizer."""
     from medstate.text.tokenizer import TextTokenizer
-    from medstate.train.lora import is_adapter, merge_lora
+    from medstate.train import lora
 
-    adapter_dir = Path(adapter_dir)
-    if not is_adapter(adapter_dir):
-        raise MedstateError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
-    model = load_pretrained(adapter_dir)
-    base = Path(model.lora_base)
-    merge_lora(model).save_pretrained(out_dir)
+    base = lora.merge_adapter(adapter_dir, out_dir, load_pretrained)
     TextTokenizer.load(base).save(Path(out_dir))
     return Path(out_dir)

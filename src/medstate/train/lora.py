@@ -12,6 +12,9 @@ own forward can be adapted (`nn.Linear`, `nn.Embedding`): a depthwise convolutio
 read directly (Mamba's conv1d) is refused rather than left silently untrained, and medstate's fused paths (the
 RMSNorm + in_proj op on the CPU, the dt projection) fall back to calling the module when it is adapted.
 
+Modules listed in `modules_to_save` (PEFT's name; e.g. a new task head such as EhrMamba's classifier) are trained
+whole beside the adapters and saved with them.
+
 A head tied to the token embeddings stays tied while adapters are trained (each adapter acts on its own module's
 output), and is untied when merging if the head or the embeddings are adapted, so that the merged model computes
 exactly what the adapted one did.
@@ -40,6 +43,7 @@ class LoraSettings:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.1
+    modules_to_save: list[str] = field(default_factory=list)  # trained whole and saved with the adapters
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -54,6 +58,23 @@ def _peft():
     return peft
 
 
+def _matching(names: dict[str, nn.Module], target: str, what: str) -> list[str]:
+    """The module names a target selects (a name suffix, or `re:` over the whole name); none is an error."""
+    if target.startswith("re:"):
+        try:
+            pattern = re.compile(target[3:])
+        except re.error as err:
+            raise MedstateError(f"{what} {target!r} is not a regular expression ({err})") from None
+        matched = [n for n in names if pattern.fullmatch(n)]
+    else:
+        matched = [n for n in names if n == target or n.endswith("." + target)]
+    if not matched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in names.items() if not list(m.children())})
+        raise MedstateError(f"{what} {target!r} matches no module of the model (module names end in: "
+                            f"{', '.join(leaves)})")  # fmt: skip
+    return matched
+
+
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """The full names of the modules the targets select; an error names a target that selects nothing, or a module
     that cannot be adapted."""
@@ -62,19 +83,7 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
         targets = [t for t in PROJECTIONS if any(n == t or n.endswith("." + t) for n in names)]
     chosen: dict[str, None] = {}
     for target in targets:
-        if target.startswith("re:"):
-            try:
-                pattern = re.compile(target[3:])
-            except re.error as err:
-                raise MedstateError(f"LoRA target {target!r} is not a regular expression ({err})") from None
-            matched = [n for n in names if pattern.fullmatch(n)]
-        else:
-            matched = [n for n in names if n == target or n.endswith("." + target)]
-        if not matched:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in names.items() if not list(m.children())})
-            raise MedstateError(f"LoRA target {target!r} matches no module of the model (module names end in: "
-                                f"{', '.join(leaves)})")  # fmt: skip
-        for name in matched:
+        for name in _matching(names, target, "LoRA target"):
             module = names[name]
             if type(module) not in (nn.Linear, nn.Embedding):
                 raise MedstateError(
@@ -85,6 +94,22 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return list(chosen)
 
 
+def _saved_modules(model: nn.Module, patterns: list[str], adapted: list[str]) -> list[str]:
+    """The full names `modules_to_save` selects; a module that is also adapted, or inside one, is an error."""
+    names = {name: module for name, module in model.named_modules() if name}
+    chosen = list(dict.fromkeys(n for pattern in patterns for n in _matching(names, pattern, "modules_to_save")))
+    clash = [n for n in chosen for a in adapted if a == n or a.startswith(n + ".") or n.startswith(a + ".")]
+    if clash:
+        raise MedstateError(f"{clash[0]} is both adapted by LoRA and in modules_to_save: choose one")
+    return chosen
+
+
+def _set_trainable(model: nn.Module, saved: list[str]) -> None:
+    """The adapters and the saved modules train; every other parameter is frozen."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name or any(name.startswith(m + ".") for m in saved))
+
+
 def add_lora(model: nn.Module, settings: LoraSettings, base: str | Path | None = None) -> nn.Module:
     """Adapters on the targeted modules, in place; every other parameter is frozen. `base` (the checkpoint the
     model was loaded from) is written into the adapter's config, so that `load_adapter` finds it."""
@@ -92,13 +117,14 @@ def add_lora(model: nn.Module, settings: LoraSettings, base: str | Path | None =
     if has_lora(model):
         raise MedstateError("the model already has LoRA adapters; merge them first (merge_lora)")
     names = resolve_targets(model, settings.targets)
+    saved = _saved_modules(model, settings.modules_to_save, names)
     config = peft.LoraConfig(
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=names,
         base_model_name_or_path=None if base is None else str(base),
     )  # fmt: skip
     peft.inject_adapter_in_model(config, model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    config.modules_to_save = saved or None  # set after injection: PEFT would wrap them (we train them in place)
+    _set_trainable(model, saved)
     model.lora_config, model.lora_base = config, None if base is None else str(base)
     return model
 
@@ -120,6 +146,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.lora_config.save_pretrained(directory)
     weights = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # the adapters, not the base
+    for name in model.lora_config.modules_to_save or []:  # under their own names, as PEFT saves them
+        weights.update({f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()})
     save_file({_PREFIX + k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / ADAPTER_WEIGHTS)
     return directory
 
@@ -139,15 +167,23 @@ def load_adapter(directory: str | Path, load_base: Callable[[Path], nn.Module]) 
         raise MedstateError(f"{directory}: its base model {base} is not a local directory")
     model = load_base(base_path.resolve())
     config = peft.LoraConfig.from_pretrained(directory)
+    saved = list(config.modules_to_save or [])
+    config.modules_to_save = None
     peft.inject_adapter_in_model(config, model)
+    config.modules_to_save = saved or None
     weights = {k.removeprefix(_PREFIX): v for k, v in load_file(directory / ADAPTER_WEIGHTS).items()}
+    whole = {k: weights.pop(k) for k in list(weights) if any(k.startswith(m + ".") for m in saved)}
     result = peft.set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
+    for name in saved:
+        prefix = name + "."
+        found = {k.removeprefix(prefix): v for k, v in whole.items() if k.startswith(prefix)}
+        module_result = model.get_submodule(name).load_state_dict(found, strict=False)
+        missing += [prefix + k for k in module_result.missing_keys]
     if missing or result.unexpected_keys:
         raise MedstateError(f"{directory}: adapter weights do not fit the base model (missing {missing[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]})")  # fmt: skip
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    _set_trainable(model, saved)
     model.lora_config, model.lora_base = config, str(base_path.resolve())
     return model
 
@@ -173,6 +209,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parameter.requires_grad_(True)
     model.lora_config = None
     return model
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, load: Callable[[Path], nn.Module]) -> Path:
+    """An adapter directory loaded with `load` (a loader that reads adapter directories), merged, and saved to
+    `out_dir` as a plain checkpoint. Returns the base model's directory (for the files that travel with it)."""
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter(adapter_dir):
+        raise MedstateError(f"{adapter_dir} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    model = load(adapter_dir)
+    base = Path(model.lora_base)
+    merge_lora(model).save_pretrained(out_dir)
+    return base
 
 
 def _base(module: nn.Module) -> nn.Module:
