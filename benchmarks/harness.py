@@ -1,5 +1,8 @@
 """What every benchmark script shares: each case runs in a fresh worker process (the script itself with
-`--worker SPEC`), so its peak RSS is its own, and is timed as a median of repeats after warm-up."""
+`--worker SPEC`), so its peak RSS is its own, and is timed as a median of repeats after warm-up.
+
+Importing it puts the scripts' folder after the installed packages on `sys.path`, so that a script named like a
+package (`peft.py`) never shadows that package for the others (the scripts still import one another)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE] + [_HERE]
 
 
 def peak_rss_gb() -> float:

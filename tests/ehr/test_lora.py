@@ -76,7 +76,8 @@ def test_lora_finetune_run_merges_to_the_written_out_weights(pretrained, prepare
 
     # the model the adapters define, written from the files: W + (alpha / r) B A on each adapted projection
     base = EhrMamba.from_pretrained(pretrained)
-    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    saved = load_file(adapter / "adapter_model.safetensors")
+    saved = {k.removeprefix("base_model.model."): v for k, v in saved.items()}
     state = base.state_dict()
     adapted = sorted(k.removesuffix(".lora_A.weight") for k in saved if k.endswith(".lora_A.weight"))
     assert len(adapted) == 4 and all(k.endswith(("in_proj", "out_proj")) for k in adapted)

@@ -2,6 +2,7 @@
 hand-worked example and rouge-score on ACI-Bench notes."""
 
 import gzip
+import hashlib
 import json
 
 import numpy as np
@@ -136,6 +137,13 @@ def test_medquad_pairs(shared_data, tmp_path):
     assert list(medquad_pairs(tmp_path / "q")) == [("1-1", "What is X ?", "X is a thing.")]
     examples = task_examples(SFTTask("medquad", "medquad", str(shared_data / "medquad/MedQuAD-xml.tar.gz")))
     assert len(examples) == 16407  # SOURCE.md: QAPairs with a non-empty answer
+    # a held-out sample spread over the whole collection (the first 20 pairs are one document's)
+    path = str(shared_data / "medquad/MedQuAD-xml.tar.gz")
+    first = task_examples(SFTTask("medquad", "medquad", path, limit=20))
+    spread = task_examples(SFTTask("medquad", "medquad", path, limit=20, pick="spread"))
+    assert first == examples[:20] and len({e.id[:15] for e in first}) == 1
+    lowest = sorted(examples, key=lambda e: hashlib.blake2b(e.id.encode(), digest_size=8, salt=b"pick").digest())
+    assert spread == lowest[:20] and len({e.id[:15] for e in spread}) > 10
     with pytest.raises(MedstateError):
         list(medquad_pairs(tmp_path / "nothing"))
 

@@ -65,10 +65,13 @@ class SFTTask:
     text_fields: list[str] = field(default_factory=lambda: ["text"])  # completion: the document's fields
     prompt_fraction: float = 0.5
     limit: int | None = None
+    pick: str = "first"  # with limit: the first examples, or `spread`: a fixed sample drawn by a hash of their ids
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise MedstateError(f"task {self.name!r}: unknown kind {self.kind!r}; choose one of {TASK_KINDS}")
+        if self.pick not in ("first", "spread"):
+            raise MedstateError(f"task {self.name!r}: pick must be first or spread, got {self.pick!r}")
         if not 0 < self.prompt_fraction < 1:
             raise MedstateError(f"task {self.name!r}: prompt_fraction must be between 0 and 1")
 
@@ -102,7 +105,11 @@ def task_examples(task: SFTTask) -> list[Example]:
             cut = max(1, int(len(words) * task.prompt_fraction))
             if cut < len(words):
                 examples.append(Example(document.id, " ".join(words[:cut]), " " + " ".join(words[cut:])))
-    return examples[: task.limit] if task.limit is not None else examples
+    if task.limit is None:
+        return examples
+    if task.pick == "spread":
+        examples = sorted(examples, key=lambda e: _unit(e.id, b"pick"))
+    return examples[: task.limit]
 
 
 def _xml_files(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -136,9 +143,14 @@ def medquad_pairs(path: str | Path) -> Iterator[tuple[str, str, str]]:
                 yield question.get("qid") or f"{where}#{pair.get('pid')}", " ".join((question.text or "").split()), text
 
 
+def _unit(example_id: str, salt: bytes = b"") -> float:
+    """A number in [0, 1) fixed by the example id (and the salt)."""
+    digest = hashlib.blake2b(example_id.encode(), digest_size=8, salt=salt).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def is_validation(example_id: str, fraction: float) -> bool:
-    digest = hashlib.blake2b(example_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+    return _unit(example_id) < fraction
 
 
 def encode_example(example: Example, tokenizer: TextTokenizer, length: int) -> tuple[list[int], int]:

@@ -8,16 +8,17 @@ worker process (its peak RSS its own):
    the first (median) and peak RSS; trainable share;
 2. a LoRA step with HF transformers' Mamba2ForCausalLM + PEFT on the same weights, adapters on in_proj on both
    sides (PEFT refuses out_proj on HF's Mamba models);
-3. with --quality: on ACI-Bench (the shipped train set → test set 1), from the text demo's model (`make
-   text-demo`: no pretrained checkpoint can be downloaded here), full SFT vs LoRA SFT of the model pruned by block
-   influence (1 of its 4 blocks), same data, steps and generation, LoRA's learning rate (1e-3 or 1e-2) chosen by
-   the loss on ACI-Bench's validation split; ROUGE with intervals and the paired difference.
+3. with --quality: on ACI-Bench (the shipped train set → test set 1) and MedQuAD (20 held-out questions, beam
+   search), from the text demo's model (`make text-demo`: no pretrained checkpoint can be downloaded here), full
+   SFT vs LoRA SFT of the model pruned by block influence (1 of its 4 blocks), same data, steps and generation,
+   LoRA's learning rate (1e-3 or 1e-2) chosen by the validation loss; ROUGE with intervals and the paired
+   difference.
 
-    python benchmarks/lora.py            # ~15 min on 2 cores (add --quality: ~6 min more)
-    python benchmarks/lora.py --quick    # small sizes: checks the script only
+    python benchmarks/peft.py            # ~15 min on 2 cores (add --quality: ~6 min more)
+    python benchmarks/peft.py --quick    # small sizes: checks the script only
 
-Writes benchmarks/results/lora.{json,md}. (Not named peft.py: a script folder holding peft.py would shadow the
-PEFT package for every benchmark there that imports transformers.)
+Writes benchmarks/results/peft.{json,md}. (`harness`, imported first, moves this folder behind the installed
+packages, so `import peft` below is Hugging Face's.)
 """
 
 from __future__ import annotations
@@ -77,8 +78,14 @@ def train_steps(spec: dict) -> dict:
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
+SFT_CONFIGS = {
+    "aci-bench": ROOT / "data/demo/text/sft-notes.yaml",
+    "medquad": ROOT / "docs/results/peft/sft-medquad.yaml",
+}
+
+
 def quality(spec: dict) -> dict:
-    """Full SFT vs prune-then-LoRA SFT of the demo model on the shipped ACI-Bench notes; paired ROUGE."""
+    """Full SFT vs prune-then-LoRA SFT of the demo model on ACI-Bench notes and MedQuAD answers; paired ROUGE."""
     import dataclasses
 
     from medstate.text.corpora import read_corpus_list
@@ -88,33 +95,34 @@ def quality(spec: dict) -> dict:
     from medstate.train.lora import LoraSettings
 
     work = Path(spec["work"])
-    config = SFTConfig.read(ROOT / "data/demo/text/sft-notes.yaml")
-    config = dataclasses.replace(config, init=spec["init"], train=dataclasses.replace(config.train, **spec["train"]))
     calibration = read_corpus_list(ROOT / "data/demo/text/heldout.yaml")[:1]
     report = prune_checkpoint(spec["init"], work / "pruned", drop=1, calibration=calibration, tokens=16384)
-    runs = {}
-    lora = dataclasses.replace(config, init=str(work / "pruned"), lora=LoraSettings(rank=16, alpha=32))
-    candidates = [("full", config)] + [
-        (f"lora-pruned-lr{lr:g}", dataclasses.replace(lora, train=dataclasses.replace(config.train, lr=lr)))
-        for lr in spec["lora_lrs"]
-    ]
-    for name, settings in candidates:
-        started = time.perf_counter()
-        result = finetune(settings, work / name)
-        metrics = result.metrics
-        runs[name] = {"seconds": time.perf_counter() - started, "rouge": metrics["generation_rouge"],
-                      "best_validation_loss": metrics["best_validation_loss"], "lr": settings.train.lr}  # fmt: skip
-    # LoRA's learning rate: the one with the lowest loss on ACI-Bench's validation split (never the test ROUGE)
-    chosen = min((n for n in runs if n != "full"), key=lambda n: runs[n]["best_validation_loss"])
-    runs["lora-pruned"] = {**runs[chosen], "chosen": chosen}
-    paired = {}
-    for task in runs["full"]["rouge"]:
-        rows = {name: [json.loads(line) for line in (work / run / f"generations-{task}.jsonl").read_text()
-                       .splitlines()] for name, run in (("full", "full"), ("lora-pruned", chosen))}  # fmt: skip
-        paired[task] = paired_rouge_difference([r["output"] for r in rows["lora-pruned"]],
-                                               [r["output"] for r in rows["full"]],
-                                               [r["reference"] for r in rows["full"]])  # fmt: skip
-    return {"runs": runs, "paired": paired, "pruned": report}
+    runs, chosen, paired = {}, {}, {}
+    for dataset, path in SFT_CONFIGS.items():
+        config = SFTConfig.read(path)
+        train = dataclasses.replace(config.train, **spec["train"])
+        config = dataclasses.replace(config, init=spec["init"], train=train)
+        lora = dataclasses.replace(config, init=str(work / "pruned"), lora=LoraSettings(rank=16, alpha=32))
+        candidates = [("full", config)] + [
+            (f"lora-pruned-lr{lr:g}", dataclasses.replace(lora, train=dataclasses.replace(train, lr=lr)))
+            for lr in spec["lora_lrs"]
+        ]
+        found = runs[dataset] = {}
+        for name, settings in candidates:
+            started = time.perf_counter()
+            metrics = finetune(settings, work / dataset / name).metrics
+            found[name] = {"seconds": time.perf_counter() - started, "rouge": metrics["generation_rouge"],
+                           "best_validation_loss": metrics["best_validation_loss"],
+                           "lr": settings.train.lr}  # fmt: skip
+        # LoRA's learning rate: the one with the lowest loss on the validation examples (never the test ROUGE)
+        chosen[dataset] = min((n for n in found if n != "full"), key=lambda n: found[n]["best_validation_loss"])
+        for task in found["full"]["rouge"]:
+            rows = {name: [json.loads(line) for line in (work / dataset / name / f"generations-{task}.jsonl")
+                           .read_text().splitlines()] for name in ("full", chosen[dataset])}  # fmt: skip
+            paired[task] = {"dataset": dataset, **paired_rouge_difference(
+                [r["output"] for r in rows[chosen[dataset]]], [r["output"] for r in rows["full"]],
+                [r["reference"] for r in rows["full"]])}  # fmt: skip
+    return {"runs": runs, "chosen": chosen, "paired": paired, "pruned": report}
 
 
 WORKERS = {"train_steps": train_steps, "quality": quality}
@@ -172,16 +180,18 @@ def main() -> None:
             found = case("quality", {"case": "quality", "init": str(init), "work": work, "train": train,
                                      "lora_lrs": [1e-3, 1e-2]})  # fmt: skip
         for task, paired in found.get("paired", {}).items():
-            full_r1 = found["runs"]["full"]["rouge"][task]["rouge1"]["value"]
-            lora_r1 = found["runs"]["lora-pruned"]["rouge"][task]["rouge1"]["value"]
+            dataset = paired["dataset"]
+            runs = found["runs"][dataset]
+            lora_run = runs[found["chosen"][dataset]]
+            full_r1 = runs["full"]["rouge"][task]["rouge1"]["value"]
+            lora_r1 = lora_run["rouge"][task]["rouge1"]["value"]
             difference = paired["rouge1"]
-            lr = found["runs"]["lora-pruned"]["lr"]
             rows.append((f"ROUGE-1, {task}: LoRA + 1 of 4 blocks pruned vs full SFT (demo model)", lora_r1, full_r1,
                          ratio(lora_r1, full_r1), "≥ 0.92",
-                         f"LoRA LR {lr:g} (lowest validation loss of 1e-3, 1e-2); paired difference "
+                         f"LoRA LR {lora_run['lr']:g} (lowest validation loss of 1e-3, 1e-2); paired difference "
                          f"{difference['difference']:+.2f} [{difference['low']:+.2f}, "
                          f"{difference['high']:+.2f}]"))  # fmt: skip
-    write_report("lora", rows, results, RESULTS)
+    write_report("peft", rows, results, RESULTS)
 
 
 if __name__ == "__main__":
