@@ -312,6 +312,10 @@ def ehr_prepare(
         typer.Option(min=1, help="at most this many prediction times per subject and task (uniform, label-blind)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the --max-samples-per-subject draw")] = 0,
+    prompt: Annotated[
+        str,
+        typer.Option(help="task token first and last (both: EhrMamba) or last only (last: one state per patient)"),
+    ] = "both",
 ) -> None:
     """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
     from rich.progress import Progress
@@ -319,7 +323,14 @@ def ehr_prepare(
     from medstate.ehr.prepare import PrepareConfig, prepare
 
     config = PrepareConfig(
-        max_length, visit, value_bins, min_count, str(tasks) if tasks else None, max_samples_per_subject, seed
+        max_length,
+        visit,
+        value_bins,
+        min_count,
+        str(tasks) if tasks else None,
+        max_samples_per_subject,
+        seed,
+        prompt=prompt,
     )
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("patient sequences", total=None)

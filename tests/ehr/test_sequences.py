@@ -153,6 +153,9 @@ def test_prompted_task_tokens_survive_truncation():
     assert len(prompted) == 6 and prompted.ages[-1] == prompted.ages[-2]
     whole = sequence.prompted("[TASK_X]", 1000)
     assert whole.tokens[0] == whole.tokens[-1] == "[TASK_X]" and whole.tokens[1:-1] == sequence.tokens[1:]
+    last = sequence.prompted("[TASK_X]", 6, "last")  # [CLS] stays: one history shared by every task
+    assert last.tokens == ["[CLS]", "GENDER//F", "LAB//B", "[VE]", "[REG]", "[TASK_X]"]
+    assert list(last.token_types[[0, -1]]) == [1, 8] and last.ages[0] == sequence.ages[0]
 
 
 # time order: unkeyed events inside a stay, overlapping stays, and the history known at a prediction time

@@ -108,8 +108,8 @@ class VisitSampler:
         """`config.samples` continuations of `history` (one sequence's arrays), each up to its first [VE]."""
         n = config.samples
         batch = collate([history])
-        hidden, state = self.model.lm.backbone(inputs_embeds=self.model.embeddings(batch), return_state=True)
-        logits = self.model.lm.lm_head(hidden[:, -1]).expand(n, -1)
+        hidden, state = self.model.prefill(batch)
+        logits = self.model.next_event_logits(hidden[:, -1]).expand(n, -1)
         state = state.select([0] * n)
         clock = VisitClock(self, history, n)
         done = torch.zeros(n, dtype=torch.bool)
@@ -122,9 +122,8 @@ class VisitSampler:
             done = done | (token == self.visit_end)
             if bool(done.all()):
                 break
-            embeds = self.model.embeddings({name: values[:, None] for name, values in step.items()})
-            hidden, state = self.model.lm.backbone.step(None, state, inputs_embeds=embeds[:, 0])
-            logits = self.model.lm.lm_head(hidden)
+            hidden, state = self.model.step(step, state)
+            logits = self.model.next_event_logits(hidden)
         arrays = {name: torch.stack([step[name] for step in generated], 1).numpy() for name in ARRAYS}
         visits = []
         for row in range(n):

@@ -17,7 +17,7 @@ from torch import nn
 
 from medstate.ehr.checkpoints import CheckpointMixin
 from medstate.ehr.sequences import N_TOKEN_TYPES, YEAR_DAYS
-from medstate.ssm import MambaLM, SSMConfig
+from medstate.ssm import MambaLM, SSMConfig, SSMState
 
 
 @dataclass
@@ -129,17 +129,44 @@ class EhrMamba(CheckpointMixin, nn.Module):
         """batch: the token arrays [B, T] (and `seq_idx` for packed rows). lm_targets [B, T]: the token to predict
         at each position (-100: none), for next-event pretraining. ends [N, 2]: (row, position) of each sample's
         last token, where the classifier reads."""
-        embeds = self.embeddings(batch)
-        hidden, _ = self.lm.backbone(inputs_embeds=embeds, seq_idx=batch.get("seq_idx"))
+        hidden, _ = self.encode(self.embeddings(batch), seq_idx=batch.get("seq_idx"))
         lm_loss = None
         if lm_targets is not None:
             lm_loss = F.cross_entropy(
-                self.lm.lm_head(hidden).flatten(0, 1).float(), lm_targets.flatten(), ignore_index=-100
+                self.next_event_logits(hidden).flatten(0, 1).float(), lm_targets.flatten(), ignore_index=-100
             )
         logits = None
         if ends is not None:
-            logits = self.classifier(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1)
+            logits = self.class_logits(hidden[ends[:, 0], ends[:, 1]])
         return EhrOutput(hidden, lm_loss, logits)
+
+    # ----- the recurrent state: what forecasting, attributions and serving use ----------------------------------
+    def encode(
+        self, inputs_embeds: torch.Tensor, state: SSMState | None = None, seq_idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SSMState]:
+        """Hidden states [B, T, D] of embedded tokens, continuing `state` (None: from the start), and the state
+        after the last token."""
+        return self.lm.backbone(inputs_embeds=inputs_embeds, state=state, seq_idx=seq_idx, return_state=True)
+
+    def prefill(self, batch: dict[str, torch.Tensor], state: SSMState | None = None) -> tuple[torch.Tensor, SSMState]:
+        """A history's token arrays [B, T] → hidden states [B, T, D] and the state after its last token."""
+        return self.encode(self.embeddings(batch), state, batch.get("seq_idx"))
+
+    def step(self, tokens: dict[str, torch.Tensor], state: SSMState) -> tuple[torch.Tensor, SSMState]:
+        """One token per row (arrays [B]) → its hidden state [B, D] and the new state; the cost does not depend on
+        how long the history is."""
+        embeds = self.embeddings({name: values[:, None] for name, values in tokens.items()})[:, 0]
+        return self.lm.backbone.step(None, state, inputs_embeds=embeds)
+
+    def empty_state(self, batch_size: int) -> SSMState:
+        return self.lm.empty_state(batch_size, self.lm.lm_head.weight.device)
+
+    def next_event_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
+
+    def class_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The task classifier on the hidden state at a task token ([…, D] → […])."""
+        return self.classifier(hidden).squeeze(-1)
 
     def pretraining_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Next-event prediction on a packed row from `collate(…, with_lm_targets=True)`."""

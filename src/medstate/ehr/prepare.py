@@ -35,7 +35,14 @@ import polars as pl
 import yaml
 
 from medstate.data.meds import scan_meds
-from medstate.ehr.sequences import ARRAY_DTYPES, PatientSequence, ValueBins, build_sequence, visit_key_columns
+from medstate.ehr.sequences import (
+    ARRAY_DTYPES,
+    PROMPT_LAYOUTS,
+    PatientSequence,
+    ValueBins,
+    build_sequence,
+    visit_key_columns,
+)
 from medstate.ehr.tasks import TaskSuite, later_stay_keys
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
@@ -55,6 +62,9 @@ class PrepareConfig:
     seed: int = 0  # of the draw of capped samples
     # codes whose times are dates (00:00 stands for "some time that day"): known at the end of the day
     date_only_codes: tuple[str, ...] = ("^PROCEDURE//ICD//", "^HCPCS//")
+    # finetuning inputs: the task token first and last (EhrMamba), or `last` only ([CLS] first): one shared
+    # history for all tasks, so a server keeps one recurrent state per patient instead of one per task
+    prompt: str = "both"
 
 
 @dataclass
@@ -73,6 +83,8 @@ def prepare(
 ) -> PrepareSummary:
     config = config or PrepareConfig()
     visit_key_columns(config.visit)  # validates the name
+    if config.prompt not in PROMPT_LAYOUTS:
+        raise MedstateError(f"prompt must be one of {', '.join(PROMPT_LAYOUTS)}, got {config.prompt!r}")
     if config.max_length < 8:
         raise MedstateError(f"max_length must be at least 8, got {config.max_length}")
     suite = TaskSuite.load(config.tasks)
@@ -127,7 +139,7 @@ def prepare(
     for row, hidden_keys in zip(labels.iter_rows(named=True), hidden):
         task = task_of[row["task"]]
         history = sequences[row["subject_id"]].until(row["prediction_time"], hidden_keys, close=task.closes_visit)
-        prompted = history.prompted(task.token, config.max_length)
+        prompted = history.prompted(task.token, config.max_length, config.prompt)
         finetune.append({**row, **_arrays(prompted, vocab)})
     schema = {**dict(labels.schema), **SEQUENCE_COLUMNS}
     pl.DataFrame(finetune, schema=schema).write_parquet(out / "finetune.parquet")

@@ -37,6 +37,8 @@ from medstate.errors import MedstateError
 CLS, VISIT_START, VISIT_END, REGISTER, PAD, UNKNOWN, MASK = "[CLS]", "[VS]", "[VE]", "[REG]", "[PAD]", "[UNK]", "[MASK]"
 INTERVAL_TOKENS = [f"[W{w}]" for w in range(4)] + [f"[M{m}]" for m in range(1, 13)] + ["[LT]"]
 SPECIAL_TOKENS = [PAD, UNKNOWN, CLS, VISIT_START, VISIT_END, REGISTER, MASK, *INTERVAL_TOKENS]
+# where a finetuning input carries its task token: first and last (EhrMamba's prompts), or last only
+PROMPT_LAYOUTS = ("both", "last")
 BIRTH = "MEDS_BIRTH"
 # which column(s) hold the visit key, in order of preference; events with none fall into calendar-day visits
 VISIT_KEYS = {
@@ -62,6 +64,7 @@ TYPE_PAD, TYPE_CLS, TYPE_STATIC, TYPE_VISIT_START, TYPE_EVENT, TYPE_VISIT_END, T
 TYPE_TASK = 8
 N_TOKEN_TYPES = 9
 DAY_SECONDS = 86_400.0
+DAY_US = 86_400_000_000
 STATIC_TIMESTAMP = np.iinfo(np.int64).min
 _EPOCH = datetime(1970, 1, 1)
 YEAR_DAYS = 365.25
@@ -164,24 +167,25 @@ class PatientSequence:
         body = np.setdiff1d(np.arange(len(self)), head)
         return self._select(np.r_[head, body[len(body) - (max_length - len(head)) :]])
 
-    def prompted(self, task_token: str, max_length: int) -> PatientSequence:
-        """Multitask prompted form: the task token replaces [CLS] and is appended after the last event, where the
-        classifier reads it. Truncation keeps the static facts and drops the oldest history; both task tokens
-        always stay."""
+    def prompted(self, task_token: str, max_length: int, layout: str = "both") -> PatientSequence:
+        """Multitask prompted form: the task token is appended after the last event, where the classifier reads
+        it, and (layout `both`, EhrMamba's) also replaces [CLS]; with layout `last` [CLS] stays, so every task's
+        input is one shared history plus its own last token (what lets a server keep one state per patient).
+        Truncation keeps the static facts and drops the oldest history; the task tokens always stay."""
+        if layout not in PROMPT_LAYOUTS:
+            raise MedstateError(f"unknown prompt layout {layout!r}; choose one of {', '.join(PROMPT_LAYOUTS)}")
         if max_length < 3:
             raise ValueError("a prompted sequence needs room for two task tokens and one event")
         kept = self.truncate(max_length - 1)
         selected = kept._select(np.r_[np.arange(len(kept)), len(kept) - 1])
-        selected.tokens[0] = selected.tokens[-1] = task_token
-        for array, value in (
-            (selected.token_types, TYPE_TASK),
-            (selected.visit_segments, 0),
-            (selected.visit_orders, 0),
-        ):
-            array[0] = array[-1] = value
-        if selected.visit_keys:
-            selected.visit_keys[0] = selected.visit_keys[-1] = None
-        selected.ages[0], selected.times[0] = selected.ages[1], selected.times[1]  # the end token keeps the last's
+        ends = [0, -1] if layout == "both" else [-1]
+        for end in ends:
+            selected.tokens[end] = task_token
+            selected.token_types[end], selected.visit_segments[end], selected.visit_orders[end] = TYPE_TASK, 0, 0
+            if selected.visit_keys:
+                selected.visit_keys[end] = None
+        if layout == "both":  # the first token keeps the age and time of the one after it; the end token the last's
+            selected.ages[0], selected.times[0] = selected.ages[1], selected.times[1]
         return selected
 
 
@@ -232,9 +236,14 @@ def assign_visits(times_us: np.ndarray, keys: list[str | None]) -> np.ndarray:
     """Visit number (0, 1, …, in time order) of each event, from times sorted ascending and visit keys (None: no
     key). Keyed events group by key; an unkeyed event inside a keyed group's span joins it, else its calendar day;
     groups whose spans overlap or touch are one visit."""
+    return visit_groups(times_us, keys)[0]
+
+
+def visit_groups(times_us: np.ndarray, keys: list[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """`assign_visits`, and which events are grouped by their calendar day (unkeyed, outside every keyed span)."""
     n = len(times_us)
     if n == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
     keyed = np.asarray([k is not None for k in keys])
     group_names = np.empty(n, dtype=object)
     if keyed.any():
@@ -252,17 +261,18 @@ def assign_visits(times_us: np.ndarray, keys: list[str | None]) -> np.ndarray:
         np.maximum.at(interval_ends, interval, ends)
     else:
         interval_starts = interval_ends = np.zeros(0, dtype=np.int64)
-    day_us = 86_400_000_000
+    by_day = np.zeros(n, dtype=bool)
     for i in np.flatnonzero(~keyed):
         j = int(np.searchsorted(interval_starts, times_us[i], side="right")) - 1
         inside = j >= 0 and times_us[i] <= interval_ends[j]
-        group_names[i] = f"k{j}" if inside else f"d{times_us[i] // day_us}"
+        group_names[i] = f"k{j}" if inside else f"d{times_us[i] // DAY_US}"
+        by_day[i] = not inside
     unique, inverse = np.unique(group_names.astype(str), return_inverse=True)
     starts = np.full(len(unique), np.iinfo(np.int64).max)
     ends = np.full(len(unique), np.iinfo(np.int64).min)
     np.minimum.at(starts, inverse, times_us)
     np.maximum.at(ends, inverse, times_us)
-    return _merge_spans(starts, ends)[inverse]
+    return _merge_spans(starts, ends)[inverse], by_day
 
 
 def _merge_spans(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -291,9 +301,29 @@ def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit
     keys = [pl.lit(f"{c}:") + pl.col(c).cast(pl.String) for c in key_columns]  # null where the key is null
     dated = dated.with_columns((pl.coalesce(*keys) if keys else pl.lit(None, pl.String)).alias("_key"))
     dated = dated.sort(["time", "_order"])
-    first_time = dated["time"].min() if dated.height else None
-    event_keys = dated["_key"].to_list()
-    visit_of = assign_visits(dated["time"].dt.epoch("us").to_numpy(), event_keys)
+    rows = DatedEvents(dated["time"].to_list(), dated["code"].to_list(), dated["numeric_value"].to_list(),
+                       dated["_key"].to_list())  # fmt: skip
+    return sequence_of(subject_id, birth, static["code"].to_list(), rows, bins)
+
+
+@dataclass
+class DatedEvents:
+    """A subject's dated events in time order (ties in arrival order), with their visit keys ("hadm_id:7"; None:
+    no key)."""
+
+    moments: list[datetime]
+    codes: list[str]
+    values: list[float | None]
+    keys: list[str | None]
+
+
+def sequence_of(
+    subject_id: int, birth: datetime | None, static_codes: list[str], dated: DatedEvents, bins: ValueBins
+) -> PatientSequence:
+    """The token sequence of a subject's birth, static facts (in order) and dated events (in time order)."""
+    moments, codes, values, event_keys = dated.moments, dated.codes, dated.values, dated.keys
+    first_time = moments[0] if moments else None
+    visit_of = assign_visits(np.asarray([_microseconds(m) for m in moments], dtype=np.int64), event_keys)
 
     tokens: list[str] = [CLS]
     types, times, ages, segments, orders = [TYPE_CLS], [0.0], [_age(birth, first_time)], [0], [0]
@@ -309,12 +339,13 @@ def build_sequence(subject_id: int, events: pl.DataFrame, bins: ValueBins, visit
         orders.append(order)
         token_keys.append(key)
 
-    for code in static["code"]:
+    for code in static_codes:
         add(code, TYPE_STATIC, first_time, static=True)
-    moments, codes, values = dated["time"].to_list(), dated["code"].to_list(), dated["numeric_value"].to_list()
     bounds = np.flatnonzero(np.diff(visit_of)) + 1
     previous_end = None
     for order, (lo, hi) in enumerate(zip(np.r_[0, bounds], np.r_[bounds, len(moments)]), start=1):
+        if lo == hi:  # no dated events
+            break
         start, end = moments[lo], moments[hi - 1]
         segment = 1 if order % 2 else 2
         if previous_end is not None:

@@ -43,8 +43,8 @@ def integrated_gradients(model, sample: dict, tokens: list[str], steps: int = 64
     def probability(inputs_embeds: torch.Tensor) -> torch.Tensor:
         rows = inputs_embeds.shape[0]
         seq_idx = batch["seq_idx"].expand(rows, -1).contiguous()
-        hidden, _ = model.lm.backbone(inputs_embeds=inputs_embeds, seq_idx=seq_idx)
-        return torch.sigmoid(model.classifier(hidden[torch.arange(rows), ends[0, 1]]).squeeze(-1))
+        hidden, _ = model.encode(inputs_embeds, seq_idx=seq_idx)
+        return torch.sigmoid(model.class_logits(hidden[torch.arange(rows), ends[0, 1]]))
 
     ig = IntegratedGradients(probability)
     attributions, delta = ig.attribute(
