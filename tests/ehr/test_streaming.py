@@ -77,11 +77,18 @@ def test_visit_merges_and_splits_are_rebuilt():
         # the stay, so all three are one visit
         [StreamEvent(t + 8 * h, "A"), StreamEvent(t + 10 * h, "B", None, "hadm_id:1"), StreamEvent(t + 12 * h, "C")],
         # a stay's key seen again after another visit: the stay spans it, one visit
-        [StreamEvent(t, "A", None, "hadm_id:1"), StreamEvent(t + 50 * h, "B", None, "hadm_id:2"),
-         StreamEvent(t + 100 * h, "C", None, "hadm_id:1")],  # fmt: skip
+        [
+            StreamEvent(t, "A", None, "hadm_id:1"),
+            StreamEvent(t + 50 * h, "B", None, "hadm_id:2"),
+            StreamEvent(t + 100 * h, "C", None, "hadm_id:1"),
+        ],
         # a keyed span that grows takes an unkeyed event from its day's group and splits the visit
-        [StreamEvent(t + 8 * h, "A"), StreamEvent(t + 10 * h, "B", None, "hadm_id:1"), StreamEvent(t + 12 * h, "C"),
-         StreamEvent(t + 14 * h, "D", None, "hadm_id:1")],  # fmt: skip
+        [
+            StreamEvent(t + 8 * h, "A"),
+            StreamEvent(t + 10 * h, "B", None, "hadm_id:1"),
+            StreamEvent(t + 12 * h, "C"),
+            StreamEvent(t + 14 * h, "D", None, "hadm_id:1"),
+        ],
     ]
     for events in cases:
         tokenizer = StreamingTokenizer(BINS)
