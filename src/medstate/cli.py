@@ -1002,5 +1002,90 @@ def text_generate(
         out.write_text(json.dumps(result, indent=1) + "\n")
 
 
+Database = Annotated[str, typer.Option(help="SQLite file (created if absent) or postgresql://user@host/db URL")]
+serve_token_app = typer.Typer(help="API tokens of `medstate serve`: create, revoke, list.", no_args_is_help=True)
+app.add_typer(serve_token_app, name="serve-token")
+
+
+@app.command("serve")
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="finetuned EhrMamba checkpoint (with its vocab, bins, tasks)")],
+    db: Database,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="requests served at once (more: 503)")] = 32,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body (more: 413)")] = 4.0,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (with --ssl-certfile: HTTPS)")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain")] = None,
+) -> None:
+    """Serve per-patient predictions, updated event by event (docs at /docs; tokens: `medstate serve-token`)."""
+    import logging
+
+    import uvicorn
+
+    from medstate.serve.app import Limits, create_app
+    from medstate.serve.service import open_service
+
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise MedstateError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    service = open_service(model_dir, db)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrent=max_concurrent)
+    uvicorn.run(create_app(service, limits), host=host, port=port, access_log=False, log_level="info",
+                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)  # fmt: skip
+
+
+@app.command("serve-rebuild")
+def serve_rebuild(
+    model_dir: Annotated[Path, typer.Argument(help="the new model's checkpoint")],
+    db: Database,
+) -> None:
+    """Re-encode every patient's state from the event log with MODEL_DIR (after a model change)."""
+    from rich.progress import Progress
+
+    from medstate.serve.service import open_service
+
+    service = open_service(model_dir, db)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("patients", total=None)
+        done = service.rebuild(lambda n, total: bar.update(task, completed=n, total=total))
+    _summary("rebuild", {"patients": done, "model_version": service.version})
+
+
+@serve_token_app.command("create")
+def serve_token_create(
+    name: Annotated[str, typer.Argument(help="who holds it (shown in the audit log)")],
+    db: Database,
+    scopes: Annotated[str, typer.Option(help="comma-separated: ingest, read, admin")] = "read",
+) -> None:
+    """Create a token; it is printed once (only its SHA-256 digest is stored)."""
+    from medstate.serve.store import open_store
+
+    token = open_store(db).create_token(name, parse_list(scopes, str, "--scopes"))
+    console.print(token, markup=False, highlight=False)
+
+
+@serve_token_app.command("revoke")
+def serve_token_revoke(name: Annotated[str, typer.Argument()], db: Database) -> None:
+    """Revoke a token: requests with it get 401 from then on."""
+    from medstate.serve.store import open_store
+
+    open_store(db).revoke_token(name)
+    _summary("revoked", {"token": name})
+
+
+@serve_token_app.command("list")
+def serve_token_list(db: Database) -> None:
+    """Tokens: name, scopes, created, revoked."""
+    from medstate.serve.store import open_store
+
+    table = Table(title="tokens")
+    for column in ("name", "scopes", "created_at", "revoked_at"):
+        table.add_column(column)
+    for row in open_store(db).list_tokens():
+        table.add_row(*(str(row[c] or "") for c in ("name", "scopes", "created_at", "revoked_at")))
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -2,53 +2,14 @@
 prompted sequences `build_sequence` gives), after every event of demo patients in file order (late events
 included), for both prompt layouts and both Mamba versions."""
 
-import shutil
-
 import polars as pl
 import pytest
 import torch
-import yaml
 
-from medstate.data.meds import scan_meds
-from medstate.ehr.model import EhrMamba, EhrMambaConfig
-from medstate.ehr.prepare import PrepareConfig, at_end_of_day, prepare
-from medstate.ehr.streaming import StreamEvent
-from medstate.ehr.vocab import Vocabulary
-from medstate.serve.patient import PatientStream, ServedModel, predict_history
+from medstate import MedstateError
+from medstate.serve.patient import PatientStream, predict_history
 
-DEMO = "data/demo/mimic-iv-demo-meds"
-COLUMNS = ["time", "code", "numeric_value", "hadm_id"]
-
-
-@pytest.fixture(scope="session")
-def prepared_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared-demo")
-    prepare(DEMO, out, PrepareConfig(max_length=256))
-    return out
-
-
-def served_model(prepared, directory, layout: str, version: int) -> ServedModel:
-    torch.manual_seed(version)
-    vocab = Vocabulary.load(prepared / "vocab.json")
-    model = EhrMamba(EhrMambaConfig(vocab_size=len(vocab), d_model=16, n_layer=2, ssm_version=version, dropout=0.0))
-    with torch.no_grad():
-        model.classifier[1].weight.mul_(4.0)  # probabilities that move with the history
-    model.save_pretrained(directory)
-    for name in ("vocab.json", "value_bins.json", "tasks.yaml"):
-        shutil.copy(prepared / name, directory / name)
-    settings = yaml.safe_load((prepared / "prepare.yaml").read_text())
-    (directory / "prepare.yaml").write_text(yaml.safe_dump({**settings, "prompt": layout}))
-    return ServedModel.load(directory)
-
-
-@pytest.fixture(scope="module")
-def demo_events():
-    return at_end_of_day(scan_meds(DEMO).collect(), PrepareConfig().date_only_codes)
-
-
-def _event(row: dict) -> StreamEvent:
-    key = None if row["hadm_id"] is None else f"hadm_id:{row['hadm_id']}"
-    return StreamEvent(row["time"], row["code"], row["numeric_value"], key)
+from .conftest import COLUMNS, _event, served_model
 
 
 @pytest.mark.parametrize(("layout", "version"), [("both", 1), ("last", 2)])
@@ -93,3 +54,23 @@ def test_late_event_is_replayed_from_a_snapshot(prepared_demo, demo_events, tmp_
     assert 0 < replayed < fed - 1  # from the snapshot before the late event, not from the start
     expected = predict_history(served, pl.concat([events, late]))
     assert stream.predictions() == pytest.approx(expected, abs=2e-5)
+
+
+def test_a_restored_stream_continues_exactly(prepared_demo, demo_events, tmp_path):
+    """Saved state + snapshots and the event log give back the stream (a server restart): its tokens are those of
+    the live stream, and it continues to re-encoding's predictions."""
+    served = served_model(prepared_demo, tmp_path / "model", "both", 2)
+    events = demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS)
+    stream_events = [_event(r) for r in events.iter_rows(named=True)]
+    live = PatientStream(served, recent_snapshots=3, sparse_every=3)
+    for event in stream_events[:700]:
+        live.add(event)
+    restored = PatientStream.restore(served, stream_events[:700], live.state_bytes(), live.snapshot_bytes(),
+                                     recent_snapshots=3, sparse_every=3)  # fmt: skip
+    assert restored.tokenizer.committed == live.tokenizer.committed and set(restored.snapshots) == set(live.snapshots)
+    assert restored.predictions() == live.predictions()
+    for event in stream_events[700:760]:
+        restored.add(event)
+    assert restored.predictions() == pytest.approx(predict_history(served, events.head(760)), abs=2e-5)
+    with pytest.raises(MedstateError, match="does not fit"):
+        PatientStream.restore(served, stream_events[:10], live.state_bytes(), live.snapshot_bytes())

@@ -106,6 +106,16 @@ class StreamingTokenizer:
         if not self.committed:
             self._rebuild()
 
+    @classmethod
+    def from_events(cls, bins: ValueBins, events: list[StreamEvent]) -> StreamingTokenizer:
+        """The tokenizer after `events` (in arrival order), built at once (one rebuild, not one per event)."""
+        tokenizer = cls(bins)
+        for arrival, event in enumerate(events, 1):
+            tokenizer._log_event(event, arrival)
+        tokenizer.arrivals = len(events)
+        tokenizer._rebuild()
+        return tokenizer
+
     @property
     def first_time(self) -> datetime | None:
         return self.log[0][0] if self.log else None
@@ -122,20 +132,23 @@ class StreamingTokenizer:
             self.committed.extend(rows)
             self.log.append((event.time, self.arrivals, event.code, event.numeric_value, event.visit_key))
             return Change(start, rows, rebuilt=False)
-        if event.code == BIRTH:
-            if event.time is not None:
-                self.birth = event.time if self.birth is None else min(self.birth, event.time)
-        elif event.time is None:
-            self.statics.append(event.code)
-        else:
-            entry = (event.time, self.arrivals, event.code, event.numeric_value, event.visit_key)
-            self.log.insert(bisect.bisect(self.log, entry[:2], key=lambda e: e[:2]), entry)
+        self._log_event(event, self.arrivals)
         old = self.committed
         self._rebuild()
         start = next(
             (i for i, (a, b) in enumerate(zip(old, self.committed)) if a != b), min(len(old), len(self.committed))
         )
         return Change(start, self.committed[start:], rebuilt=True)
+
+    def _log_event(self, event: StreamEvent, arrival: int) -> None:
+        if event.code == BIRTH:
+            if event.time is not None:
+                self.birth = event.time if self.birth is None else min(self.birth, event.time)
+        elif event.time is None:
+            self.statics.append(event.code)
+        else:
+            entry = (event.time, arrival, event.code, event.numeric_value, event.visit_key)
+            self.log.insert(bisect.bisect(self.log, entry[:2], key=lambda e: e[:2]), entry)
 
     def closing(self) -> list[Row]:
         """The [VE] [REG] that close the open last visit (at its latest event), as `build_sequence` ends it."""

@@ -115,15 +115,41 @@ def _visit_starts(rows: list[Row], offset: int) -> list[int]:
 
 
 class PatientStream:
-    def __init__(self, served: ServedModel, recent_snapshots: int = 8, sparse_every: int = 16):
-        self.served = served
-        self.tokenizer = StreamingTokenizer(served.bins)
-        self.recent, self.sparse = recent_snapshots, sparse_every
+    def __init__(
+        self, served: ServedModel, events: list[StreamEvent] = (), recent_snapshots: int = 8, sparse_every: int = 16
+    ):
+        """A patient's stream; with `events` (arrival order), the whole history is encoded at once."""
+        self._setup(served, StreamingTokenizer.from_events(served.bins, list(events)), recent_snapshots, sparse_every)
         self.snapshots: dict[int, SSMState] = {}  # position p → the state after the first p committed tokens
         self.state = served.model.empty_state(len(served.heads()))
         self.fed = 0
-        self.replayed_tokens = 0  # tokens fed again after changes to earlier tokens
         self._catch_up()
+
+    def _setup(self, served, tokenizer, recent_snapshots: int = 8, sparse_every: int = 16) -> None:
+        self.served, self.tokenizer = served, tokenizer
+        self.recent, self.sparse = recent_snapshots, sparse_every
+        self.replayed_tokens = 0  # tokens fed again after changes to earlier tokens
+
+    @classmethod
+    def restore(
+        cls, served: ServedModel, events: list[StreamEvent], state: bytes, snapshots: dict[int, bytes], **kwargs
+    ) -> PatientStream:
+        """A stream as it was after `events` (arrival order), from its saved state and snapshots (the history is
+        tokenized again, not re-encoded). A state that does not fit the tokens is an error (re-encode instead)."""
+        stream = cls.__new__(cls)
+        stream._setup(served, StreamingTokenizer.from_events(served.bins, events), **kwargs)
+        stream.state = SSMState.from_bytes(state)
+        stream.snapshots = {p: SSMState.from_bytes(b) for p, b in snapshots.items()}
+        stream.fed = len(stream.tokenizer.committed)
+        if stream.state.batch_size != len(served.heads()) or any(p >= stream.fed for p in stream.snapshots):
+            raise MedstateError("the saved state does not fit this model or these events; rebuild the state")
+        return stream
+
+    def state_bytes(self) -> bytes:
+        return self.state.to_bytes()
+
+    def snapshot_bytes(self) -> dict[int, bytes]:
+        return {p: s.to_bytes() for p, s in self.snapshots.items()}
 
     def add(self, event: StreamEvent) -> Change:
         change = self.tokenizer.add(event)

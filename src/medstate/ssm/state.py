@@ -76,19 +76,37 @@ class SSMState:
             [torch.cat([s.ssm[i] for s in states]) for i in range(layers)],
         )
 
-    def save(self, path: str | Path) -> None:
+    def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"conv.{i}": c.contiguous().cpu() for i, c in enumerate(self.conv)}
         tensors.update({f"ssm.{i}": s.contiguous().cpu() for i, s in enumerate(self.ssm)})
-        save_file(tensors, str(path), metadata={"format": _FORMAT, "n_layers": json.dumps(self.n_layers)})
+        return tensors
+
+    def save(self, path: str | Path) -> None:
+        save_file(self._tensors(), str(path), metadata={"format": _FORMAT, "n_layers": json.dumps(self.n_layers)})
+
+    def to_bytes(self) -> bytes:
+        """The state as safetensors bytes (for a database column)."""
+        from safetensors.torch import save
+
+        return save(self._tensors(), metadata={"format": _FORMAT, "n_layers": json.dumps(self.n_layers)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: torch.device | str = "cpu") -> SSMState:
+        from safetensors.torch import load
+
+        return cls._from_tensors({k: v.to(device) for k, v in load(data).items()}, "state bytes")
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> SSMState:
         path = Path(path)
         if not path.is_file():
             raise MedstateError(f"state file {path} does not exist")
-        tensors = load_file(str(path), device=str(device))
+        return cls._from_tensors(load_file(str(path), device=str(device)), str(path))
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor], where: str) -> SSMState:
         layers = sum(1 for k in tensors if k.startswith("ssm."))
         try:
             return cls([tensors[f"conv.{i}"] for i in range(layers)], [tensors[f"ssm.{i}"] for i in range(layers)])
         except KeyError as missing:
-            raise MedstateError(f"{path} is not a medstate SSM state file (missing {missing})") from None
+            raise MedstateError(f"{where} is not a medstate SSM state (missing {missing})") from None

@@ -1,0 +1,199 @@
+"""The service's logic, apart from HTTP: ingest a patient's events (idempotent, one transaction with the state and
+the predictions), read current predictions and their history, predict from a whole history without keeping it,
+and rebuild every state for a new model. Live streams are cached per patient; a cached stream is used only while
+the database's log still has the length it had (another instance may have written since), else the stream is
+restored from the saved state (the log tokenized again) or, when the state belongs to another model, re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+
+from medstate.ehr.sequences import visit_key_columns
+from medstate.ehr.streaming import StreamEvent
+from medstate.errors import MedstateError
+from medstate.serve.patient import PatientStream, ServedModel, predict_history
+from medstate.serve.store import Principal, Store
+
+
+def model_version(directory: str | Path) -> str:
+    """A digest of the checkpoint's files: states computed by another model are never reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    """One MEDS row as a client sends it, with its idempotency key."""
+
+    key: str
+    time: datetime | None
+    code: str
+    numeric_value: float | None = None
+    hadm_id: str | None = None
+    encounter_id: str | None = None
+
+
+def stream_events(events: list[IncomingEvent], visit: str) -> list[StreamEvent]:
+    """MEDS rows → the streaming tokenizer's events: the visit key is the first of the setting's key columns that
+    the row has, named as `build_sequence` names it."""
+    columns = visit_key_columns(visit)
+    out = []
+    for event in events:
+        values = {"hadm_id": event.hadm_id, "encounter_id": event.encounter_id}
+        key = next((f"{c}:{values[c]}" for c in columns if values[c] is not None), None)
+        out.append(StreamEvent(event.time, event.code, event.numeric_value, key))
+    return out
+
+
+def events_frame(events: list[IncomingEvent]) -> pl.DataFrame:
+    """MEDS rows as the event table `build_sequence` reads (arrival order)."""
+    return pl.DataFrame(
+        {"time": [e.time for e in events], "code": [e.code for e in events],
+         "numeric_value": [e.numeric_value for e in events], "hadm_id": [e.hadm_id for e in events],
+         "encounter_id": [e.encounter_id for e in events]},
+        schema={"time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64, "hadm_id": pl.String,
+                "encounter_id": pl.String},
+    )  # fmt: skip
+
+
+@dataclass
+class IngestResult:
+    applied: int
+    duplicates: int
+    events: int  # the patient's log length after this ingest
+    predictions: dict[str, float]
+    replayed_tokens: int
+
+
+def open_service(model_dir: str | Path, db: str | Path) -> PatientService:
+    """The service for a finetuned EhrMamba checkpoint over a database (SQLite path or postgresql:// URL)."""
+    from medstate.serve.store import open_store
+
+    return PatientService(ServedModel.load(model_dir), open_store(db), model_version(model_dir))
+
+
+class PatientService:
+    def __init__(self, served: ServedModel, store: Store, version: str, cache_size: int = 1024):
+        self.served, self.store, self.version = served, store, version
+        self.cache: OrderedDict[str, tuple[int, PatientStream]] = OrderedDict()
+        self.cache_size = cache_size
+        self._lock = threading.Lock()  # guards the cache; patients are serialized by the database's lock
+
+    # ----- writing ----------------------------------------------------------------------------------------------
+    def ingest(self, principal: Principal, patient_id: str, events: list[IncomingEvent]) -> IngestResult:
+        """Apply the events whose keys the patient does not have yet (the first of equal keys in a request), in
+        one transaction with the new state and predictions; a failure leaves nothing applied."""
+        with self.store.transaction() as db:
+            self.store.lock_patient(db, patient_id)
+            count = self.store.event_count(db, patient_id) or 0
+            known = self.store.known_keys(db, patient_id, [e.key for e in events])
+            fresh, seen = [], set(known)
+            for event in events:
+                if event.key not in seen:
+                    seen.add(event.key)
+                    fresh.append(event)
+            stream = self._stream(db, patient_id, count)
+            try:
+                before = dict(stream.snapshots)
+                replayed = stream.replayed_tokens
+                converted = stream_events(fresh, self.served.settings.visit)
+                for event in converted:
+                    stream.add(event)
+                predictions = stream.predictions()
+                if fresh:
+                    self.store.append_events(db, patient_id, count + 1, list(zip([e.key for e in fresh], converted)))
+                    changed = {p: s.to_bytes() for p, s in stream.snapshots.items() if before.get(p) is not s}
+                    removed = set(before) - set(stream.snapshots)
+                    self.store.save_patient(db, patient_id, self.version, count + len(fresh), stream.state_bytes(),
+                                            changed, removed)  # fmt: skip
+                    last_time = max((e.time for e in fresh if e.time is not None), default=None)
+                    self.store.save_predictions(db, patient_id, count + len(fresh), last_time, predictions)
+                self.store.audit(db, principal.name, "ingest", patient_id)
+            except BaseException:
+                self._forget(patient_id)  # the stream may be ahead of the database
+                raise
+        self._keep(patient_id, count + len(fresh), stream)
+        return IngestResult(len(fresh), len(events) - len(fresh), count + len(fresh), predictions,
+                            stream.replayed_tokens - replayed)  # fmt: skip
+
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Every patient's state re-encoded from the event log with this model (after a model change)."""
+        with self.store.transaction() as db:
+            patients = self.store.patient_ids(db)
+        for done, patient_id in enumerate(patients, 1):
+            with self.store.transaction() as db:
+                self.store.lock_patient(db, patient_id)
+                record = self.store.read_patient(db, patient_id)
+                stream = PatientStream(self.served, record.events)
+                self.store.save_patient(db, patient_id, self.version, len(record.events), stream.state_bytes(),
+                                        stream.snapshot_bytes(), set(record.snapshots))  # fmt: skip
+                self.store.save_predictions(db, patient_id, len(record.events),
+                                            max((e.time for e in record.events if e.time), default=None),
+                                            stream.predictions())  # fmt: skip
+            self._forget(patient_id)
+            if progress:
+                progress(done, len(patients))
+        return len(patients)
+
+    # ----- reading ------------------------------------------------------------------------------------------------
+    def predictions(self, principal: Principal, patient_id: str) -> dict:
+        with self.store.transaction() as db:
+            history = self.store.prediction_history(db, patient_id)
+            self.store.audit(db, principal.name, "read", patient_id)
+        if not history:
+            raise KeyError(patient_id)
+        return {"patient_id": patient_id, "model_version": self.version, **history[-1]}
+
+    def history(self, principal: Principal, patient_id: str) -> list[dict]:
+        with self.store.transaction() as db:
+            history = self.store.prediction_history(db, patient_id)
+            self.store.audit(db, principal.name, "read history", patient_id)
+        if not history:
+            raise KeyError(patient_id)
+        return history
+
+    def predict(self, principal: Principal, events: list[IncomingEvent]) -> dict[str, float]:
+        """A whole history's predictions by re-encoding it; nothing is kept."""
+        with self.store.transaction() as db:
+            self.store.audit(db, principal.name, "predict (not kept)", None)
+        return predict_history(self.served, events_frame(events))
+
+    # ----- the stream cache -------------------------------------------------------------------------------------------
+    def _stream(self, db, patient_id: str, count: int) -> PatientStream:
+        with self._lock:
+            cached = self.cache.get(patient_id)
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        record = self.store.read_patient(db, patient_id)
+        if record is None or not record.events:
+            return PatientStream(self.served)
+        if record.state is not None and record.model_version == self.version:
+            try:
+                return PatientStream.restore(self.served, record.events, record.state, record.snapshots)
+            except MedstateError:
+                pass  # a state that does not fit: encode the log again
+        return PatientStream(self.served, record.events)
+
+    def _keep(self, patient_id: str, count: int, stream: PatientStream) -> None:
+        with self._lock:
+            self.cache[patient_id] = (count, stream)
+            self.cache.move_to_end(patient_id)
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+
+    def _forget(self, patient_id: str) -> None:
+        with self._lock:
+            self.cache.pop(patient_id, None)

@@ -1,0 +1,49 @@
+"""Fixtures of the serving tests: the shipped MIMIC-IV demo prepared once, and small random EhrMamba checkpoints
+with the files a finetuning run's checkpoints carry."""
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from medstate.data.meds import scan_meds
+from medstate.ehr.model import EhrMamba, EhrMambaConfig
+from medstate.ehr.prepare import PrepareConfig, at_end_of_day, prepare
+from medstate.ehr.streaming import StreamEvent
+from medstate.ehr.vocab import Vocabulary
+from medstate.serve.patient import ServedModel
+
+DEMO = "data/demo/mimic-iv-demo-meds"
+COLUMNS = ["time", "code", "numeric_value", "hadm_id"]
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared-demo")
+    prepare(DEMO, out, PrepareConfig(max_length=256))
+    return out
+
+
+def served_model(prepared, directory, layout: str, version: int) -> ServedModel:
+    torch.manual_seed(version)
+    vocab = Vocabulary.load(prepared / "vocab.json")
+    model = EhrMamba(EhrMambaConfig(vocab_size=len(vocab), d_model=16, n_layer=2, ssm_version=version, dropout=0.0))
+    with torch.no_grad():
+        model.classifier[1].weight.mul_(4.0)  # probabilities that move with the history
+    model.save_pretrained(directory)
+    for name in ("vocab.json", "value_bins.json", "tasks.yaml"):
+        shutil.copy(prepared / name, directory / name)
+    settings = yaml.safe_load((prepared / "prepare.yaml").read_text())
+    (directory / "prepare.yaml").write_text(yaml.safe_dump({**settings, "prompt": layout}))
+    return ServedModel.load(directory)
+
+
+@pytest.fixture(scope="session")
+def demo_events():
+    return at_end_of_day(scan_meds(DEMO).collect(), PrepareConfig().date_only_codes)
+
+
+def _event(row: dict) -> StreamEvent:
+    key = None if row["hadm_id"] is None else f"hadm_id:{row['hadm_id']}"
+    return StreamEvent(row["time"], row["code"], row["numeric_value"], key)

@@ -1,0 +1,161 @@
+"""The HTTP API on SQLite: the auth matrix, malformed bodies (4xx, nothing applied), idempotent retries,
+predictions equal to re-encoding through the API and after a restart, the audit log, and no patient data in the
+INFO logs."""
+
+import json
+import logging
+
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+
+from medstate.serve.app import Limits, create_app
+from medstate.serve.patient import predict_history
+from medstate.serve.service import events_frame, open_service
+from medstate.serve.store import open_store
+
+from .conftest import served_model
+
+PATIENT = "10004457"
+
+
+@pytest.fixture(scope="module")
+def model_dir(prepared_demo, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("served") / "model"
+    served_model(prepared_demo, directory, "last", 2)
+    return directory
+
+
+@pytest.fixture
+def server(model_dir, tmp_path):
+    db = tmp_path / "serve.db"
+    store = open_store(db)
+    tokens = {scope: store.create_token(f"{scope}-client", [scope]) for scope in ("ingest", "read", "admin")}
+    tokens["revoked"] = store.create_token("gone", ["ingest", "read", "admin"])
+    store.revoke_token("gone")
+    client = TestClient(create_app(open_service(model_dir, db), Limits(max_body_bytes=200_000)))
+    return client, tokens, db
+
+
+def _rows(demo_events, n, start=0):
+    frame = demo_events.filter(pl.col("subject_id") == int(PATIENT)).slice(start, n)
+    return [
+        {"event_id": f"e{start + i}", "time": None if t is None else t.isoformat(), "code": c,
+         "numeric_value": None if v is None else float(v), "hadm_id": h}
+        for i, (t, c, v, h) in enumerate(frame.select("time", "code", "numeric_value", "hadm_id").iter_rows())
+    ]  # fmt: skip
+
+
+def _auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_auth_matrix(server, demo_events):
+    client, tokens, _ = server
+    body = {"events": _rows(demo_events, 3)}
+    endpoints = {
+        "ingest": ("post", f"/v1/patients/{PATIENT}/events", body),
+        "read": ("get", f"/v1/patients/{PATIENT}/predictions", None),
+        "history": ("get", f"/v1/patients/{PATIENT}/history", None),
+        "predict": ("post", "/v1/predict", body),
+        "admin": ("get", "/metrics", None),
+    }
+    needs = {"ingest": "ingest", "read": "read", "history": "read", "predict": "read", "admin": "admin"}
+    for name, (method, url, payload) in endpoints.items():
+        assert client.request(method, url, json=payload).status_code == 401, name  # no token
+        bad = client.request(method, url, json=payload, headers=_auth("mst_not-a-token"))
+        assert bad.status_code == 401, name
+        revoked = client.request(method, url, json=payload, headers=_auth(tokens["revoked"]))
+        assert revoked.status_code == 401 and "revoked" in revoked.json()["detail"], name
+        for scope in ("ingest", "read", "admin"):
+            status = client.request(method, url, json=payload, headers=_auth(tokens[scope])).status_code
+            assert (status < 400) == (scope == needs[name]) and (status in (200, 403)), (name, scope, status)
+    assert client.get("/health").status_code == 200  # the one endpoint without a token
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_malformed_bodies_are_4xx_and_apply_nothing(server, demo_events):
+    client, tokens, db = server
+    url, headers = f"/v1/patients/{PATIENT}/events", _auth(tokens["ingest"])
+    good = _rows(demo_events, 4)
+    assert client.post(url, json={"events": good}, headers=headers).json()["events"] == 4
+    cases = {
+        "no code": [*_rows(demo_events, 2, 4), {"event_id": "x1", "time": "2130-01-01T00:00:00"}],
+        "bad time": [*_rows(demo_events, 2, 4), {"event_id": "x2", "time": "yesterday", "code": "A"}],
+        "unknown field": [*_rows(demo_events, 2, 4), {"event_id": "x3", "code": "A", "value": 1}],
+        "no event id": [*_rows(demo_events, 2, 4), {"code": "A"}],
+        "empty": [],
+    }
+    for name, events in cases.items():
+        response = client.post(url, json={"events": events}, headers=headers)
+        assert response.status_code == 422, name
+        assert response.json()["detail"], name  # says why
+    not_finite = '{"events": [{"event_id": "n", "code": "LAB", "numeric_value": NaN}]}'
+    response = client.post(url, content=not_finite, headers={**headers, "content-type": "application/json"})
+    assert response.status_code == 422
+    assert (
+        client.post(url, content=b"{not json", headers={**headers, "content-type": "application/json"}).status_code
+        == 422
+    )
+    big = {"events": [{"event_id": f"b{i}", "code": "X" * 500} for i in range(1000)]}
+    assert client.post(url, json=big, headers=headers).status_code == 413
+    chunks = (json.dumps(big).encode()[i : i + 65536] for i in range(0, len(json.dumps(big)), 65536))
+    streamed = client.post(url, content=chunks, headers={**headers, "content-type": "application/json"})
+    assert streamed.status_code == 413  # no content-length: counted as it arrives
+    assert client.post("/v1/patients/bad%20id!/events", json={"events": good}, headers=headers).status_code == 422
+    store = open_store(db)
+    with store.transaction() as cursor:
+        assert store.event_count(cursor, PATIENT) == 4  # nothing of the failed requests was applied
+
+
+def test_retries_apply_once_and_predictions_equal_reencoding(server, model_dir, demo_events):
+    client, tokens, db = server
+    url, headers = f"/v1/patients/{PATIENT}/events", _auth(tokens["ingest"])
+    rows = _rows(demo_events, 120)
+    first = client.post(url, json={"events": rows[:80]}, headers=headers).json()
+    assert (first["applied"], first["duplicates"], first["events"]) == (80, 0, 80)
+    retry = client.post(url, json={"events": rows[60:120] + rows[100:101]}, headers=headers).json()
+    assert (retry["applied"], retry["duplicates"], retry["events"]) == (40, 21, 120)
+    served = open_service(model_dir, db).served
+    frame = events_frame([_incoming(r) for r in rows])
+    expected = predict_history(served, frame)
+    assert retry["predictions"] == pytest.approx(expected, abs=2e-5)
+    read = client.get(f"/v1/patients/{PATIENT}/predictions", headers=_auth(tokens["read"])).json()
+    assert read["events"] == 120 and read["predictions"] == pytest.approx(expected, abs=2e-5)
+    history = client.get(f"/v1/patients/{PATIENT}/history", headers=_auth(tokens["read"])).json()
+    assert [h["events"] for h in history] == [80, 120]
+    stateless = client.post("/v1/predict", json={"events": rows}, headers=_auth(tokens["read"])).json()
+    assert stateless["predictions"] == pytest.approx(expected, abs=1e-6) and stateless["kept"] is False
+
+    # a restart: a new process (no cache) continues from the database's state
+    restarted = TestClient(create_app(open_service(model_dir, db)))
+    more = _rows(demo_events, 40, 120)
+    after = restarted.post(url, json={"events": more}, headers=headers).json()
+    whole = predict_history(served, events_frame([_incoming(r) for r in rows + more]))
+    assert after["events"] == 160 and after["predictions"] == pytest.approx(whole, abs=2e-5)
+    audit = open_store(db).audit_log(PATIENT)
+    assert [(a["actor"], a["action"]) for a in audit] == [("ingest-client", "ingest")] * 2 + [
+        ("read-client", "read"), ("read-client", "read history"), ("ingest-client", "ingest")]  # fmt: skip
+
+
+def _incoming(row):
+    from datetime import datetime
+
+    from medstate.serve.service import IncomingEvent
+
+    time = None if row["time"] is None else datetime.fromisoformat(row["time"])
+    hadm = None if row["hadm_id"] is None else str(row["hadm_id"])
+    return IncomingEvent(row["event_id"], time, row["code"], row["numeric_value"], hadm)
+
+
+def test_info_logs_hold_no_patient_data(server, demo_events, caplog):
+    client, tokens, _ = server
+    rows = _rows(demo_events, 30)
+    with caplog.at_level(logging.INFO):
+        client.post(f"/v1/patients/{PATIENT}/events", json={"events": rows}, headers=_auth(tokens["ingest"]))
+        client.get(f"/v1/patients/{PATIENT}/predictions", headers=_auth(tokens["read"]))
+    server_side = [r for r in caplog.records if r.name.startswith(("medstate", "uvicorn", "fastapi", "starlette"))]
+    text = "\n".join(r.getMessage() for r in server_side)  # (the test client logs its own requests)
+    assert "/v1/patients/{patient_id}/events" in text  # the route is logged
+    assert PATIENT not in text and not any(r["code"] in text for r in rows)
+    assert json.dumps(rows[0]["time"]).strip('"')[:10] not in text
