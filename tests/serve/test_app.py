@@ -159,3 +159,93 @@ def test_info_logs_hold_no_patient_data(server, demo_events, caplog):
     assert "/v1/patients/{patient_id}/events" in text  # the route is logged
     assert PATIENT not in text and not any(r["code"] in text for r in rows)
     assert json.dumps(rows[0]["time"]).strip('"')[:10] not in text
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start(model_dir, db, port):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    process = subprocess.Popen([sys.executable, "-m", "medstate.cli", "serve", str(model_dir), "--db", str(db),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_sigkill_mid_stream_loses_no_acknowledged_event_and_applies_none_twice(model_dir, tmp_path, demo_events):
+    """A real server process, killed with SIGKILL while a client streams ingests; after a restart the client
+    sends everything again (it cannot know what the last request did): each event is in the log exactly once,
+    every acknowledged one among them, and the predictions are re-encoding's."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+
+    db = tmp_path / "serve.db"
+    token = open_store(db).create_token("feed", ["ingest", "read"])
+    rows = _rows(demo_events, 150)
+    port = _free_port()
+    server = _start(model_dir, db, port)
+    acknowledged: list[str] = []
+    killed = threading.Event()
+
+    def feed():
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=_auth(token), timeout=30) as client:
+            for start in range(0, len(rows), 3):
+                try:
+                    response = client.post(f"/v1/patients/{PATIENT}/events", json={"events": rows[start : start + 3]})
+                except httpx.HTTPError:
+                    return  # the server is gone
+                assert response.status_code == 200
+                acknowledged.extend(r["event_id"] for r in rows[start : start + 3])
+                if len(acknowledged) >= 60 and not killed.is_set():
+                    killed.set()
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    assert killed.wait(120)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait()
+    thread.join(60)
+    assert 60 <= len(acknowledged) < len(rows)
+    store = open_store(db)
+    with store.transaction() as cursor:
+        kept = store.known_keys(cursor, PATIENT, [r["event_id"] for r in rows])
+    assert set(acknowledged) <= kept  # nothing acknowledged was lost
+
+    server = _start(model_dir, db, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=_auth(token), timeout=60) as client:
+            for start in range(0, len(rows), 25):  # everything again
+                assert client.post(
+                    f"/v1/patients/{PATIENT}/events", json={"events": rows[start : start + 25]}
+                ).is_success
+            final = client.get(f"/v1/patients/{PATIENT}/predictions").json()
+    finally:
+        server.kill()
+        server.wait()
+    with store.transaction() as cursor:
+        logged = cursor.execute("SELECT seq, event_key FROM events WHERE patient_id = ? ORDER BY seq", (PATIENT,))
+        logged = logged.fetchall()
+    assert [seq for seq, _ in logged] == list(range(1, len(rows) + 1))
+    assert [key for _, key in logged] == [r["event_id"] for r in rows]  # each once, in the order sent
+    expected = predict_history(open_service(model_dir, db).served, events_frame([_incoming(r) for r in rows]))
+    assert final["events"] == len(rows) and final["predictions"] == pytest.approx(expected, abs=2e-5)
