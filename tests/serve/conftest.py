@@ -51,35 +51,12 @@ def _event(row: dict) -> StreamEvent:
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """A throwaway PostgreSQL server (initdb in a temporary folder, a Unix socket only), or a skip with the reason;
-    `.ci/run` installs PostgreSQL from Debian's packages."""
-    import glob
-    import os
-    import socket
-    import subprocess
-    import tempfile
+    """A throwaway PostgreSQL server, or a skip with the reason (`.ci/run` installs PostgreSQL)."""
+    from medstate.errors import MedstateError
+    from medstate.serve.pgserver import throwaway_postgres
 
-    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-    if found is None:
-        pytest.skip("PostgreSQL is not installed (no initdb): `.ci/run` installs it, or apt-get install postgresql")
-    bin_dir = os.path.dirname(os.path.realpath(found))
-    root = tempfile.mkdtemp(prefix="medstate-pg-")
-    prefix = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        prefix = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(root, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    data = os.path.join(root, "data")
-    run = lambda *args: subprocess.run([*prefix, *args], capture_output=True, text=True)  # noqa: E731
-    made = run(f"{bin_dir}/initdb", "-D", data, "-U", "medstate", "--auth=trust")
-    if made.returncode:
-        pytest.skip(f"initdb failed: {made.stderr.strip().splitlines()[-1:]}")
-    options = f"-p {port} -k {root} -c listen_addresses='' -c fsync=off"
-    started = run(f"{bin_dir}/pg_ctl", "-D", data, "-o", options, "-l", os.path.join(root, "log"), "-w", "start")
-    if started.returncode:
-        pytest.skip(f"PostgreSQL did not start: {started.stderr.strip()[-200:]}")
-    yield f"postgresql://medstate@/postgres?host={root}&port={port}"
-    run(f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "stop")
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with throwaway_postgres() as url:
+            yield url
+    except MedstateError as err:
+        pytest.skip(str(err))

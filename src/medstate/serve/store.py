@@ -155,9 +155,11 @@ class Store:
     def save_patient(
         self, db, patient_id: str, version: str, events: int, state: bytes, snapshots: dict[int, bytes], removed: set
     ) -> None:
-        db.execute("DELETE FROM patients WHERE patient_id = ?", (patient_id,))
+        # an upsert, never delete + insert: PostgreSQL's row lock (lock_patient) must stay on the same row
         db.execute(
-            "INSERT INTO patients (patient_id, model_version, events, state, updated_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO patients (patient_id, model_version, events, state, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (patient_id) DO UPDATE SET model_version = excluded.model_version, events = excluded.events, "
+            "state = excluded.state, updated_at = excluded.updated_at",
             (patient_id, version, events, state, now()),
         )
         for position in removed | set(snapshots):
