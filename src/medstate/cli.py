@@ -1017,6 +1017,9 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body (more: 413)")] = 4.0,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (with --ssl-certfile: HTTPS)")] = None,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate chain")] = None,
+    reencode: Annotated[
+        bool, typer.Option(help="keep no state: re-encode each patient's whole history at every ingest (comparison)")
+    ] = False,
 ) -> None:
     """Serve per-patient predictions, updated event by event (docs at /docs; tokens: `medstate serve-token`)."""
     import logging
@@ -1028,7 +1031,7 @@ def serve(
 
     if (ssl_keyfile is None) != (ssl_certfile is None):
         raise MedstateError("TLS needs both --ssl-keyfile and --ssl-certfile")
-    service = open_service(model_dir, db)
+    service = open_service(model_dir, db, reencode=reencode)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrent=max_concurrent)
     uvicorn.run(create_app(service, limits), host=host, port=port, access_log=False, log_level="info",

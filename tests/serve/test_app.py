@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from medstate.serve.app import Limits, create_app
 from medstate.serve.patient import predict_history
-from medstate.serve.service import events_frame, open_service
+from medstate.serve.service import open_service
 from medstate.serve.store import open_store
 
 from .conftest import served_model
@@ -117,7 +117,7 @@ def test_retries_apply_once_and_predictions_equal_reencoding(server, model_dir, 
     retry = client.post(url, json={"events": rows[60:120] + rows[100:101]}, headers=headers).json()
     assert (retry["applied"], retry["duplicates"], retry["events"]) == (40, 21, 120)
     served = open_service(model_dir, db).served
-    frame = events_frame([_incoming(r) for r in rows])
+    frame = _frame(rows)
     expected = predict_history(served, frame)
     assert retry["predictions"] == pytest.approx(expected, abs=2e-5)
     read = client.get(f"/v1/patients/{PATIENT}/predictions", headers=_auth(tokens["read"])).json()
@@ -131,21 +131,23 @@ def test_retries_apply_once_and_predictions_equal_reencoding(server, model_dir, 
     restarted = TestClient(create_app(open_service(model_dir, db)))
     more = _rows(demo_events, 40, 120)
     after = restarted.post(url, json={"events": more}, headers=headers).json()
-    whole = predict_history(served, events_frame([_incoming(r) for r in rows + more]))
+    whole = predict_history(served, _frame(rows + more))
     assert after["events"] == 160 and after["predictions"] == pytest.approx(whole, abs=2e-5)
     audit = open_store(db).audit_log(PATIENT)
     assert [(a["actor"], a["action"]) for a in audit] == [("ingest-client", "ingest")] * 2 + [
         ("read-client", "read"), ("read-client", "read history"), ("ingest-client", "ingest")]  # fmt: skip
 
 
-def _incoming(row):
+def _frame(rows):
+    """The rows sent, as the MEDS table `build_sequence` reads (written here, not by the service's code)."""
     from datetime import datetime
 
-    from medstate.serve.service import IncomingEvent
-
-    time = None if row["time"] is None else datetime.fromisoformat(row["time"])
-    hadm = None if row["hadm_id"] is None else str(row["hadm_id"])
-    return IncomingEvent(row["event_id"], time, row["code"], row["numeric_value"], hadm)
+    return pl.DataFrame(
+        {"time": [None if r["time"] is None else datetime.fromisoformat(r["time"]) for r in rows],
+         "code": [r["code"] for r in rows], "numeric_value": [r["numeric_value"] for r in rows],
+         "hadm_id": [r["hadm_id"] for r in rows]},
+        schema={"time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64, "hadm_id": pl.Int64},
+    )  # fmt: skip
 
 
 def test_info_logs_hold_no_patient_data(server, demo_events, caplog):
@@ -247,5 +249,22 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_applies_none_twice(m
         logged = logged.fetchall()
     assert [seq for seq, _ in logged] == list(range(1, len(rows) + 1))
     assert [key for _, key in logged] == [r["event_id"] for r in rows]  # each once, in the order sent
-    expected = predict_history(open_service(model_dir, db).served, events_frame([_incoming(r) for r in rows]))
+    expected = predict_history(open_service(model_dir, db).served, _frame(rows))
     assert final["events"] == len(rows) and final["predictions"] == pytest.approx(expected, abs=2e-5)
+
+
+def test_the_reencoding_peer_answers_the_same(model_dir, tmp_path, demo_events):
+    from medstate.serve.store import Principal
+
+    who = Principal("bench", frozenset({"ingest"}))
+    rows = _rows(demo_events, 60)
+    streaming, peer = open_service(model_dir, tmp_path / "a.db"), open_service(model_dir, tmp_path / "b.db", True)
+    from medstate.serve.app import MedsEvent
+
+    events = [MedsEvent(**r).incoming() for r in rows]
+    for start in (0, 25):
+        ours = streaming.ingest(who, PATIENT, events[start : start + 35])
+        theirs = peer.ingest(who, PATIENT, events[start : start + 35])
+        assert (theirs.applied, theirs.duplicates, theirs.events) == (ours.applied, ours.duplicates, ours.events)
+        assert theirs.predictions == pytest.approx(ours.predictions, abs=2e-5)
+    assert theirs.predictions == pytest.approx(predict_history(streaming.served, _frame(rows)), abs=1e-6)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from medstate.serve.patient import predict_history
-from medstate.serve.service import IncomingEvent, events_frame, open_service
+from medstate.serve.service import IncomingEvent, open_service
 from medstate.serve.store import Principal, open_store
 
 from .conftest import served_model
@@ -24,6 +24,16 @@ def _events(demo_events, subject, n):
             for i, (t, c, v, h) in enumerate(rows)]  # fmt: skip
 
 
+def _frame(events):
+    import polars as pl
+
+    return pl.DataFrame(
+        {"time": [e.time for e in events], "code": [e.code for e in events],
+         "numeric_value": [e.numeric_value for e in events], "hadm_id": [e.hadm_id for e in events]},
+        schema={"time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64, "hadm_id": pl.String},
+    )  # fmt: skip
+
+
 def test_two_instances_share_patients(postgres_url, prepared_demo, demo_events, tmp_path):
     model_dir = tmp_path / "model"
     served_model(prepared_demo, model_dir, "last", 1)
@@ -35,7 +45,7 @@ def test_two_instances_share_patients(postgres_url, prepared_demo, demo_events, 
     b.ingest(principal, "p1", events[30:60])  # b has no stream cached: restores it; 30..39 are duplicates
     result = a.ingest(principal, "p1", events[60:90])  # a's cached stream is behind: restored from the database
     assert (result.applied, result.events) == (30, 90)
-    expected = predict_history(a.served, events_frame(events))
+    expected = predict_history(a.served, _frame(events))
     assert result.predictions == pytest.approx(expected, abs=2e-5)
     assert b.predictions(principal, "p1")["predictions"] == pytest.approx(expected, abs=2e-5)
 
@@ -53,4 +63,4 @@ def test_two_instances_share_patients(postgres_url, prepared_demo, demo_events, 
     order = {e.key: e for e in more}
     applied = [order[k] for k in keys]
     final = a.predictions(principal, "p2")["predictions"]
-    assert final == pytest.approx(predict_history(a.served, events_frame(applied)), abs=2e-5)
+    assert final == pytest.approx(predict_history(a.served, _frame(applied)), abs=2e-5)

@@ -58,12 +58,14 @@ def stream_events(events: list[IncomingEvent], visit: str) -> list[StreamEvent]:
     return out
 
 
-def events_frame(events: list[IncomingEvent]) -> pl.DataFrame:
-    """MEDS rows as the event table `build_sequence` reads (arrival order)."""
+def stream_frame(events: list[StreamEvent]) -> pl.DataFrame:
+    """Streaming events as the event table `build_sequence` reads (arrival order; keys back in their columns)."""
+    keys = [e.visit_key.split(":", 1) if e.visit_key else (None, None) for e in events]
     return pl.DataFrame(
         {"time": [e.time for e in events], "code": [e.code for e in events],
-         "numeric_value": [e.numeric_value for e in events], "hadm_id": [e.hadm_id for e in events],
-         "encounter_id": [e.encounter_id for e in events]},
+         "numeric_value": [e.numeric_value for e in events],
+         "hadm_id": [v if c == "hadm_id" else None for c, v in keys],
+         "encounter_id": [v if c == "encounter_id" else None for c, v in keys]},
         schema={"time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64, "hadm_id": pl.String,
                 "encounter_id": pl.String},
     )  # fmt: skip
@@ -78,16 +80,19 @@ class IngestResult:
     replayed_tokens: int
 
 
-def open_service(model_dir: str | Path, db: str | Path) -> PatientService:
+def open_service(model_dir: str | Path, db: str | Path, reencode: bool = False) -> PatientService:
     """The service for a finetuned EhrMamba checkpoint over a database (SQLite path or postgresql:// URL)."""
     from medstate.serve.store import open_store
 
-    return PatientService(ServedModel.load(model_dir), open_store(db), model_version(model_dir))
+    return PatientService(ServedModel.load(model_dir), open_store(db), model_version(model_dir), reencode=reencode)
 
 
 class PatientService:
-    def __init__(self, served: ServedModel, store: Store, version: str, cache_size: int = 1024):
-        self.served, self.store, self.version = served, store, version
+    """`reencode=True` serves the way EHR foundation-model tools do today, as the benchmark's peer: no state is
+    kept, and every ingest re-encodes the patient's whole log."""
+
+    def __init__(self, served: ServedModel, store: Store, version: str, cache_size: int = 1024, reencode: bool = False):
+        self.served, self.store, self.version, self.reencode = served, store, version, reencode
         self.cache: OrderedDict[str, tuple[int, PatientStream]] = OrderedDict()
         self.cache_size = cache_size
         self._lock = threading.Lock()  # guards the cache; patients are serialized by the database's lock
@@ -105,6 +110,8 @@ class PatientService:
                 if event.key not in seen:
                     seen.add(event.key)
                     fresh.append(event)
+            if self.reencode:
+                return self._reencode(db, principal, patient_id, count, fresh, len(events) - len(fresh))
             stream = self._stream(db, patient_id, count)
             try:
                 before = dict(stream.snapshots)
@@ -128,6 +135,19 @@ class PatientService:
         self._keep(patient_id, count + len(fresh), stream)
         return IngestResult(len(fresh), len(events) - len(fresh), count + len(fresh), predictions,
                             stream.replayed_tokens - replayed)  # fmt: skip
+
+    def _reencode(self, db, principal, patient_id, count, fresh, duplicates) -> IngestResult:
+        record = self.store.read_patient(db, patient_id)
+        converted = stream_events(fresh, self.served.settings.visit)
+        history = (record.events if record else []) + converted
+        predictions = predict_history(self.served, stream_frame(history))
+        if fresh:
+            self.store.append_events(db, patient_id, count + 1, list(zip([e.key for e in fresh], converted)))
+            self.store.save_patient(db, patient_id, self.version, count + len(fresh), None, {}, set())
+            last_time = max((e.time for e in fresh if e.time is not None), default=None)
+            self.store.save_predictions(db, patient_id, count + len(fresh), last_time, predictions)
+        self.store.audit(db, principal.name, "ingest", patient_id)
+        return IngestResult(len(fresh), duplicates, count + len(fresh), predictions, 0)
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Every patient's state re-encoded from the event log with this model (after a model change)."""
@@ -169,7 +189,7 @@ class PatientService:
         """A whole history's predictions by re-encoding it; nothing is kept."""
         with self.store.transaction() as db:
             self.store.audit(db, principal.name, "predict (not kept)", None)
-        return predict_history(self.served, events_frame(events))
+        return predict_history(self.served, stream_frame(stream_events(events, self.served.settings.visit)))
 
     # ----- the stream cache -------------------------------------------------------------------------------------------
     def _stream(self, db, patient_id: str, count: int) -> PatientStream:
