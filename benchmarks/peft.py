@@ -14,11 +14,12 @@ worker process (its peak RSS its own):
    LoRA's learning rate (1e-3 or 1e-2) chosen by the validation loss; ROUGE with intervals and the paired
    difference.
 
-    python benchmarks/peft.py            # ~15 min on 2 cores (add --quality: ~6 min more)
-    python benchmarks/peft.py --quick    # small sizes: checks the script only
+    python benchmarks/peft.py                        # the speed rows, ~15 min on 2 cores → results/peft.md
+    python benchmarks/peft.py --quality --no-speed   # the quality rows, ~25 min → results/peft-quality.md
+    python benchmarks/peft.py --quick                # small sizes: checks the script only
 
-Writes benchmarks/results/peft.{json,md}. (`harness`, imported first, moves this folder behind the installed
-packages, so `import peft` below is Hugging Face's.)
+Writes benchmarks/results/peft.{json,md} (with --no-speed: peft-quality.{json,md}). (`harness`, imported first,
+moves this folder behind the installed packages, so `import peft` below is Hugging Face's.)
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed and memory rows")
     args = parser.parse_args()
     if answer_worker(args.worker, WORKERS):
         return
@@ -141,38 +143,39 @@ def main() -> None:
 
     case = case_runner(script, results, 3600)
 
-    sizes = (dict(d_model=64, n_layer=6, d_state=16, head_dim=16, chunk_size=64) if quick else
-             dict(d_model=768, n_layer=24, d_state=128, head_dim=64, chunk_size=256))  # fmt: skip
-    shape = "width 64 × 6 blocks" if quick else "mamba2-130m shape"
-    tokens, steps = (256, 2) if quick else (2048, 3)
-    keep = "drop:" + ",".join(str(i) for i in range(2, sizes["n_layer"], 3))  # every third block: 33% pruned
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = Path(directory) / "model"
-        _checkpoint(sizes, 50288, checkpoint)
-        spec = {"case": "train_steps", "checkpoint": str(checkpoint), "tokens": tokens, "steps": steps}
-        full = case("full finetuning", {**spec, "impl": "full"})
-        lora = case("lora", {**spec, "impl": "lora"})
-        pruned = case("lora + pruned", {**spec, "impl": "lora", "keep": keep})
-        # PEFT refuses out_proj (and conv1d) on HF's Mamba models (its fused CUDA path would skip the adapter): the
-        # comparison with HF adapts in_proj only, on both sides
-        ours_in = case("lora on in_proj", {**spec, "impl": "lora", "targets": ["in_proj"]})
-        hf = case("hf + peft lora on in_proj", {**spec, "impl": "hf", "targets": ["in_proj"]})
-    share = pruned.get("trainable", 0) / full["parameters"] if "parameters" in full else None
-    row = f"one {tokens:,}-token row of clinical text, {shape}"
-    memory = pruned.get("peak_rss_gb"), full.get("peak_rss_gb")
-    rows.append((f"peak RSS (GB), {row}: LoRA r=16 + 33% of blocks pruned vs full finetuning", *memory,
-                 ratio(*memory), "≤ 0.55",
-                 f"ratio = LoRA+pruned / full; LoRA alone {lora.get('peak_rss_gb', float('nan')):.2f} GB"))  # fmt: skip
-    rows.append((f"training step (s, median after the first), {row}: LoRA r=16 + 33% pruned vs full finetuning",
-                 median(pruned), median(full), ratio(median(pruned), median(full)), "≤ 0.60",
-                 f"ratio = LoRA+pruned / full; LoRA alone {median(lora) or float('nan'):.2f} s; trainable "
-                 f"{pruned.get('trainable', 0):,} of the full model's {full.get('parameters', 0):,} parameters "
-                 f"({100 * (share or 0):.2f}%)"))  # fmt: skip
-    rows.append((f"LoRA training step (s), {row}: medstate vs HF Mamba2ForCausalLM + PEFT, same weights, LoRA r=16 "
-                 "on in_proj (PEFT refuses out_proj on HF Mamba)", median(ours_in), median(hf),
-                 ratio(median(hf), median(ours_in)), "≥ 2",
-                 f"ratio = HF / medstate; peak RSS {ours_in.get('peak_rss_gb', float('nan')):.1f} GB vs HF "
-                 f"{hf.get('peak_rss_gb', float('nan')):.1f} GB"))  # fmt: skip
+    if not args.no_speed:
+        sizes = (dict(d_model=64, n_layer=6, d_state=16, head_dim=16, chunk_size=64) if quick else
+                 dict(d_model=768, n_layer=24, d_state=128, head_dim=64, chunk_size=256))  # fmt: skip
+        shape = "width 64 × 6 blocks" if quick else "mamba2-130m shape"
+        tokens, steps = (256, 2) if quick else (2048, 3)
+        keep = "drop:" + ",".join(str(i) for i in range(2, sizes["n_layer"], 3))  # every third block: 33% pruned
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = Path(directory) / "model"
+            _checkpoint(sizes, 50288, checkpoint)
+            spec = {"case": "train_steps", "checkpoint": str(checkpoint), "tokens": tokens, "steps": steps}
+            full = case("full finetuning", {**spec, "impl": "full"})
+            lora = case("lora", {**spec, "impl": "lora"})
+            pruned = case("lora + pruned", {**spec, "impl": "lora", "keep": keep})
+            # PEFT refuses out_proj (and conv1d) on HF's Mamba models (its fused CUDA path would skip the adapter): the
+            # comparison with HF adapts in_proj only, on both sides
+            ours_in = case("lora on in_proj", {**spec, "impl": "lora", "targets": ["in_proj"]})
+            hf = case("hf + peft lora on in_proj", {**spec, "impl": "hf", "targets": ["in_proj"]})
+        share = pruned.get("trainable", 0) / full["parameters"] if "parameters" in full else None
+        row = f"one {tokens:,}-token row of clinical text, {shape}"
+        memory = pruned.get("peak_rss_gb"), full.get("peak_rss_gb")
+        rows.append((f"peak RSS (GB), {row}: LoRA r=16 + 33% of blocks pruned vs full finetuning", *memory,
+                     ratio(*memory), "≤ 0.55",
+                     f"ratio = LoRA+pruned / full; LoRA alone {lora.get('peak_rss_gb', 0):.2f} GB"))  # fmt: skip
+        rows.append((f"training step (s, median after the first), {row}: LoRA r=16 + 33% pruned vs full finetuning",
+                     median(pruned), median(full), ratio(median(pruned), median(full)), "≤ 0.60",
+                     f"ratio = LoRA+pruned / full; LoRA alone {median(lora) or float('nan'):.2f} s; trainable "
+                     f"{pruned.get('trainable', 0):,} of the full model's {full.get('parameters', 0):,} parameters "
+                     f"({100 * (share or 0):.2f}%)"))  # fmt: skip
+        rows.append((f"LoRA training step (s), {row}: medstate vs HF Mamba2ForCausalLM + PEFT, same weights, LoRA r=16 "
+                     "on in_proj (PEFT refuses out_proj on HF Mamba)", median(ours_in), median(hf),
+                     ratio(median(hf), median(ours_in)), "≥ 2",
+                     f"ratio = HF / medstate; peak RSS {ours_in.get('peak_rss_gb', float('nan')):.1f} GB vs HF "
+                     f"{hf.get('peak_rss_gb', float('nan')):.1f} GB"))  # fmt: skip
     if args.quality:
         init = ROOT / "runs/text-demo/pretrain/model"
         with tempfile.TemporaryDirectory() as work:
@@ -191,7 +194,7 @@ def main() -> None:
                          f"LoRA LR {lora_run['lr']:g} (lowest validation loss of 1e-3, 1e-2); paired difference "
                          f"{difference['difference']:+.2f} [{difference['low']:+.2f}, "
                          f"{difference['high']:+.2f}]"))  # fmt: skip
-    write_report("peft", rows, results, RESULTS)
+    write_report("peft-quality" if args.no_speed else "peft", rows, results, RESULTS)
 
 
 if __name__ == "__main__":
