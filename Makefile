@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo demo-engine text-demo test lint bench bench-ehr clean
+.PHONY: install demo serve-demo demo-engine text-demo test lint bench bench-ehr clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medstate ehr demo --data-dir data/demo --out runs/demo
+
+DEMO_MODEL := runs/demo/finetune/ehrmamba/seed0/checkpoints/last
+
+serve-demo: $(STAMP)
+	test -f $(DEMO_MODEL)/vocab.json || $(MAKE) demo
+	$(BIN)/medstate serve $(DEMO_MODEL) --db runs/serve/demo.db
 
 demo-engine: $(STAMP)
 	$(BIN)/medstate ssm demo --out runs/engine-demo

@@ -147,7 +147,7 @@ def main() -> None:
         sizes = (dict(d_model=64, n_layer=6, d_state=16, head_dim=16, chunk_size=64) if quick else
                  dict(d_model=768, n_layer=24, d_state=128, head_dim=64, chunk_size=256))  # fmt: skip
         shape = "width 64 × 6 blocks" if quick else "mamba2-130m shape"
-        tokens, steps = (256, 2) if quick else (2048, 3)
+        tokens, steps = (256, 2) if quick else (2048, 5)
         keep = "drop:" + ",".join(str(i) for i in range(2, sizes["n_layer"], 3))  # every third block: 33% pruned
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = Path(directory) / "model"

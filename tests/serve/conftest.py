@@ -60,3 +60,32 @@ def postgres_url():
             yield url
     except MedstateError as err:
         pytest.skip(str(err))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(model_dir, db, port):
+    """`medstate serve` in a process of its own, once /health answers."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    process = subprocess.Popen([sys.executable, "-m", "medstate.cli", "serve", str(model_dir), "--db", str(db),
+                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("the server did not start")

@@ -14,7 +14,7 @@ from medstate.serve.patient import predict_history
 from medstate.serve.service import open_service
 from medstate.serve.store import open_store
 
-from .conftest import served_model
+from .conftest import free_port, served_model, start_server
 
 PATIENT = "10004457"
 
@@ -33,8 +33,8 @@ def server(model_dir, tmp_path):
     tokens = {scope: store.create_token(f"{scope}-client", [scope]) for scope in ("ingest", "read", "admin")}
     tokens["revoked"] = store.create_token("gone", ["ingest", "read", "admin"])
     store.revoke_token("gone")
-    client = TestClient(create_app(open_service(model_dir, db), Limits(max_body_bytes=200_000)))
-    return client, tokens, db
+    client = TestClient(create_app(open_service(model_dir, db), Limits(max_body_bytes=1_500_000)))
+    return client, tokens, db, model_dir
 
 
 def _rows(demo_events, n, start=0):
@@ -51,7 +51,7 @@ def _auth(token):
 
 
 def test_auth_matrix(server, demo_events):
-    client, tokens, _ = server
+    client, tokens = server[:2]
     body = {"events": _rows(demo_events, 3)}
     endpoints = {
         "ingest": ("post", f"/v1/patients/{PATIENT}/events", body),
@@ -75,7 +75,7 @@ def test_auth_matrix(server, demo_events):
 
 
 def test_malformed_bodies_are_4xx_and_apply_nothing(server, demo_events):
-    client, tokens, db = server
+    client, tokens, db = server[:3]
     url, headers = f"/v1/patients/{PATIENT}/events", _auth(tokens["ingest"])
     good = _rows(demo_events, 4)
     assert client.post(url, json={"events": good}, headers=headers).json()["events"] == 4
@@ -97,7 +97,7 @@ def test_malformed_bodies_are_4xx_and_apply_nothing(server, demo_events):
         client.post(url, content=b"{not json", headers={**headers, "content-type": "application/json"}).status_code
         == 422
     )
-    big = {"events": [{"event_id": f"b{i}", "code": "X" * 500} for i in range(1000)]}
+    big = {"events": [{"event_id": f"b{i}", "code": "X" * 500} for i in range(4000)]}
     assert client.post(url, json=big, headers=headers).status_code == 413
     chunks = (json.dumps(big).encode()[i : i + 65536] for i in range(0, len(json.dumps(big)), 65536))
     streamed = client.post(url, content=chunks, headers={**headers, "content-type": "application/json"})
@@ -109,7 +109,7 @@ def test_malformed_bodies_are_4xx_and_apply_nothing(server, demo_events):
 
 
 def test_retries_apply_once_and_predictions_equal_reencoding(server, model_dir, demo_events):
-    client, tokens, db = server
+    client, tokens, db = server[:3]
     url, headers = f"/v1/patients/{PATIENT}/events", _auth(tokens["ingest"])
     rows = _rows(demo_events, 120)
     first = client.post(url, json={"events": rows[:80]}, headers=headers).json()
@@ -151,7 +151,7 @@ def _frame(rows):
 
 
 def test_info_logs_hold_no_patient_data(server, demo_events, caplog):
-    client, tokens, _ = server
+    client, tokens = server[:2]
     rows = _rows(demo_events, 30)
     with caplog.at_level(logging.INFO):
         client.post(f"/v1/patients/{PATIENT}/events", json={"events": rows}, headers=_auth(tokens["ingest"]))
@@ -161,34 +161,6 @@ def test_info_logs_hold_no_patient_data(server, demo_events, caplog):
     assert "/v1/patients/{patient_id}/events" in text  # the route is logged
     assert PATIENT not in text and not any(r["code"] in text for r in rows)
     assert json.dumps(rows[0]["time"]).strip('"')[:10] not in text
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(model_dir, db, port):
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    process = subprocess.Popen([sys.executable, "-m", "medstate.cli", "serve", str(model_dir), "--db", str(db),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not start")
 
 
 def test_sigkill_mid_stream_loses_no_acknowledged_event_and_applies_none_twice(model_dir, tmp_path, demo_events):
@@ -204,8 +176,8 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_applies_none_twice(m
     db = tmp_path / "serve.db"
     token = open_store(db).create_token("feed", ["ingest", "read"])
     rows = _rows(demo_events, 150)
-    port = _free_port()
-    server = _start(model_dir, db, port)
+    port = free_port()
+    server = start_server(model_dir, db, port)
     acknowledged: list[str] = []
     killed = threading.Event()
 
@@ -233,7 +205,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_applies_none_twice(m
         kept = store.known_keys(cursor, PATIENT, [r["event_id"] for r in rows])
     assert set(acknowledged) <= kept  # nothing acknowledged was lost
 
-    server = _start(model_dir, db, port)
+    server = start_server(model_dir, db, port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=_auth(token), timeout=60) as client:
             for start in range(0, len(rows), 25):  # everything again
@@ -268,3 +240,50 @@ def test_the_reencoding_peer_answers_the_same(model_dir, tmp_path, demo_events):
         assert (theirs.applied, theirs.duplicates, theirs.events) == (ours.applied, ours.duplicates, ours.events)
         assert theirs.predictions == pytest.approx(ours.predictions, abs=2e-5)
     assert theirs.predictions == pytest.approx(predict_history(streaming.served, _frame(rows)), abs=1e-6)
+
+
+def test_fhir_bundles_are_ingested_once_through_the_data_layer(server, tmp_path):
+    """A Synthea patient's Bundle posted twice: its events once (keys are resource versions), and the predictions
+    those of the MEDS dataset the data layer's converter writes from the same Bundle."""
+    import gzip
+
+    from medstate.data.convert import convert
+    from medstate.data.fhir import stable_subject_id
+    from medstate.data.meds import scan_meds
+
+    client, tokens = server[:2]
+    headers = _auth(tokens["ingest"])
+    source = "data/demo/synthea-fhir/011b4f39-35eb-4b34-8945-1473cce57ad1.json.gz"
+    with gzip.open(source) as handle:
+        bundle = json.loads(handle.read())
+    patient = next(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    first = client.post(f"/v1/patients/{patient}/fhir", json=bundle, headers=headers)
+    assert first.status_code == 200, first.text
+    again = client.post(f"/v1/patients/{patient}/fhir", json=bundle, headers=headers).json()
+    assert first.json()["applied"] > 150 and (again["applied"], again["duplicates"]) == (0, first.json()["applied"])
+
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "patient.json").write_text(json.dumps(bundle))
+    convert(tmp_path / "bundle", tmp_path / "meds", "fhir")
+    meds = scan_meds(tmp_path / "meds").collect().filter(pl.col("subject_id") == stable_subject_id(patient))
+    assert meds.height == first.json()["applied"]
+    served = open_service(*_service_paths(server)).served
+    expected = predict_history(served, meds)
+    assert first.json()["predictions"] == pytest.approx(expected, abs=2e-5)
+
+    elsewhere = client.post("/v1/patients/someone-else/fhir", json=bundle, headers=headers)
+    assert elsewhere.status_code == 400 and "another patient" in elsewhere.json()["detail"]
+    broken = {"resourceType": "Observation", "id": "x1", "status": "final",
+              "subject": {"reference": f"Patient/{patient}"},
+              "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+              "effectiveDateTime": "2020-01-01T10:00:00Z",
+              "valueQuantity": {"value": "high", "unit": "g/dL"}}  # fmt: skip
+    response = client.post(f"/v1/patients/{patient}/fhir", json=broken, headers=headers)
+    assert response.status_code == 400 and "x1" in response.json()["detail"]
+    assert client.get(f"/v1/patients/{patient}/predictions", headers=_auth(tokens["read"])).json()["events"] == (
+        first.json()["applied"])  # fmt: skip
+    assert client.post(f"/v1/patients/{patient}/fhir", json={"no": "type"}, headers=headers).status_code == 422
+
+
+def _service_paths(server):
+    return server[3], server[2]

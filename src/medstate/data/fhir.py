@@ -159,9 +159,14 @@ class FhirReader:
         progress: Callable[[str, int], None] | None = None,
         exclude_files: list[str] | None = None,
         timezone: str = "UTC",
+        resource_keys: bool = False,
     ):
         """`exclude_files`: glob patterns on file names to leave out (e.g. "*ED.ndjson.gz" for a module).
-        `timezone`: the zone every time is written in (offset-aware times converted, naive ones read as in it)."""
+        `timezone`: the zone every time is written in (offset-aware times converted, naive ones read as in it).
+        `resource_keys`: each event also names the resource version it came from (`_resource`:
+        "Observation/7/_history/2"), for idempotent ingestion by a server."""
+        self.resource_keys = resource_keys
+        self._resource: str | None = None
         self.zone = time_zone(timezone)
         self.root = Path(root)
         self.exclude_files = exclude_files or []
@@ -283,6 +288,8 @@ class FhirReader:
             self.report.left_out(resource_type, "entered in error (status): not a clinical fact")
             return
         self._current = []
+        version = (resource.get("meta") or {}).get("versionId") if isinstance(resource.get("meta"), dict) else None
+        self._resource = f"{resource_type}/{resource.get('id', '?')}/_history/{version or '-'}"
         waiting = len(self.pending)
         try:
             handler(self, resource, where, final)
@@ -358,7 +365,9 @@ class FhirReader:
         precision = "day" if isinstance(time, Day) else None
         if precision:
             time = dt.datetime(time.year, time.month, time.day)
-        self._current.append((patient_id, time, code, numeric, text, unit, encounter, source, precision))
+        self._current.append(
+            (patient_id, time, code, numeric, text, unit, encounter, source, precision, self._resource)
+        )
 
     def _commit(self) -> None:
         self._rows.extend(self._current)
@@ -657,6 +666,8 @@ class FhirReader:
         self.referenced.update(patients)
         ids = {pid: stable_subject_id(pid) for pid in set(patients)}
         names = ("time", "code", "numeric_value", "text_value", "unit", "encounter_id", "_source", "time_precision")
+        if self.resource_keys:
+            names = (*names, "_resource")
         return pl.DataFrame(
             {"subject_id": [ids[p] for p in patients], **dict(zip(names, list(zip(*rows))[1:]))},
             schema={
@@ -669,6 +680,7 @@ class FhirReader:
                 "encounter_id": pl.String,
                 "_source": pl.String,
                 "time_precision": pl.String,
+                **({"_resource": pl.String} if self.resource_keys else {}),
             },
         )
 

@@ -2,16 +2,21 @@
 
     GET  /health                                   liveness and readiness (no token)
     POST /v1/patients/{patient_id}/events          MEDS rows, each with an event_id (idempotency key)   [ingest]
+    POST /v1/patients/{patient_id}/fhir            a FHIR R4 resource or Bundle (keys: resource versions) [ingest]
     GET  /v1/patients/{patient_id}/predictions     every task's current probability                     [read]
     GET  /v1/patients/{patient_id}/history         the probabilities after each ingest                  [read]
+    GET  /v1/patients/{patient_id}/explain?task=T  the events that move task T most (attributions)     [read]
     POST /v1/predict                               a whole history's predictions, nothing kept          [read]
+    GET  /view/{patient_id}                        a read-only page: risk per task over time, the events
+                                                   that moved it (the page holds no data: it asks the API
+                                                   with the token given as /view/ID#token=…)
     GET  /metrics                                  Prometheus metrics                                   [admin]
     GET  /docs, /openapi.json                      the API's documentation (no patient data, no token)
 
-Every endpoint but health and the documentation needs `Authorization: Bearer <token>` (`medstate serve-token
-create`): no or an unknown or revoked token is 401, a token without the endpoint's scope 403. A malformed body is
-a 422 naming the field, a body over the size limit 413, more concurrent requests than allowed 503; a request that
-fails is applied not at all. Logs at INFO name the route, never a patient or a value.
+Every endpoint but health, the page's shell and the documentation needs `Authorization: Bearer <token>`
+(`medstate serve-token create`): no or an unknown or revoked token is 401, a token without the endpoint's scope
+403. A malformed body is a 422 naming the field, a body over the size limit 413, more concurrent requests than
+allowed 503; a request that fails is applied not at all. Logs at INFO name the route, never a patient or a value.
 """
 
 import asyncio
@@ -19,18 +24,20 @@ import logging
 import math
 import time
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medstate.errors import MedstateError
-from medstate.serve.service import IncomingEvent, PatientService
+from medstate.serve.service import IncomingEvent, PatientService, fhir_events
 from medstate.serve.store import Principal
 
 log = logging.getLogger("medstate.serve")
+_PAGE = resources.files("medstate.serve").joinpath("resources/patient.html").read_text()
 PatientId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
@@ -191,6 +198,23 @@ def create_app(service: PatientService, limits: Limits | None = None) -> FastAPI
         return IngestResponse(applied=result.applied, duplicates=result.duplicates, events=result.events,
                               predictions=result.predictions)  # fmt: skip
 
+    @app.post("/v1/patients/{patient_id}/fhir", response_model=IngestResponse)
+    async def ingest_fhir(
+        patient_id: PatientId,
+        payload: Annotated[dict, Body(description="a FHIR R4 resource, or a Bundle of them, of this patient")],
+        who: Annotated[Principal, Depends(principal("ingest"))],
+    ):
+        if not isinstance(payload.get("resourceType"), str):
+            raise HTTPException(422, "not a FHIR resource (no resourceType)")
+        events = await asyncio.to_thread(fhir_events, payload, patient_id)
+        if not events:
+            raise HTTPException(422, "the payload holds no event the FHIR reader converts")
+        result = await asyncio.to_thread(service.ingest, who, patient_id, events)
+        applied.inc(result.applied)
+        duplicates.inc(result.duplicates)
+        return IngestResponse(applied=result.applied, duplicates=result.duplicates, events=result.events,
+                              predictions=result.predictions)  # fmt: skip
+
     @app.get("/v1/patients/{patient_id}/predictions")
     async def current(patient_id: PatientId, who: Annotated[Principal, Depends(principal("read"))]) -> dict:
         try:
@@ -204,6 +228,22 @@ def create_app(service: PatientService, limits: Limits | None = None) -> FastAPI
             return await asyncio.to_thread(service.history, who, patient_id)
         except KeyError:
             raise HTTPException(404, "no events for this patient") from None
+
+    @app.get("/v1/patients/{patient_id}/explain")
+    async def explain(
+        patient_id: PatientId,
+        who: Annotated[Principal, Depends(principal("read"))],
+        task: Annotated[str, Query(min_length=1, max_length=128)],
+        top: Annotated[int, Query(ge=1, le=100)] = 10,
+    ) -> dict:
+        try:
+            return await asyncio.to_thread(service.explain, who, patient_id, task, top)
+        except KeyError:
+            raise HTTPException(404, "no events for this patient") from None
+
+    @app.get("/view/{patient_id}", response_class=HTMLResponse)
+    def view(patient_id: PatientId) -> str:
+        return _PAGE
 
     @app.post("/v1/predict")
     async def predict(batch: EventBatch, who: Annotated[Principal, Depends(principal("read"))]) -> dict:

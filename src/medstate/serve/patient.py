@@ -19,14 +19,16 @@ the most recent ones and every `sparse_every`-th visit) and the tokens from ther
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
 from medstate.ehr.batching import DTYPES, collate
 from medstate.ehr.model import EhrMamba
-from medstate.ehr.prepare import PrepareConfig
+from medstate.ehr.prepare import PrepareConfig, at_end_of_day
 from medstate.ehr.sequences import (
     ARRAYS,
     CLS,
@@ -226,19 +228,44 @@ class PatientStream:
                 del self.snapshots[p]
 
 
-def task_input(served: ServedModel, task: TaskSpec, full: PatientSequence) -> PatientSequence:
+def task_input(
+    served: ServedModel, task: TaskSpec, full: PatientSequence, max_length: int | None = None
+) -> PatientSequence:
     """The input a task's prediction reads from a whole history `full`: closed at the end for tasks predicted at
-    a visit's end, else with the last visit open; in the model's prompt layout, not truncated."""
+    a visit's end, else with the last visit open; in the model's prompt layout, not truncated (unless
+    `max_length`: the most recent tokens, as in finetuning)."""
     if not task.closes_visit and len(full) > 1 and full.token_types[-1] == TYPE_REGISTER:
         full = full._select(list(range(len(full) - 2)))
-    return full.prompted(task.token, len(full) + 2, served.layout)
+    return full.prompted(task.token, max_length or len(full) + 2, served.layout)
+
+
+def explain(served: ServedModel, events: list[StreamEvent], task: TaskSpec, top: int = 10, max_length: int = 512):
+    """The events that move a task's probability most (integrated gradients, `medstate.interp`) in the latest
+    `max_length` tokens of the history: [(token, time, attribution)], largest first, and the probability."""
+    from medstate.ehr.sequences import STATIC_TIMESTAMP, TYPE_EVENT, TYPE_STATIC
+    from medstate.interp.attributions import integrated_gradients
+
+    sequence = task_input(served, task, StreamingTokenizer.from_events(served.bins, events).sequence(), max_length)
+    sample = dict(zip(ARRAYS, _arrays(sequence, served.vocab)))
+    attribution = integrated_gradients(served.model, sample, sequence.tokens, steps=32)
+    kinds = np.isin(sequence.token_types, (TYPE_EVENT, TYPE_STATIC))
+    order = [i for i in np.argsort(-np.abs(attribution.scores)) if kinds[i]][:top]
+    found = []
+    for i in order:
+        stamp = int(sequence.timestamps[i])
+        moment = None if stamp == STATIC_TIMESTAMP else datetime(1970, 1, 1) + timedelta(microseconds=stamp)
+        found.append((sequence.tokens[i], moment, float(attribution.scores[i])))
+    return found, attribution.probability
 
 
 @torch.no_grad()
 def predict_history(served: ServedModel, events: pl.DataFrame) -> dict[str, float]:
     """Each task's probability from a whole history re-encoded from scratch (nothing kept): what a stream's
-    `predictions` equal. `events`: the patient's MEDS rows (time, code, numeric_value, visit key columns), in
-    arrival order."""
+    `predictions` equal. `events`: the patient's MEDS rows (time, code, numeric_value, visit key columns, optionally
+    time_precision), in arrival order; date-only events are moved to the end of their day as `prepare` does."""
+    if "time_precision" not in events.columns:
+        events = events.with_columns(pl.lit(None, pl.String).alias("time_precision"))
+    events = at_end_of_day(events, served.settings.date_only_codes)  # as `prepare` reads them
     full = build_sequence(0, events, served.bins, served.settings.visit)
     samples = []
     for task in served.tasks:

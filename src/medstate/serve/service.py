@@ -17,10 +17,11 @@ from pathlib import Path
 
 import polars as pl
 
+from medstate.ehr.prepare import PrepareConfig, at_end_of_day
 from medstate.ehr.sequences import visit_key_columns
 from medstate.ehr.streaming import StreamEvent
 from medstate.errors import MedstateError
-from medstate.serve.patient import PatientStream, ServedModel, predict_history
+from medstate.serve.patient import PatientStream, ServedModel, explain, predict_history
 from medstate.serve.store import Principal, Store
 
 
@@ -44,18 +45,59 @@ class IncomingEvent:
     numeric_value: float | None = None
     hadm_id: str | None = None
     encounter_id: str | None = None
+    time_precision: str | None = None  # "day": a date without a time (FHIR)
 
 
-def stream_events(events: list[IncomingEvent], visit: str) -> list[StreamEvent]:
-    """MEDS rows → the streaming tokenizer's events: the visit key is the first of the setting's key columns that
-    the row has, named as `build_sequence` names it."""
-    columns = visit_key_columns(visit)
+def stream_events(events: list[IncomingEvent], settings: PrepareConfig) -> list[StreamEvent]:
+    """MEDS rows → the streaming tokenizer's events, as `prepare` reads them: date-only events at the end of their
+    day (`at_end_of_day`), the visit key the first of the setting's key columns that the row has."""
+    if not events:
+        return []
+    frame = at_end_of_day(
+        pl.DataFrame(
+            {"time": [e.time for e in events], "code": [e.code for e in events],
+             "time_precision": [e.time_precision for e in events]},
+            schema={"time": pl.Datetime("us"), "code": pl.String, "time_precision": pl.String},
+        ),
+        settings.date_only_codes,
+    )  # fmt: skip
+    columns = visit_key_columns(settings.visit)
     out = []
-    for event in events:
+    for event, moment in zip(events, frame["time"].to_list()):
         values = {"hadm_id": event.hadm_id, "encounter_id": event.encounter_id}
         key = next((f"{c}:{values[c]}" for c in columns if values[c] is not None), None)
-        out.append(StreamEvent(event.time, event.code, event.numeric_value, key))
+        out.append(StreamEvent(moment, event.code, event.numeric_value, key))
     return out
+
+
+def fhir_events(payload: dict, patient_id: str) -> list[IncomingEvent]:
+    """A FHIR R4 resource or Bundle → MEDS rows through the data layer's FHIR reader (strict: a resource it cannot
+    convert is an error naming it), each keyed by its resource version and its place among that resource's events,
+    so that a resent resource is applied once. Every event must belong to Patient/`patient_id`."""
+    import json
+    import tempfile
+
+    from medstate.data.fhir import FhirReader, stable_subject_id
+    from medstate.data.report import ConversionReport
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "payload.json"
+        path.write_text(json.dumps(payload))
+        reader = FhirReader(path, ConversionReport(strict=True), resource_keys=True)
+        frames = [frame for _, frame in reader.events()]
+    if not frames:
+        return []
+    rows = pl.concat(frames)
+    others = rows.filter(pl.col("subject_id") != stable_subject_id(patient_id))
+    if others.height:
+        raise MedstateError(f"{others.height} event(s) of the payload belong to another patient than {patient_id}")
+    rows = rows.with_columns(pl.int_range(pl.len()).over("_resource").alias("_index"))
+    return [
+        IncomingEvent(f"fhir:{resource}#{index}", time, code, value, None, encounter, precision)
+        for time, code, value, encounter, precision, resource, index in rows.select(
+            "time", "code", "numeric_value", "encounter_id", "time_precision", "_resource", "_index"
+        ).iter_rows()
+    ]
 
 
 def stream_frame(events: list[StreamEvent]) -> pl.DataFrame:
@@ -116,7 +158,7 @@ class PatientService:
             try:
                 before = dict(stream.snapshots)
                 replayed = stream.replayed_tokens
-                converted = stream_events(fresh, self.served.settings.visit)
+                converted = stream_events(fresh, self.served.settings)
                 for event in converted:
                     stream.add(event)
                 predictions = stream.predictions()
@@ -138,7 +180,7 @@ class PatientService:
 
     def _reencode(self, db, principal, patient_id, count, fresh, duplicates) -> IngestResult:
         record = self.store.read_patient(db, patient_id)
-        converted = stream_events(fresh, self.served.settings.visit)
+        converted = stream_events(fresh, self.served.settings)
         history = (record.events if record else []) + converted
         predictions = predict_history(self.served, stream_frame(history))
         if fresh:
@@ -185,11 +227,27 @@ class PatientService:
             raise KeyError(patient_id)
         return history
 
+    def explain(self, principal: Principal, patient_id: str, task_name: str, top: int = 10) -> dict:
+        """The events that move a task's current probability most (integrated gradients)."""
+        task = next((t for t in self.served.tasks if t.name == task_name), None)
+        if task is None:
+            names = ", ".join(t.name for t in self.served.tasks)
+            raise MedstateError(f"unknown task {task_name!r}; this model predicts {names}")
+        with self.store.transaction() as db:
+            record = self.store.read_patient(db, patient_id)
+            self.store.audit(db, principal.name, f"explain {task_name}", patient_id)
+        if record is None or not record.events:
+            raise KeyError(patient_id)
+        found, probability = explain(self.served, record.events, task, top)
+        events = [{"code": code, "time": None if moment is None else moment.isoformat(), "attribution": score}
+                  for code, moment, score in found]  # fmt: skip
+        return {"patient_id": patient_id, "task": task_name, "probability": probability, "events": events}
+
     def predict(self, principal: Principal, events: list[IncomingEvent]) -> dict[str, float]:
         """A whole history's predictions by re-encoding it; nothing is kept."""
         with self.store.transaction() as db:
             self.store.audit(db, principal.name, "predict (not kept)", None)
-        return predict_history(self.served, stream_frame(stream_events(events, self.served.settings.visit)))
+        return predict_history(self.served, stream_frame(stream_events(events, self.served.settings)))
 
     # ----- the stream cache -------------------------------------------------------------------------------------------
     def _stream(self, db, patient_id: str, count: int) -> PatientStream:
