@@ -212,19 +212,22 @@ class PatientService:
 
     # ----- reading ------------------------------------------------------------------------------------------------
     def predictions(self, principal: Principal, patient_id: str) -> dict:
-        with self.store.transaction() as db:
-            history = self.store.prediction_history(db, patient_id)
-            self.store.audit(db, principal.name, "read", patient_id)
-        if not history:
-            raise KeyError(patient_id)
-        return {"patient_id": patient_id, "model_version": self.version, **history[-1]}
+        return {"patient_id": patient_id, "model_version": self.version,
+                **self._history(principal, patient_id, "read")[-1]}  # fmt: skip
 
     def history(self, principal: Principal, patient_id: str) -> list[dict]:
+        return self._history(principal, patient_id, "read history")
+
+    def _history(self, principal: Principal, patient_id: str, action: str) -> list[dict]:
+        """The predictions after each ingest, tasks in the model's order."""
         with self.store.transaction() as db:
             history = self.store.prediction_history(db, patient_id)
-            self.store.audit(db, principal.name, "read history", patient_id)
+            self.store.audit(db, principal.name, action, patient_id)
         if not history:
             raise KeyError(patient_id)
+        order = [t.name for t in self.served.tasks]
+        for entry in history:
+            entry["predictions"] = {t: entry["predictions"][t] for t in order if t in entry["predictions"]}
         return history
 
     def explain(self, principal: Principal, patient_id: str, task_name: str, top: int = 10) -> dict:
