@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,20 +99,25 @@ class Store:
         return statement.replace("?", self.placeholder)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[_Cursor]:
-        connection = self.connect()
-        try:
-            cursor = _Cursor(connection.cursor(), self._sql)
-            self.begin(cursor)
-            yield cursor
-            connection.commit()
-        except BaseException:
-            connection.rollback()
-            raise
-        finally:
-            connection.close()
+    def transaction(self, write: bool = True) -> Iterator[_Cursor]:
+        """One transaction, committed at the end or rolled back on any error. `write=False`: it only reads."""
+        with self.writing() if write else contextlib.nullcontext():
+            connection = self.connect()
+            try:
+                cursor = _Cursor(connection.cursor(), self._sql)
+                self.begin(cursor, write)
+                yield cursor
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+            finally:
+                connection.close()
 
-    def begin(self, db) -> None:
+    def writing(self):
+        return contextlib.nullcontext()
+
+    def begin(self, db, write: bool) -> None:
         pass
 
     # ----- patients ---------------------------------------------------------------------------------------------
@@ -213,13 +219,13 @@ class Store:
             db.execute("UPDATE tokens SET revoked_at = ? WHERE name = ?", (now(), name))
 
     def list_tokens(self) -> list[dict]:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             rows = db.execute("SELECT name, scopes, created_at, revoked_at FROM tokens ORDER BY name").fetchall()
         return [{"name": n, "scopes": s, "created_at": c, "revoked_at": r} for n, s, c, r in rows]
 
     def principal(self, token: str) -> Principal | None:
         """Who holds this token (None: unknown or revoked)."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = db.execute(
                 "SELECT name, scopes FROM tokens WHERE digest = ? AND revoked_at IS NULL", (_digest(token),)
             ).fetchone()
@@ -230,7 +236,7 @@ class Store:
                    (now(), actor, action, patient_id))  # fmt: skip
 
     def audit_log(self, patient_id: str | None = None) -> list[dict]:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             where, args = ("WHERE patient_id = ?", (patient_id,)) if patient_id else ("", ())
             rows = db.execute(f"SELECT at, actor, action, patient_id FROM audit {where} ORDER BY id", args).fetchall()
         return [{"at": a, "actor": b, "action": c, "patient_id": d} for a, b, c, d in rows]
@@ -254,6 +260,7 @@ class _Cursor:
 class SQLiteStore(Store):
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._writer = threading.Lock()
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path)
         connection.execute("PRAGMA journal_mode=WAL")
@@ -266,8 +273,14 @@ class SQLiteStore(Store):
         connection.execute("PRAGMA busy_timeout=60000")
         return _SQLiteConnection(connection)
 
-    def begin(self, db) -> None:
-        db.execute("BEGIN IMMEDIATE")  # the write lock, taken before reading: patients are never read stale
+    def writing(self):
+        # the writers of this process queue on a lock (fair, no busy-waiting on SQLite's lock); other processes
+        # wait on the database's lock
+        return self._writer
+
+    def begin(self, db, write: bool) -> None:
+        # a writer takes the write lock before reading, so patients are never read stale; readers never block
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def lock_patient(self, db, patient_id: str) -> None:
         pass  # BEGIN IMMEDIATE holds the database's write lock
