@@ -74,3 +74,21 @@ def test_a_restored_stream_continues_exactly(prepared_demo, demo_events, tmp_pat
     assert restored.predictions() == pytest.approx(predict_history(served, events.head(760)), abs=2e-5)
     with pytest.raises(MedstateError, match="does not fit"):
         PatientStream.restore(served, stream_events[:10], live.state_bytes(), live.snapshot_bytes())
+
+
+def test_events_extended_at_once_equal_events_added_one_by_one(prepared_demo, demo_events, tmp_path):
+    served = served_model(prepared_demo, tmp_path / "model", "both", 1)
+    events = [_event(r) for r in demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS).head(400)
+              .iter_rows(named=True)]  # fmt: skip
+    one, many = PatientStream(served), PatientStream(served)
+    for event in events[:150]:
+        one.add(event)
+    many.extend(events[:150])
+    for start in range(150, 400, 50):  # file order: late events inside the chunks too
+        for event in events[start : start + 50]:
+            one.add(event)
+        many.extend(events[start : start + 50])
+        assert many.tokenizer.committed == one.tokenizer.committed
+        assert many.predictions() == pytest.approx(one.predictions(), abs=2e-5)
+    assert many.predictions() == pytest.approx(predict_history(served, pl.DataFrame(
+        demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS).head(400))), abs=2e-5)  # fmt: skip

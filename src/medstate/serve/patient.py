@@ -160,6 +160,16 @@ class PatientStream:
         self._catch_up()
         return change
 
+    def extend(self, events: list[StreamEvent]) -> None:
+        """Several events at once: tokenized one by one, fed once (the state restored once, from before the
+        earliest token they change): a long history arriving in one request is encoded, not stepped."""
+        earliest = self.fed
+        for event in events:
+            earliest = min(earliest, self.tokenizer.add(event).start)
+        if earliest < self.fed:
+            self._restore(earliest)
+        self._catch_up()
+
     @torch.no_grad()
     def predictions(self) -> dict[str, float]:
         """Each task's probability from the history so far (state branching: the kept state is not changed)."""

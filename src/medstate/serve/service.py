@@ -159,8 +159,7 @@ class PatientService:
                 before = dict(stream.snapshots)
                 replayed = stream.replayed_tokens
                 converted = stream_events(fresh, self.served.settings)
-                for event in converted:
-                    stream.add(event)
+                stream.extend(converted)
                 predictions = stream.predictions()
                 if fresh:
                     self.store.append_events(db, patient_id, count + 1, list(zip([e.key for e in fresh], converted)))
