@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from medstate import MedstateError
+from medstate.ehr.streaming import StreamEvent
 from medstate.serve.patient import PatientStream, predict_history
+from medstate.serve.service import stream_frame
 
 from .conftest import COLUMNS, _event, served_model
 
@@ -28,6 +30,10 @@ def test_streamed_predictions_equal_reencoding_after_every_event(prepared_demo, 
             for task, p in expected.items():
                 assert streamed[task] == pytest.approx(p, abs=2e-5), (subject, i, task)
             seen.append(list(expected.values()))
+            if i % 10 == 0:  # the kept state itself equals encoding the history from scratch in one pass
+                fresh = PatientStream(served, [_event(r) for r in events.head(i).iter_rows(named=True)])
+                for ours, theirs in zip(stream.state.ssm + stream.state.conv, fresh.state.ssm + fresh.state.conv):
+                    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-4), (subject, i)
     spread = torch.tensor(seen).std(0)
     assert float(spread.min()) > 0.01  # the check has teeth: every task's probability moves with the history
     assert rebuilt > 0  # file order has late events (date-only procedures are known at the end of their day)
@@ -77,18 +83,26 @@ def test_a_restored_stream_continues_exactly(prepared_demo, demo_events, tmp_pat
 
 
 def test_events_extended_at_once_equal_events_added_one_by_one(prepared_demo, demo_events, tmp_path):
+    from datetime import timedelta
+
     served = served_model(prepared_demo, tmp_path / "model", "both", 1)
-    events = [_event(r) for r in demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS).head(400)
-              .iter_rows(named=True)]  # fmt: skip
+    frame = demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS).head(400).sort("time")
+    events = [_event(r) for r in frame.iter_rows(named=True)]
     one, many = PatientStream(served), PatientStream(served)
     for event in events[:150]:
         one.add(event)
     many.extend(events[:150])
-    for start in range(150, 400, 50):  # file order: late events inside the chunks too
-        for event in events[start : start + 50]:
+    sent = list(events[:150])
+    for start in range(150, 400, 50):
+        # each chunk opens with a lab resulted late (before tokens already fed), then goes on in time order
+        late = StreamEvent(events[start - 40].time - timedelta(minutes=1), "LAB//50912//mg/dL", 1.0, None)
+        chunk = [late, *events[start : start + 50]]
+        for event in chunk:
             one.add(event)
-        many.extend(events[start : start + 50])
+        many.extend(chunk)
+        sent += chunk
         assert many.tokenizer.committed == one.tokenizer.committed
+        for ours, theirs in zip(many.state.ssm + many.state.conv, one.state.ssm + one.state.conv):
+            assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)  # (probabilities barely see one early lab)
         assert many.predictions() == pytest.approx(one.predictions(), abs=2e-5)
-    assert many.predictions() == pytest.approx(predict_history(served, pl.DataFrame(
-        demo_events.filter(pl.col("subject_id") == 10004457).select(COLUMNS).head(400))), abs=2e-5)  # fmt: skip
+    assert many.predictions() == pytest.approx(predict_history(served, stream_frame(sent)), abs=2e-5)
