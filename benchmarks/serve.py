@@ -5,11 +5,13 @@ and the MEDS stack predict today), on loopback, bounded in count and time:
    prediction, vs `predict_history` (the history's sequence built and re-encoded, every task); the history is the
    demo patient with the most events, repeated forward in time to length; events in time order (and one late
    event: replayed from the last snapshot). Medians;
-2. the running service (`medstate serve`, one uvicorn process) under concurrent clients: 100 demo patients, each
-   a stream of its events in file order (5 per request; date-only procedures arrive as late events), 8 concurrent
-   connections, at most `--seconds` per configuration: events/s, p50/p99 request latency, errors, events lost or
-   applied twice (the log checked against what was acknowledged); SQLite and PostgreSQL (a throwaway server); the
-   same load against `medstate serve --reencode` (no state, the whole log re-encoded at each ingest) as the peer.
+2. the running service (`medstate serve`, one uvicorn process) under concurrent clients: 100 demo patients whose
+   first 1,000 events (or all, if fewer) are loaded first (untimed: a running service has histories), then their
+   next 100 events each streamed in file order, 5 per request, round-robin over the patients (date-only procedures
+   arrive as late events), 8 concurrent connections, at most `--seconds` per configuration: events/s, p50/p99
+   request latency, errors, events lost or applied twice (the log checked against what was acknowledged); SQLite
+   and PostgreSQL (a throwaway server); the same load against `medstate serve --reencode` (no state, the whole log
+   re-encoded at each ingest) as the peer.
 
 The model is the demo's finetuned EhrMamba (`make demo`: runs/demo/finetune/ehrmamba/seed0/checkpoints/last), or a
 random model of its shape on the prepared demo data when it is absent.
@@ -121,42 +123,66 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _drive(port: int, token: str, streams: dict[str, list[dict]], connections: int, seconds: float) -> dict:
+async def _drive(port: int, token: str, streams: dict[str, list[dict]], preload: int, connections: int,
+                 seconds: float) -> dict:  # fmt: skip
+    """Each patient's first `preload` events in requests of up to 1,000 (untimed: a running service has
+    histories), then the rest streamed 5 per request, round-robin over the patients (a patient is never sent on two
+    connections at once), until all are sent or `seconds` have passed."""
     import httpx
 
     latencies, errors, acknowledged = [], 0, {p: [] for p in streams}
-    queue = list(streams)
-    deadline = time.perf_counter() + seconds
-
-    async def client(http):
-        nonlocal errors
-        while queue and time.perf_counter() < deadline:
-            patient = queue.pop(0)
-            rows = streams[patient]
-            for start in range(0, len(rows), 5):
-                if time.perf_counter() >= deadline:
-                    return
-                batch = rows[start : start + 5]
-                began = time.perf_counter()
-                try:
-                    response = await http.post(f"/v1/patients/{patient}/events", json={"events": batch})
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - began)
-                if response.status_code == 200:
-                    acknowledged[patient].extend(r["event_id"] for r in batch)
-                else:
-                    errors += 1
-
-    started = time.perf_counter()
-    limits = httpx.Limits(max_connections=connections)
     headers = {"Authorization": f"Bearer {token}"}
+    limits = httpx.Limits(max_connections=connections)
+
+    async def send(http, patient, batch, timed):
+        nonlocal errors
+        began = time.perf_counter()
+        try:
+            response = await http.post(f"/v1/patients/{patient}/events", json={"events": batch})
+        except httpx.HTTPError:
+            errors += 1
+            return
+        if timed:
+            latencies.append(time.perf_counter() - began)
+        if response.status_code == 200:
+            acknowledged[patient].extend(r["event_id"] for r in batch)
+        else:
+            errors += 1
+
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, limits=limits,
-                                 timeout=120) as http:  # fmt: skip
-        await asyncio.gather(*(client(http) for _ in range(connections)))
-    wall = time.perf_counter() - started
-    return {"latencies": latencies, "errors": errors, "acknowledged": acknowledged, "wall": wall}
+                                 timeout=600) as http:  # fmt: skip
+        waiting = list(streams)
+
+        async def load_histories():
+            while waiting:
+                patient = waiting.pop()
+                rows = streams[patient][:preload]
+                for start in range(0, len(rows), 1000):
+                    await send(http, patient, rows[start : start + 1000], False)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(load_histories() for _ in range(connections)))
+        preload_seconds = time.perf_counter() - began
+        queue: asyncio.Queue = asyncio.Queue()
+        for patient, rows in streams.items():
+            if len(rows) > preload:
+                queue.put_nowait((patient, preload))
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def stream():
+            while not queue.empty() and time.perf_counter() < deadline:
+                patient, position = queue.get_nowait()
+                batch = streams[patient][position : position + 5]
+                await send(http, patient, batch, True)
+                if position + 5 < len(streams[patient]):
+                    queue.put_nowait((patient, position + 5))
+
+        await asyncio.gather(*(stream() for _ in range(connections)))
+        wall = time.perf_counter() - started
+    timed_events = sum(max(0, len(keys) - min(preload, len(streams[p]))) for p, keys in acknowledged.items())
+    return {"latencies": latencies, "errors": errors, "acknowledged": acknowledged, "wall": wall,
+            "timed_events": timed_events, "preload_seconds": preload_seconds}  # fmt: skip
 
 
 def load(spec: dict) -> dict:
@@ -172,7 +198,8 @@ def load(spec: dict) -> dict:
     events = demo_events()
     streams = {}
     for (subject,), frame in sorted(events.partition_by("subject_id", as_dict=True, maintain_order=True).items()):
-        rows = frame.head(spec["per_patient"]).select("time", "code", "numeric_value", "hadm_id").iter_rows()
+        rows = frame.head(spec["preload"] + spec["stream"]).select("time", "code", "numeric_value", "hadm_id")
+        rows = rows.iter_rows()
         streams[str(subject)] = [
             {"event_id": f"{subject}-{i}", "time": None if t is None else t.isoformat(), "code": c,
              "numeric_value": None if v is None else float(v), "hadm_id": h}
@@ -196,7 +223,7 @@ def load(spec: dict) -> dict:
                     if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                         break
                 time.sleep(0.2)
-            run = asyncio.run(_drive(port, token, streams, spec["connections"], spec["seconds"]))
+            run = asyncio.run(_drive(port, token, streams, spec["preload"], spec["connections"], spec["seconds"]))
         finally:
             server.terminate()
             server.wait(60)
@@ -211,7 +238,9 @@ def load(spec: dict) -> dict:
                 lost += len(set(keys) - set(found))
     latencies = run["latencies"]
     acked = sum(len(k) for k in run["acknowledged"].values())
-    return {"events_per_s": acked / run["wall"], "acknowledged": acked, "logged": logged, "lost": lost,
+    histories = [min(spec["preload"], len(rows)) for rows in streams.values()]
+    return {"events_per_s": run["timed_events"] / run["wall"], "acknowledged": acked, "logged": logged,
+            "lost": lost, "median_history": statistics.median(histories), "preload_s": run["preload_seconds"],
             "duplicated": duplicated, "errors": run["errors"], "requests": len(latencies),
             "p50_ms": 1e3 * statistics.median(latencies) if latencies else None,
             "p99_ms": 1e3 * _percentile(latencies, 0.99) if latencies else None, "wall_s": run["wall"]}  # fmt: skip
@@ -248,7 +277,7 @@ def main() -> None:
                          f"{1e3 * entry.get('late', float('nan')):.1f} ms, {entry.get('replayed', 0)} tokens "
                          f"replayed from a snapshot"))  # fmt: skip
         load_spec = {"case": "load", "model": str(model), "patients": 20 if quick else 100,
-                     "per_patient": 20 if quick else 100, "connections": 8,
+                     "preload": 100 if quick else 1000, "stream": 20 if quick else 100, "connections": 8,
                      "seconds": 20 if quick else args.seconds}  # fmt: skip
         runs = {}
         for db in ("sqlite", "postgresql"):
@@ -262,8 +291,9 @@ def main() -> None:
                     f"{theirs.get('errors')}; lost {ours.get('lost')} / {theirs.get('lost')}, applied twice "
                     f"{ours.get('duplicated')} / {theirs.get('duplicated')}; {ours.get('acknowledged')} / "
                     f"{theirs.get('acknowledged')} events acknowledged")  # fmt: skip
-            rows.append((f"the service under load (events/s), {load_spec['patients']} demo patients × up to "
-                         f"{load_spec['per_patient']} events, 5 per request, 8 connections, {db}: streaming vs "
+            rows.append((f"the service under load (events/s), {load_spec['patients']} demo patients with histories of "
+                         f"up to {load_spec['preload']:,} events (median {ours.get('median_history', 0):,.0f}) "
+                         f"streaming their next events, 5 per request, 8 connections, {db}: streaming vs "
                          "re-encoding service", ours.get("events_per_s"), theirs.get("events_per_s"),
                          ratio(ours.get("events_per_s"), theirs.get("events_per_s")), "errors 0, lost 0, twice 0",
                          note))  # fmt: skip
