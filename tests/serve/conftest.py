@@ -70,7 +70,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model_dir, db, port):
+def start_server(model_dir, db, port, *options: str, scheme: str = "http"):
     """`medstate serve` in a process of its own, once /health answers."""
     import subprocess
     import sys
@@ -79,11 +79,12 @@ def start_server(model_dir, db, port):
     import httpx
 
     process = subprocess.Popen([sys.executable, "-m", "medstate.cli", "serve", str(model_dir), "--db", str(db),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                                "--port", str(port), *options],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/health", timeout=1, verify=False).status_code == 200:
                 return process
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): `create_app(service)`; `medstate serve MODEL_DIR --db …` runs it with uvicorn.
 
-    GET  /health                                   liveness and readiness (no token)
+    GET  /health                                   liveness: the process answers (no token)
+    GET  /health/ready                             readiness: the database answers (503 if not; no token)
     POST /v1/patients/{patient_id}/events          MEDS rows, each with an event_id (idempotency key)   [ingest]
     POST /v1/patients/{patient_id}/fhir            a FHIR R4 resource or Bundle (keys: resource versions) [ingest]
     GET  /v1/patients/{patient_id}/predictions     every task's current probability                     [read]
@@ -187,6 +188,14 @@ def create_app(service: PatientService, limits: Limits | None = None) -> FastAPI
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "model_version": service.version, "tasks": [t.name for t in service.served.tasks]}
+
+    @app.get("/health/ready")
+    def ready() -> JSONResponse:
+        try:
+            service.store.ping()
+        except Exception as err:  # whatever the driver raises: not ready, and why (no patient data here)
+            return JSONResponse({"status": "not ready", "reason": type(err).__name__}, status_code=503)
+        return JSONResponse({"status": "ready", "database": service.store.kind})
 
     @app.post("/v1/patients/{patient_id}/events", response_model=IngestResponse)
     async def ingest(patient_id: PatientId, batch: EventBatch, who: Annotated[Principal, Depends(principal("ingest"))]):

@@ -138,6 +138,9 @@ class PatientService:
         self.cache: OrderedDict[str, tuple[int, PatientStream]] = OrderedDict()
         self.cache_size = cache_size
         self._lock = threading.Lock()  # guards the cache; patients are serialized by the database's lock
+        # the model runs one request at a time: concurrent requests each running torch's thread pool on the same
+        # cores slow every one of them down (taken after a patient's database lock, released before any other)
+        self._compute = threading.Lock()
 
     # ----- writing ----------------------------------------------------------------------------------------------
     def ingest(self, principal: Principal, patient_id: str, events: list[IncomingEvent]) -> IngestResult:
@@ -154,13 +157,15 @@ class PatientService:
                     fresh.append(event)
             if self.reencode:
                 return self._reencode(db, principal, patient_id, count, fresh, len(events) - len(fresh))
-            stream = self._stream(db, patient_id, count)
+            with self._compute:
+                stream = self._stream(db, patient_id, count)
             try:
                 before = dict(stream.snapshots)
                 replayed = stream.replayed_tokens
                 converted = stream_events(fresh, self.served.settings)
-                stream.extend(converted)
-                predictions = stream.predictions()
+                with self._compute:
+                    stream.extend(converted)
+                    predictions = stream.predictions()
                 if fresh:
                     self.store.append_events(db, patient_id, count + 1, list(zip([e.key for e in fresh], converted)))
                     changed = {p: s.to_bytes() for p, s in stream.snapshots.items() if before.get(p) is not s}
@@ -181,7 +186,8 @@ class PatientService:
         record = self.store.read_patient(db, patient_id)
         converted = stream_events(fresh, self.served.settings)
         history = (record.events if record else []) + converted
-        predictions = predict_history(self.served, stream_frame(history))
+        with self._compute:
+            predictions = predict_history(self.served, stream_frame(history))
         if fresh:
             self.store.append_events(db, patient_id, count + 1, list(zip([e.key for e in fresh], converted)))
             self.store.save_patient(db, patient_id, self.version, count + len(fresh), None, {}, set())
@@ -240,7 +246,8 @@ class PatientService:
             self.store.audit(db, principal.name, f"explain {task_name}", patient_id)
         if record is None or not record.events:
             raise KeyError(patient_id)
-        found, probability = explain(self.served, record.events, task, top)
+        with self._compute:
+            found, probability = explain(self.served, record.events, task, top)
         events = [{"code": code, "time": None if moment is None else moment.isoformat(), "attribution": score}
                   for code, moment, score in found]  # fmt: skip
         return {"patient_id": patient_id, "task": task_name, "probability": probability, "events": events}
@@ -249,7 +256,8 @@ class PatientService:
         """A whole history's predictions by re-encoding it; nothing is kept."""
         with self.store.transaction() as db:
             self.store.audit(db, principal.name, "predict (not kept)", None)
-        return predict_history(self.served, stream_frame(stream_events(events, self.served.settings)))
+        with self._compute:
+            return predict_history(self.served, stream_frame(stream_events(events, self.served.settings)))
 
     # ----- the stream cache -------------------------------------------------------------------------------------------
     def _stream(self, db, patient_id: str, count: int) -> PatientStream:

@@ -78,6 +78,7 @@ class PatientRecord:
 class Store:
     """The database behind the service; `open_store(url)` picks SQLite or PostgreSQL."""
 
+    kind = ""
     placeholder = "?"
     blob, serial = "BLOB", "INTEGER"
 
@@ -119,6 +120,11 @@ class Store:
 
     def begin(self, db, write: bool) -> None:
         pass
+
+    def ping(self) -> None:
+        """Raises if the database does not answer."""
+        with self.transaction(write=False) as db:
+            db.execute("SELECT 1").fetchone()
 
     # ----- patients ---------------------------------------------------------------------------------------------
     def read_patient(self, db, patient_id: str) -> PatientRecord | None:
@@ -258,6 +264,8 @@ class _Cursor:
 
 
 class SQLiteStore(Store):
+    kind = "sqlite"
+
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._writer = threading.Lock()
@@ -308,6 +316,7 @@ class _SQLiteConnection:
 
 
 class PostgresStore(Store):
+    kind = "postgresql"
     placeholder = "%s"
     blob, serial = "BYTEA", "BIGSERIAL"
 
