@@ -318,12 +318,19 @@ class DatedEvents:
 
 
 def sequence_of(
-    subject_id: int, birth: datetime | None, static_codes: list[str], dated: DatedEvents, bins: ValueBins
+    subject_id: int,
+    birth: datetime | None,
+    static_codes: list[str],
+    dated: DatedEvents,
+    bins: ValueBins,
+    visit_of: np.ndarray | None = None,
 ) -> PatientSequence:
-    """The token sequence of a subject's birth, static facts (in order) and dated events (in time order)."""
+    """The token sequence of a subject's birth, static facts (in order) and dated events (in time order);
+    `visit_of`: the events' visits when the caller has them (`assign_visits`)."""
     moments, codes, values, event_keys = dated.moments, dated.codes, dated.values, dated.keys
     first_time = moments[0] if moments else None
-    visit_of = assign_visits(np.asarray([_microseconds(m) for m in moments], dtype=np.int64), event_keys)
+    if visit_of is None:
+        visit_of = assign_visits(np.asarray([_microseconds(m) for m in moments], dtype=np.int64), event_keys)
 
     tokens: list[str] = [CLS]
     types, times, ages, segments, orders = [TYPE_CLS], [0.0], [_age(birth, first_time)], [0], [0]

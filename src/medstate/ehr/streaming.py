@@ -217,10 +217,10 @@ class StreamingTokenizer:
                            [e[4] for e in self.log])  # fmt: skip
 
     def _rebuild(self) -> None:
-        sequence = self.sequence()
-        self.committed = rows_of(sequence, 0, len(sequence) - (2 if self.log else 0))
         keys = [e[4] for e in self.log]
         visit_of, by_day = visit_groups(np.asarray([_microseconds(e[0]) for e in self.log], dtype=np.int64), keys)
+        sequence = sequence_of(0, self.birth, self.statics, self._dated(), self.bins, visit_of)
+        self.committed = rows_of(sequence, 0, len(sequence) - (2 if self.log else 0))
         orders = visit_of + 1
         self.visit = int(orders[-1]) if self.log else 0
         last = orders == self.visit
