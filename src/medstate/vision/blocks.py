@@ -24,7 +24,7 @@ class MixerSpec:
     d_state: int = 16
     expand: int = 2
     d_conv: int = 4
-    head_dim: int = 32  # Mamba-2
+    head_dim: int = 64  # Mamba-2 (capped at the inner width)
     scan: str = "bidirectional"
     stride: int = 4  # `strided` scans
     merge: str = "mean"
