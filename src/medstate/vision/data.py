@@ -1,0 +1,217 @@
+"""Images and volumes in, as arrays: MedMNIST `.npz` files and folders of image files with labels or masks.
+
+A folder dataset has one sub-folder per split (`train`, `val`, `test`; `val` optional), each with `images/` and
+either `masks/` (segmentation: a mask file of the same name per image, integer classes, 0 = background) or
+`labels.csv` (classification: columns `image,label`). Files: PNG/JPEG (Pillow), TIFF (tifffile), NIfTI
+(`.nii`, `.nii.gz`, nibabel; voxel spacing from the header) and NumPy `.npy`. Every problem names the file.
+
+`prepare_nuclei` and `prepare_brain` write the shared StarDist and ITK examples in this layout."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medstate.errors import MedstateError
+
+SPLITS = ("train", "val", "test")
+SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".npy")
+
+
+@dataclass
+class ImageSet:
+    """One split: images [C, *S] float32 (sizes may differ), and labels or masks."""
+
+    names: list[str]
+    images: list[np.ndarray]
+    labels: np.ndarray | None = None  # [N] int64
+    masks: list[np.ndarray] | None = None  # each [*S] int64
+    spacing: list[tuple[float, ...]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+
+
+def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """A file's pixel array as stored and its spacing (NIfTI only)."""
+    suffix = _suffix(path)
+    try:
+        if suffix in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return np.asarray(image), None
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path), None
+        if suffix in (".nii", ".nii.gz"):
+            import nibabel
+
+            image = nibabel.load(path)
+            return np.asarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+    except (OSError, ValueError) as err:
+        raise MedstateError(f"cannot read image {path}: {err}") from None
+    raise MedstateError(f"{path}: unsupported image file (use {', '.join(SUFFIXES)})")
+
+
+def as_channels(array: np.ndarray, path: Path) -> np.ndarray:
+    """Pixels → [C, *S] float32: a 2D or 3D single-channel array gains a channel axis; RGB(A) images ([H, W, 3|4])
+    become 3 channels."""
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and _suffix(path) not in (".nii", ".nii.gz"):
+        return np.moveaxis(array[..., :3], -1, 0).astype(np.float32)
+    if array.ndim in (2, 3):
+        return array[None].astype(np.float32)
+    raise MedstateError(f"{path}: expected a 2D image or a 3D volume, got an array of shape {array.shape}")
+
+
+def read_medmnist(path: str | Path) -> dict[str, ImageSet]:
+    path = Path(path)
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise MedstateError(f"cannot read MedMNIST file {path}: {err}") from None
+    out = {}
+    for split in SPLITS:
+        if f"{split}_images" not in arrays:
+            raise MedstateError(f"{path}: no {split}_images (a MedMNIST file has train/val/test images and labels)")
+        images = arrays[f"{split}_images"]
+        labels = arrays[f"{split}_labels"].reshape(len(images), -1)
+        if labels.shape[1] != 1:
+            raise MedstateError(f"{path}: multi-label MedMNIST sets are not supported")
+        channels = [as_channels(image, path) / 255.0 for image in images]
+        names = [f"{split}-{i:05d}" for i in range(len(images))]
+        out[split] = ImageSet(names, channels, labels=labels[:, 0].astype(np.int64))
+    return out
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and _suffix(p) in SUFFIXES)
+
+
+def _read_labels(path: Path) -> dict[str, int]:
+    labels = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
+            raise MedstateError(f"{path} needs the columns image,label")
+        for line, row in enumerate(reader, start=2):
+            try:
+                labels[row["image"]] = int(row["label"])
+            except (TypeError, ValueError):
+                raise MedstateError(f"{path} line {line}: label {row['label']!r} is not an integer") from None
+    return labels
+
+
+def read_split(folder: Path, task: str) -> ImageSet:
+    image_dir = folder / "images"
+    if not image_dir.is_dir():
+        raise MedstateError(f"{folder} has no images/ folder")
+    files = _files(image_dir)
+    if not files:
+        raise MedstateError(f"{image_dir} holds no image files ({', '.join(SUFFIXES)})")
+    names, images, spacing = [], [], []
+    for path in files:
+        array, zooms = read_array(path)
+        names.append(path.name)
+        images.append(as_channels(array, path))
+        spacing.append(zooms or (1.0,) * (images[-1].ndim - 1))
+    if task == "classification":
+        labels_path = folder / "labels.csv"
+        if not labels_path.is_file():
+            raise MedstateError(f"{folder} has no labels.csv (columns image,label) for classification")
+        labels = _read_labels(labels_path)
+        unlabelled = [n for n in names if n not in labels]
+        if unlabelled:
+            raise MedstateError(f"{labels_path} has no label for {unlabelled[0]} ({len(unlabelled)} images unlabelled)")
+        return ImageSet(names, images, labels=np.array([labels[n] for n in names], dtype=np.int64), spacing=spacing)
+    masks = []
+    for name, image in zip(names, images):
+        mask_path = folder / "masks" / name
+        if not mask_path.is_file():
+            raise MedstateError(f"{folder / 'masks'} has no mask {name} for images/{name}")
+        mask = read_array(mask_path)[0]
+        if mask.shape != image.shape[1:]:
+            raise MedstateError(f"{mask_path}: mask shape {mask.shape} differs from the image's {image.shape[1:]}")
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise MedstateError(f"{mask_path}: a mask holds integer classes, got {mask.dtype}")
+        masks.append(mask.astype(np.int64))
+    return ImageSet(names, images, masks=masks, spacing=spacing)
+
+
+def read_folder(root: str | Path, task: str) -> dict[str, ImageSet]:
+    root = Path(root)
+    if not root.is_dir():
+        raise MedstateError(f"dataset folder {root} not found")
+    splits = {split: read_split(root / split, task) for split in SPLITS if (root / split).is_dir()}
+    for needed in ("train", "test"):
+        if needed not in splits:
+            raise MedstateError(f"{root} has no {needed}/ folder (splits: train, val (optional), test)")
+    return splits
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """Per image and channel: zero mean, unit variance (nnU-Net's normalisation for MRI and microscopy)."""
+    axes = tuple(range(1, image.ndim))
+    mean = image.mean(axis=axes, keepdims=True)
+    std = image.std(axis=axes, keepdims=True)
+    return ((image - mean) / np.maximum(std, 1e-8)).astype(np.float32)
+
+
+def _write(path: Path, array: np.ndarray, spacing: tuple[float, ...] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _suffix(path) in (".nii", ".nii.gz"):
+        import nibabel
+
+        affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
+        nibabel.save(nibabel.Nifti1Image(array, affine), path)
+    else:
+        import tifffile
+
+        tifffile.imwrite(path, array)
+
+
+def prepare_nuclei(source: str | Path, out: str | Path) -> Path:
+    """StarDist's 2D nuclei image (512²) → train = left half, test = right half; masks keep the instance ids
+    (0 = background), so foreground Dice and instance F1 can both be scored."""
+    source, out = Path(source), Path(out)
+    image, mask = read_array(source / "img2d.tif")[0], read_array(source / "mask2d.tif")[0]
+    half = image.shape[1] // 2
+    for split, part in (("train", slice(0, half)), ("test", slice(half, None))):
+        _write(out / split / "images" / "nuclei.tif", np.ascontiguousarray(image[:, part]))
+        _write(out / split / "masks" / "nuclei.tif", np.ascontiguousarray(mask[:, part].astype(np.uint16)))
+    return out
+
+
+BRAIN_CLASSES = {0: "background", 1: "tissue 4 (k-means)", 2: "tissue 5 (k-means)", 3: "tissue 6 (k-means)"}
+
+
+def prepare_brain(source: str | Path, out: str | Path) -> Path:
+    """ITK's T1 volume (128×128×62, 2×2×3 mm) → the skull-strip mask's tissue classes 4, 5, 6 as labels 1-3
+    (0 outside the brain): a silver standard from k-means, not a manual segmentation. Train = the left
+    hemisphere (first 64 voxels of the left-right axis), test = the right one."""
+    import nibabel
+
+    source, out = Path(source), Path(out)
+    t1 = nibabel.load(source / "KmeansTest_T1UCharRaw.nii.gz")
+    strip = np.asarray(nibabel.load(source / "KmeansTest_T1RawSkullStrip.nii.gz").dataobj)
+    labels = np.zeros(strip.shape, dtype=np.uint8)
+    for label, value in ((1, 4), (2, 5), (3, 6)):
+        labels[strip == value] = label
+    volume = np.asarray(t1.dataobj).astype(np.int16)
+    spacing = tuple(float(z) for z in t1.header.get_zooms()[:3])
+    half = volume.shape[0] // 2
+    for split, part in (("train", slice(0, half)), ("test", slice(half, None))):
+        _write(out / split / "images" / "brain.nii.gz", np.ascontiguousarray(volume[part]), spacing)
+        _write(out / split / "masks" / "brain.nii.gz", np.ascontiguousarray(labels[part]), spacing)
+    return out
