@@ -48,6 +48,10 @@ text_app = typer.Typer(
     help="Language models over medical text: tokenizers, continued pretraining, evaluation.", no_args_is_help=True
 )
 app.add_typer(text_app, name="text")
+vision_app = typer.Typer(
+    help="Images and volumes: Vision Mamba classification, U-Mamba segmentation, baselines.", no_args_is_help=True
+)
+app.add_typer(vision_app, name="vision")
 
 
 @app.command()
@@ -1000,6 +1004,93 @@ def text_generate(
         _summary("ROUGE (F, ×100, 95% interval)", {k: _interval(v, 1, 2) for k, v in result["rouge"].items()})
     if out is not None:
         out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _step_progress(kind: str):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(kind), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeRemainingColumn(), console=console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(kind, total=None, loss="-")
+        yield lambda step, total, loss: bar.update(task, completed=step, total=total, loss=f"{loss:.4f}")
+
+
+def _vision_summary(title: str, metrics: dict, where: Path) -> None:
+    test = metrics["test"]
+    rows = {"model": metrics["model"], "backend": f"{metrics['backend']} ({metrics['device']})"}
+    if metrics["task"] == "classification":
+        for name in ("auc", "accuracy"):
+            rows[name] = "undefined" if test[name]["value"] is None else _interval(test[name], 1, 3)
+    else:
+        rows.update({k: "undefined" if v is None else round(v, 4) for k, v in test["summary"].items()})
+    rows["report"] = str(where / "report.md")
+    _summary(title, rows)
+
+
+@vision_app.command("train")
+def vision_train(
+    config: Annotated[Path, typer.Argument(help="run YAML: data, model (kind: vision-mamba, umamba, ...), train")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (config, model/, metrics.json, report.md)")],
+    seed: Annotated[int | None, typer.Option(help="override train.seed")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="override train.epochs (classification)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="override train.steps (segmentation)")] = None,
+    require_kernels: Annotated[
+        bool, typer.Option(help="refuse to run unless the fused CUDA kernels (mamba-ssm) are in use")
+    ] = False,
+) -> None:
+    """Train a classifier or a segmenter, test the selected model, write the run directory."""
+    from medstate.vision.run import fit, load_run_config
+
+    overrides = {k: v for k, v in {"seed": seed, "epochs": epochs, "steps": steps}.items() if v is not None}
+    settings = load_run_config(config, overrides)
+    with _step_progress("train") as progress:
+        metrics = fit(settings, run_dir, progress, require_fused=require_kernels)
+    _vision_summary("vision train", metrics, run_dir)
+
+
+@vision_app.command("evaluate")
+def vision_evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="a vision model directory (a run's model/)")],
+    config: Annotated[Path, typer.Argument(help="run YAML naming the data (its train settings set the inference)")],
+    out: Annotated[Path, typer.Argument(help="folder for metrics.json, predictions and report.md")],
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+) -> None:
+    """Score a saved model on a split of a dataset."""
+    from medstate.vision.run import evaluate_saved, load_run_config
+
+    metrics = evaluate_saved(model_dir, load_run_config(config), split, out)
+    _vision_summary(f"vision evaluate ({split})", metrics, out)
+
+
+@vision_app.command("predict")
+def vision_predict(
+    model_dir: Annotated[Path, typer.Argument(help="a vision model directory (a run's model/)")],
+    images: Annotated[list[Path], typer.Argument(help="image or volume files (PNG, TIFF, NIfTI, NPY)")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
+) -> None:
+    """Predict new images: class probabilities (predictions.csv) or one mask file per image."""
+    from medstate.vision.run import predict_files
+
+    written = predict_files(model_dir, images, out)
+    _summary("vision predict", {"images": len(images), "written": str(written)})
+
+
+@vision_app.command("prepare")
+def vision_prepare(
+    dataset: Annotated[str, typer.Argument(help="nuclei (StarDist 2D) or brain (ITK T1 with k-means tissues)")],
+    source: Annotated[Path, typer.Argument(help="the folder holding the shared files")],
+    out: Annotated[Path, typer.Argument(help="dataset folder to write (train/, test/)")],
+) -> None:
+    """Write a shared example in the folder layout `vision train` reads."""
+    from medstate.vision.data import prepare_brain, prepare_nuclei
+
+    preparers = {"nuclei": prepare_nuclei, "brain": prepare_brain}
+    if dataset not in preparers:
+        raise MedstateError(f"unknown dataset {dataset!r}; choose nuclei or brain")
+    _summary("vision prepare", {"dataset": dataset, "written": str(preparers[dataset](source, out))})
 
 
 Database = Annotated[str, typer.Option(help="SQLite file (created if absent) or postgresql://user@host/db URL")]

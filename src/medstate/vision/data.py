@@ -29,6 +29,7 @@ class ImageSet:
     images: list[np.ndarray]
     labels: np.ndarray | None = None  # [N] int64
     masks: list[np.ndarray] | None = None  # each [*S] int64
+    instances: list[np.ndarray] | None = None  # instance ids before `foreground_only` merged them
     spacing: list[tuple[float, ...]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -168,7 +169,7 @@ def zscore(image: np.ndarray) -> np.ndarray:
     return ((image - mean) / np.maximum(std, 1e-8)).astype(np.float32)
 
 
-def _write(path: Path, array: np.ndarray, spacing: tuple[float, ...] | None = None) -> None:
+def write_array(path: Path, array: np.ndarray, spacing: tuple[float, ...] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if _suffix(path) in (".nii", ".nii.gz"):
         import nibabel
@@ -188,8 +189,8 @@ def prepare_nuclei(source: str | Path, out: str | Path) -> Path:
     image, mask = read_array(source / "img2d.tif")[0], read_array(source / "mask2d.tif")[0]
     half = image.shape[1] // 2
     for split, part in (("train", slice(0, half)), ("test", slice(half, None))):
-        _write(out / split / "images" / "nuclei.tif", np.ascontiguousarray(image[:, part]))
-        _write(out / split / "masks" / "nuclei.tif", np.ascontiguousarray(mask[:, part].astype(np.uint16)))
+        write_array(out / split / "images" / "nuclei.tif", np.ascontiguousarray(image[:, part]))
+        write_array(out / split / "masks" / "nuclei.tif", np.ascontiguousarray(mask[:, part].astype(np.uint16)))
     return out
 
 
@@ -212,6 +213,6 @@ def prepare_brain(source: str | Path, out: str | Path) -> Path:
     spacing = tuple(float(z) for z in t1.header.get_zooms()[:3])
     half = volume.shape[0] // 2
     for split, part in (("train", slice(0, half)), ("test", slice(half, None))):
-        _write(out / split / "images" / "brain.nii.gz", np.ascontiguousarray(volume[part]), spacing)
-        _write(out / split / "masks" / "brain.nii.gz", np.ascontiguousarray(labels[part]), spacing)
+        write_array(out / split / "images" / "brain.nii.gz", np.ascontiguousarray(volume[part]), spacing)
+        write_array(out / split / "masks" / "brain.nii.gz", np.ascontiguousarray(labels[part]), spacing)
     return out

@@ -114,16 +114,19 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return KINDS[spec.kind][1](spec.config)
 
 
-def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path) -> Path:
+def save_model(model: nn.Module, spec: ModelSpec, directory: str | Path, inference: dict | None = None) -> Path:
+    """config.json (the spec, and how to feed the model: normalisation, patch size) + model.safetensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"medstate_vision": spec.to_dict()}, indent=2))
+    config = {"medstate_vision": spec.to_dict(), "inference": inference or {}}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     weights = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     save_file(weights, str(directory / "model.safetensors"))
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
+def load_model(directory: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
+    """(model in eval mode, its spec, its inference settings)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -140,7 +143,7 @@ def load_model(directory: str | Path) -> tuple[nn.Module, ModelSpec]:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise MedstateError(f"{directory}: weights do not fit the config (missing {missing[:3]}, extra {unexpected[:3]})")
-    return model.eval(), spec
+    return model.eval(), spec, expect_mapping(data.get("inference", {}), f"{config_path}: inference")
 
 
 def count_parameters(model: nn.Module) -> int:
