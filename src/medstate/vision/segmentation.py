@@ -20,6 +20,8 @@ from medstate.vision.blocks import MixerSpec, VisionMambaStack, conv_nd
 from medstate.vision.scans import feature_map_of, tokens_of
 
 Size = int | list[int]
+NORMS = {"instance": (nn.InstanceNorm2d, nn.InstanceNorm3d), "batch": (nn.BatchNorm2d, nn.BatchNorm3d)}
+NONLINS = {"leakyrelu": lambda: nn.LeakyReLU(0.01, inplace=True), "relu": lambda: nn.ReLU(inplace=True)}
 
 
 @dataclass
@@ -30,8 +32,10 @@ class SegmenterConfig:
     features_per_stage: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     strides: list[Size] = field(default_factory=lambda: [1, 2, 2, 2])
     kernel_sizes: list[Size] = field(default_factory=lambda: [3, 3, 3, 3])
-    n_conv_per_stage: int = 2
-    n_conv_per_stage_decoder: int = 2
+    n_conv_per_stage: int | list[int] = 2  # one count, or one per stage
+    n_conv_per_stage_decoder: int | list[int] = 2  # one count, or one per decoder stage (stages - 1)
+    norm: str = "instance"  # instance | batch
+    nonlin: str = "leakyrelu"  # leakyrelu (slope 0.01) | relu
     mamba_stages: list[int] = field(default_factory=lambda: [2, 3])  # encoder stages followed by Mamba blocks
     mamba_depth: int = 1
     mixer: MixerSpec = field(default_factory=lambda: MixerSpec(scan="bidirectional"))
@@ -44,6 +48,14 @@ class SegmenterConfig:
         for name in ("strides", "kernel_sizes"):
             if len(getattr(self, name)) != stages:
                 raise MedstateError(f"{name} needs one entry per stage ({stages}), got {len(getattr(self, name))}")
+        for name, expected in (("n_conv_per_stage", stages), ("n_conv_per_stage_decoder", stages - 1)):
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) != expected:
+                raise MedstateError(f"{name} needs {expected} counts, got {len(value)}")
+        if self.norm not in NORMS:
+            raise MedstateError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.nonlin not in NONLINS:
+            raise MedstateError(f"nonlin must be one of {', '.join(NONLINS)}, got {self.nonlin!r}")
         wrong = [s for s in self.mamba_stages if not 0 <= s < stages]
         if wrong:
             raise MedstateError(f"mamba_stages {wrong} are not stages of a {stages}-stage network")
@@ -55,6 +67,10 @@ class SegmenterConfig:
             raise MedstateError(f"{value} does not give one size per axis ({self.spatial_dims})")
         return tuple(value)
 
+    def convs(self, decoder: bool, stage: int) -> int:
+        value = self.n_conv_per_stage_decoder if decoder else self.n_conv_per_stage
+        return value if isinstance(value, int) else value[stage]
+
     def divisor(self) -> tuple[int, ...]:
         """Each input size must be a multiple of this (the product of the strides per axis)."""
         return tuple(math.prod(axis) for axis in zip(*(self.per_axis(s) for s in self.strides)))
@@ -62,7 +78,7 @@ class SegmenterConfig:
 
 def _conv_layers(config: SegmenterConfig, inputs: int, outputs: int, count: int, kernel: Size, stride: Size):
     conv = conv_nd(config.spatial_dims)
-    norm = nn.InstanceNorm2d if config.spatial_dims == 2 else nn.InstanceNorm3d
+    norm = NORMS[config.norm][config.spatial_dims - 2]
     kernel = config.per_axis(kernel)
     layers = []
     for i in range(count):
@@ -70,7 +86,7 @@ def _conv_layers(config: SegmenterConfig, inputs: int, outputs: int, count: int,
         layers += [
             conv(inputs if i == 0 else outputs, outputs, kernel, step, tuple(k // 2 for k in kernel)),
             norm(outputs, affine=True),
-            nn.LeakyReLU(0.01, inplace=True),
+            NONLINS[config.nonlin](),
         ]
     return nn.Sequential(*layers)
 
@@ -79,7 +95,7 @@ class EncoderStage(nn.Module):
     def __init__(self, config: SegmenterConfig, index: int, inputs: int) -> None:
         super().__init__()
         outputs = config.features_per_stage[index]
-        count = config.n_conv_per_stage
+        count = config.convs(False, index)
         self.convs = _conv_layers(config, inputs, outputs, count, config.kernel_sizes[index], config.strides[index])
         self.mamba = None
         if index in config.mamba_stages:
@@ -104,7 +120,7 @@ class Decoder(nn.Module):
         for s in range(len(features) - 1, 0, -1):
             stride = config.per_axis(config.strides[s])
             self.ups.append(transposed(features[s], features[s - 1], stride, stride))
-            count = config.n_conv_per_stage_decoder
+            count = config.convs(True, len(features) - 1 - s)
             kernel = config.kernel_sizes[s - 1]
             self.stages.append(_conv_layers(config, 2 * features[s - 1], features[s - 1], count, kernel, 1))
             self.heads.append(head(features[s - 1], config.num_classes, 1))
