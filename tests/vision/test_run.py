@@ -117,7 +117,9 @@ def test_segmentation_run_writes_masks_its_metrics_describe(tmp_path, dims):
     _segmentation_folder(tmp_path / "data", dims)
     config = tmp_path / "run.yaml"
     patch = [16, 16] if dims == 2 else [8, 8, 8]
-    config.write_text(SEGMENTER.format(path=tmp_path / "data", dims=dims, scan="tri" if dims == 3 else "cross", patch=patch))
+    config.write_text(
+        SEGMENTER.format(path=tmp_path / "data", dims=dims, scan="tri" if dims == 3 else "cross", patch=patch)
+    )
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
@@ -155,7 +157,9 @@ def test_user_mistakes_are_one_line(tmp_path):
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 2 and "unknown key(s) width" in result.output
     config.write_text(CLASSIFIER.format(path=tmp_path / "data"))
-    (tmp_path / "data" / "test" / "labels.csv").write_text("image,label\n" + "".join(f"im{i}.png,0\n" for i in range(12)))
+    (tmp_path / "data" / "test" / "labels.csv").write_text(
+        "image,label\n" + "".join(f"im{i}.png,0\n" for i in range(12))
+    )
     result = _invoke("vision", "train", config, tmp_path / "run", "--require-kernels")
     assert result.exit_code == 2 and "fused kernels are not in use" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -65,7 +65,7 @@ class VisionMambaBlock(nn.Module):
         count = routes if spec.route_weights == "separate" else 1
         self.mixers = nn.ModuleList(_mixer(spec, dim) for _ in range(count))
         self.merge = RouteMerge(spec.merge, routes, dim)
-        hidden = int(round(dim * spec.mlp_ratio))
+        hidden = round(dim * spec.mlp_ratio)
         self.mlp = None
         if hidden:
             self.mlp_norm = RMSNorm(dim)

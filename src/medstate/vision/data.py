@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from medstate.errors import MedstateError
+from medstate.vision import imaging_module
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".npy")
@@ -50,13 +51,9 @@ def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...] | None]:
             with Image.open(path) as image:
                 return np.asarray(image), None
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            return tifffile.imread(path), None
+            return imaging_module("tifffile").imread(path), None
         if suffix in (".nii", ".nii.gz"):
-            import nibabel
-
-            image = nibabel.load(path)
+            image = imaging_module("nibabel").load(path)
             return np.asarray(image.dataobj), tuple(float(z) for z in image.header.get_zooms()[:3])
         if suffix == ".npy":
             return np.load(path, allow_pickle=False), None
@@ -172,14 +169,11 @@ def zscore(image: np.ndarray) -> np.ndarray:
 def write_array(path: Path, array: np.ndarray, spacing: tuple[float, ...] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if _suffix(path) in (".nii", ".nii.gz"):
-        import nibabel
-
+        nibabel = imaging_module("nibabel")
         affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
         nibabel.save(nibabel.Nifti1Image(array, affine), path)
     else:
-        import tifffile
-
-        tifffile.imwrite(path, array)
+        imaging_module("tifffile").imwrite(path, array)
 
 
 def prepare_nuclei(source: str | Path, out: str | Path) -> Path:
@@ -201,8 +195,7 @@ def prepare_brain(source: str | Path, out: str | Path) -> Path:
     """ITK's T1 volume (128×128×62, 2×2×3 mm) → the skull-strip mask's tissue classes 4, 5, 6 as labels 1-3
     (0 outside the brain): a silver standard from k-means, not a manual segmentation. Train = the left
     hemisphere (first 64 voxels of the left-right axis), test = the right one."""
-    import nibabel
-
+    nibabel = imaging_module("nibabel")
     source, out = Path(source), Path(out)
     t1 = nibabel.load(source / "KmeansTest_T1UCharRaw.nii.gz")
     strip = np.asarray(nibabel.load(source / "KmeansTest_T1RawSkullStrip.nii.gz").dataobj)

@@ -27,6 +27,7 @@ from medstate.errors import MedstateError
 from medstate.loading import expect_mapping, from_data, read_json
 from medstate.ssm.modules import Mamba1Mixer, Mamba2Mixer
 from medstate.ssm.ops import cuda
+from medstate.vision import imaging_module
 from medstate.vision.classifier import ClassifierConfig, VisionMambaClassifier
 from medstate.vision.mil import MambaMIL, MILConfig
 from medstate.vision.resnet import ResNet18, ResNetConfig
@@ -53,9 +54,7 @@ class SwinUNETRConfig:
 
 
 def _monai_unet(config: MonaiUNetConfig) -> nn.Module:
-    from monai.networks.nets import UNet
-
-    return UNet(
+    return imaging_module("monai.networks.nets").UNet(
         config.spatial_dims,
         config.in_channels,
         config.num_classes,
@@ -66,9 +65,8 @@ def _monai_unet(config: MonaiUNetConfig) -> nn.Module:
 
 
 def _swin_unetr(config: SwinUNETRConfig) -> nn.Module:
-    from monai.networks.nets import SwinUNETR
-
-    return SwinUNETR(
+    imaging_module("einops")  # SwinUNETR needs it
+    return imaging_module("monai.networks.nets").SwinUNETR(
         in_channels=config.in_channels,
         out_channels=config.num_classes,
         feature_size=config.feature_size,
@@ -142,7 +140,9 @@ def load_model(directory: str | Path) -> tuple[nn.Module, ModelSpec, dict]:
         raise MedstateError(f"cannot read {directory / 'model.safetensors'}: {err}") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise MedstateError(f"{directory}: weights do not fit the config (missing {missing[:3]}, extra {unexpected[:3]})")
+        raise MedstateError(
+            f"{directory}: weights do not fit the config (missing {missing[:3]}, extra {unexpected[:3]})"
+        )
     return model.eval(), spec, expect_mapping(data.get("inference", {}), f"{config_path}: inference")
 
 

@@ -33,7 +33,9 @@ _NONLINS = {nn.LeakyReLU: "leakyrelu", nn.ReLU: "relu"}
 
 def _name(table: dict, value, what: str) -> str:
     if value not in table:
-        raise MedstateError(f"nnU-Net plan: {what} {getattr(value, '__name__', value)} is not supported by UMambaNnUNet")
+        raise MedstateError(
+            f"nnU-Net plan: {what} {getattr(value, '__name__', value)} is not supported by UMambaNnUNet"
+        )
     return table[value]
 
 
@@ -68,6 +70,7 @@ class UMambaNnUNet(UMambaSegmenter):
             raise MedstateError(f"nnU-Net plan: conv_op {getattr(conv_op, '__name__', conv_op)} is not Conv2d/Conv3d")
         if dropout_op is not None:
             raise MedstateError("nnU-Net plan: dropout_op is not supported by UMambaNnUNet (nnU-Net plans none)")
+
         def as_list(value):
             return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * n_stages
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from medstate.vision.data import ImageSet, write_array  # noqa: E402
-from medstate.vision.models import ModelSpec  # noqa: E402
+from medstate.vision.data import ImageSet, write_array
+from medstate.vision.models import ModelSpec
 
 MAX_OVERLAYS = 4
 

@@ -31,6 +31,7 @@ from medstate.errors import MedstateError
 from medstate.eval.metrics import auroc, bootstrap, wilson_interval
 from medstate.loading import expect_mapping, from_data, read_yaml
 from medstate.train.loop import seed_everything
+from medstate.vision import imaging_module
 from medstate.vision.data import ImageSet, as_channels, read_array, read_folder, read_medmnist, zscore
 from medstate.vision.metrics import dice, hausdorff95, instance_f1
 from medstate.vision.models import (
@@ -107,7 +108,11 @@ def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfi
 
 
 def config_dict(config: RunConfig) -> dict:
-    return {"data": dataclasses.asdict(config.data), "model": config.model.to_dict(), "train": dataclasses.asdict(config.train)}
+    return {
+        "data": dataclasses.asdict(config.data),
+        "model": config.model.to_dict(),
+        "train": dataclasses.asdict(config.train),
+    }
 
 
 def load_data(config: DataConfig, task: str) -> dict[str, ImageSet]:
@@ -126,7 +131,7 @@ def _device() -> torch.device:
 
 
 def _schedule(optimizer, total: int, milestones: list[float]):
-    points = sorted({max(1, int(round(f * total))) for f in milestones})
+    points = sorted({max(1, round(f * total)) for f in milestones})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, points, gamma=0.1)
 
 
@@ -202,7 +207,9 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
         if selection is not None:
             probabilities = predict_classes(model, selection.images)
             entry["val_loss"] = float(
-                F.nll_loss(torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)), torch.from_numpy(selection.labels))
+                F.nll_loss(
+                    torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)), torch.from_numpy(selection.labels)
+                )
             )
             score = classification_metrics(selection.labels, probabilities, 0)["auc"]["value"] or 0.0
             entry["val_auc"] = score
@@ -240,9 +247,7 @@ def _patch(image: np.ndarray, mask: np.ndarray, size: tuple[int, ...], rng, fore
 
 
 def _dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    from monai.losses import DiceCELoss
-
-    return DiceCELoss(to_onehot_y=True, softmax=True)(logits, target.unsqueeze(1))
+    return imaging_module("monai.losses").DiceCELoss(to_onehot_y=True, softmax=True)(logits, target.unsqueeze(1))
 
 
 def _first_output(output):
@@ -252,8 +257,7 @@ def _first_output(output):
 @torch.no_grad()
 def predict_mask(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, ...], overlap: float) -> np.ndarray:
     """Class probabilities [K, *S] for a whole image, by sliding windows of the training patch size."""
-    from monai.inferers import sliding_window_inference
-
+    sliding_window_inference = imaging_module("monai.inferers").sliding_window_inference
     model.eval()
     device = next(model.parameters()).device
     tensor = torch.from_numpy(image)[None].to(device)
