@@ -174,3 +174,18 @@ def test_mil_shapes_and_attention_on_the_listed_positions():
 def test_tokens_layout_matches_scans():
     x = torch.arange(6.0).reshape(1, 1, 2, 3)
     assert tokens_of(x)[0, :, 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("version", [1, 2])
+def test_cuda_kernels_run_the_same_routes(version):
+    from medstate.ssm.ops import cuda
+
+    if not torch.cuda.is_available() or cuda.kernels() is None:
+        pytest.skip("needs a CUDA GPU with mamba-ssm and causal-conv1d")
+    torch.manual_seed(0)
+    block = VisionMambaBlock(32, MixerSpec(version=version, scan="cross", merge="sum"), spatial_dims=2)
+    tokens = torch.randn(2, 48, 32)
+    expected = block(tokens, (6, 8))
+    got = block.cuda()(tokens.cuda(), (6, 8)).cpu()
+    assert torch.allclose(got, expected, atol=2e-3, rtol=2e-3)
