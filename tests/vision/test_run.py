@@ -165,6 +165,13 @@ def test_user_mistakes_are_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_classification_images_of_another_size_name_the_file(tmp_path):
+    _classification_folder(tmp_path / "data")
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "data" / "val" / "images" / "im3.png")
+    with pytest.raises(Exception, match=r"im3.png: shape \(1, 10, 12\) differs from im0.png"):
+        read_folder(tmp_path / "data", "classification")
+
+
 def test_mask_shape_mismatch_names_the_file(tmp_path):
     _segmentation_folder(tmp_path / "data", 2)
     tifffile.imwrite(tmp_path / "data" / "test" / "masks" / "c1.tif", np.zeros((5, 5), np.uint8))

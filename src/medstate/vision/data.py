@@ -125,6 +125,12 @@ def read_split(folder: Path, task: str) -> ImageSet:
         images.append(as_channels(array, path))
         spacing.append(zooms or (1.0,) * (images[-1].ndim - 1))
     if task == "classification":
+        odd = [n for n, image in zip(names, images) if image.shape != images[0].shape]
+        if odd:
+            raise MedstateError(
+                f"{image_dir / odd[0]}: shape {images[names.index(odd[0])].shape} differs from {names[0]}'s "
+                f"{images[0].shape}; a classifier needs images of one size"
+            )
         labels_path = folder / "labels.csv"
         if not labels_path.is_file():
             raise MedstateError(f"{folder} has no labels.csv (columns image,label) for classification")
