@@ -184,14 +184,19 @@ def test_medmnist_splits_and_preparers(tmp_path):
     breast = read_medmnist(SHARED / "medmnist" / "breastmnist.npz")
     assert {k: len(v) for k, v in breast.items()} == {"train": 546, "val": 78, "test": 156}
     assert breast["train"].images[0].shape == (1, 28, 28) and breast["train"].images[0].max() <= 1.0
-    # brain: labels 1-3 are the skull-strip mask's tissue values 4-6; the halves are the two hemispheres
+    # brain: labels 1-3 are the k-means classes 4-6 inside the skull-strip mask; the halves are the two hemispheres
     result = _invoke("vision", "prepare", "brain", SHARED / "itk-kmeans-brain", tmp_path / "brain")
     assert result.exit_code == 0, result.output
     strip = np.asarray(nibabel.load(SHARED / "itk-kmeans-brain" / "KmeansTest_T1RawSkullStrip.nii.gz").dataobj)
+    kmeans = nibabel.load(SHARED / "itk-kmeans-brain" / "KmeansTest_T1KmeansPrelimSegmentation.nii.gz").dataobj
+    kmeans = np.asarray(kmeans)
     brain = read_folder(tmp_path / "brain", "segmentation")
     joined = np.concatenate([brain["train"].masks[0], brain["test"].masks[0]], axis=0)
-    expected = np.select([strip == 4, strip == 5, strip == 6], [1, 2, 3], 0)
+    expected = np.select(
+        [(strip > 0) & (kmeans == 4), (strip > 0) & (kmeans == 5), (strip > 0) & (kmeans == 6)], [1, 2, 3], 0
+    )
     assert np.array_equal(joined, expected)
+    assert min(np.bincount(joined.ravel())[1:]) > 20000  # three real tissue classes, none a handful of voxels
     assert brain["train"].spacing[0] == (2.0, 2.0, 3.0)
     result = _invoke("vision", "prepare", "nuclei", SHARED / "stardist-nuclei", tmp_path / "nuclei")
     assert result.exit_code == 0, result.output

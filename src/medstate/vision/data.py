@@ -198,16 +198,18 @@ BRAIN_CLASSES = {0: "background", 1: "tissue 4 (k-means)", 2: "tissue 5 (k-means
 
 
 def prepare_brain(source: str | Path, out: str | Path) -> Path:
-    """ITK's T1 volume (128×128×62, 2×2×3 mm) → the skull-strip mask's tissue classes 4, 5, 6 as labels 1-3
-    (0 outside the brain): a silver standard from k-means, not a manual segmentation. Train = the left
+    """ITK's T1 volume (128×128×62, 2×2×3 mm) → tissue labels 1-3 inside the brain: the k-means segmentation's
+    classes 4, 5, 6 (the only ones it gives inside the skull-strip mask; mean T1 48, 76, 101: CSF-like, grey and
+    white matter), 0 elsewhere. A silver standard from k-means, not a manual segmentation. Train = the left
     hemisphere (first 64 voxels of the left-right axis), test = the right one."""
     nibabel = imaging_module("nibabel")
     source, out = Path(source), Path(out)
     t1 = nibabel.load(source / "KmeansTest_T1UCharRaw.nii.gz")
-    strip = np.asarray(nibabel.load(source / "KmeansTest_T1RawSkullStrip.nii.gz").dataobj)
-    labels = np.zeros(strip.shape, dtype=np.uint8)
+    brain = np.asarray(nibabel.load(source / "KmeansTest_T1RawSkullStrip.nii.gz").dataobj) > 0
+    kmeans = np.asarray(nibabel.load(source / "KmeansTest_T1KmeansPrelimSegmentation.nii.gz").dataobj)
+    labels = np.zeros(kmeans.shape, dtype=np.uint8)
     for label, value in ((1, 4), (2, 5), (3, 6)):
-        labels[strip == value] = label
+        labels[brain & (kmeans == value)] = label
     volume = np.asarray(t1.dataobj).astype(np.int16)
     spacing = tuple(float(z) for z in t1.header.get_zooms()[:3])
     half = volume.shape[0] // 2
