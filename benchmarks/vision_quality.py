@@ -20,9 +20,6 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import harness  # noqa: F401  (puts this folder after the installed packages on sys.path)
-from text import gemm_peak
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "data" / "demo" / "vision"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -147,7 +144,7 @@ def table(name: str, runs: dict, budget: dict) -> list[str]:
         columns.append(("instance_f1", "instance F1"))
     if task == "segmentation" and "dice_2" in first[0]:
         columns += [(k, f"Dice class {k[5:]}") for k in sorted(first[0]) if k.startswith("dice_")]
-    columns += [("train_loss", "final train loss"), ("seconds_per_step", "s/step (1 thread)")]
+    columns.append(("train_loss", "final train loss"))  # speed: benchmarks/vision.py (two workers share the cores here)
     budget_text = ", ".join(f"{k} {v}" for k, v in budget.items())
     lines = [f"### {title}", "", f"Budget per run: {budget_text}.", ""]
     lines.append("| model | seeds | " + " | ".join(label for _, label in columns) + " |")
@@ -173,7 +170,7 @@ def table(name: str, runs: dict, budget: dict) -> list[str]:
     return lines
 
 
-def report(runs: dict, seeds: int, peak: float, budgets: dict) -> str:
+def report(runs: dict, seeds: int, budgets: dict) -> str:
     lines = [
         "# Imaging quality (`python benchmarks/vision_quality.py`)",
         "",
@@ -184,7 +181,6 @@ def report(runs: dict, seeds: int, peak: float, budgets: dict) -> str:
     ]
     for name in STUDIES:
         lines += table(name, runs.get(name, {}), budgets.get(name, {}))
-    lines.append(f"GEMM peak at the start of this run (2 threads): float32 {peak:.0f} GFLOP/s.")
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +210,6 @@ def main() -> None:
                     (name, model, config, {**overrides, "seed": seed}, str(out / name / f"{config}-seed{seed}"))
                 )
     runs: dict = {}
-    peak = gemm_peak()["float32"]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = {
@@ -229,8 +224,8 @@ def main() -> None:
             if not args.quick:  # after every run, so that an interrupted study keeps what it measured
                 kept = {n: {m: [summary_of(r) for r in rs] for m, rs in ms.items()} for n, ms in runs.items()}
                 (RESULTS / "vision_quality.json").write_text(json.dumps(kept, indent=2))
-                (RESULTS / "vision_quality.md").write_text(report(runs, seeds, peak, budgets))
-    print(report(runs, seeds, peak, budgets))
+                (RESULTS / "vision_quality.md").write_text(report(runs, seeds, budgets))
+    print(report(runs, seeds, budgets))
 
 
 if __name__ == "__main__":
