@@ -28,7 +28,7 @@ SHARED = ROOT.parent / "shared" / "data" / "imaging"
 # study → (title, prepared dataset or None, budget override, [(model name, config)], paper's ResNet-18 (28) figures)
 STUDIES = {
     "nuclei": (
-        "2D nuclei (StarDist image; train = left half, test = right half), 128² patches, batch 8",
+        "2D nuclei (StarDist image; train = left half, test = right half), 128² patches, batch 8; HD95 in pixels",
         "nuclei",
         {"steps": 80},
         [("U-Mamba-style", "nuclei-umamba"), ("CNN U-Net", "nuclei-unet"), ("SwinUNETR", "nuclei-swinunetr")],
@@ -36,7 +36,7 @@ STUDIES = {
     ),
     "brain": (
         "3D brain T1 (ITK; train = left hemisphere, test = right; k-means tissue labels = silver standard), "
-        "64×64×32 patches, batch 1",
+        "64×64×32 patches, batch 1; HD95 in mm (2×2×3 mm voxels)",
         "brain",
         {"steps": 150},
         [("U-Mamba-style", "brain-umamba"), ("CNN U-Net", "brain-unet"), ("SwinUNETR", "brain-swinunetr")],
@@ -112,8 +112,9 @@ def summary_of(metrics: dict) -> dict:
     return out
 
 
-def across_seeds(values: list[float]) -> str:
-    """mean [95% t-interval over seeds]; the mean alone with one seed."""
+def across_seeds(values: list[float], at_most_one: bool) -> str:
+    """mean [95% t-interval over seeds], clipped to the metric's range (≥ 0; ≤ 1 for fractions); the mean alone
+    with one seed."""
     from scipy import stats
 
     values = [v for v in values if v is not None]
@@ -123,12 +124,14 @@ def across_seeds(values: list[float]) -> str:
     if len(values) < 2:
         return f"{mean:.3f}"
     half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    high = min(mean + half, 1.0) if at_most_one else mean + half
+    return f"{mean:.3f} [{max(mean - half, 0.0):.3f}, {high:.3f}]"
 
 
+UNBOUNDED = ("hd95", "train_loss", "val_loss")
 COLUMNS = {
     "classification": [("auc", "test AUC"), ("accuracy", "test ACC"), ("val_loss", "val loss (selected epoch)")],
-    "segmentation": [("dice", "Dice (mean over classes)"), ("hd95", "HD95 (mm or px)")],
+    "segmentation": [("dice", "Dice (mean over classes)"), ("hd95", "HD95 (mean over classes)")],
 }
 
 
@@ -152,7 +155,7 @@ def table(name: str, runs: dict, budget: dict) -> list[str]:
     for model, _ in models:
         rows = done[model]
         if rows:
-            cells = [across_seeds([r.get(key) for r in rows]) for key, _ in columns]
+            cells = [across_seeds([r.get(key) for r in rows], key not in UNBOUNDED) for key, _ in columns]
             lines.append(f"| {model} | {len(rows)} | " + " | ".join(cells) + " |")
     if task == "classification":
         test_set = [
