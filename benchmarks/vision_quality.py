@@ -157,17 +157,17 @@ def table(name: str, runs: dict, budget: dict) -> list[str]:
         if rows:
             cells = [across_seeds([r.get(key) for r in rows], key not in UNBOUNDED) for key, _ in columns]
             lines.append(f"| {model} | {len(rows)} | " + " | ".join(cells) + " |")
+    if paper:
+        cells = [f"{paper[key]:.3f}" if key in paper else "-" for key, _ in columns]
+        lines.append("| MedMNIST v2 paper: ResNet-18 (28), 100 epochs | - | " + " | ".join(cells) + " |")
     if task == "classification":
         test_set = [
             f"{m} [{r[0]['auc_bootstrap'][0]:.3f}, {r[0]['auc_bootstrap'][1]:.3f}]" for m, r in done.items() if r
         ]
         lines += [
             "",
-            "Test-set 95% bootstrap interval of the first seed's AUC (images resampled): " + "; ".join(test_set) + ".",
+            "Test-set 95% bootstrap interval of one run's AUC (images resampled): " + "; ".join(test_set) + ".",
         ]
-    if paper:
-        cells = [f"{paper[key]:.3f}" if key in paper else "-" for key, _ in columns]
-        lines.append("| MedMNIST v2 paper: ResNet-18 (28), 100 epochs | - | " + " | ".join(cells) + " |")
     backends = [f"{model}: {rows[0]['backend']}" for model, rows in done.items() if rows]
     lines += ["", f"Backend: {'; '.join(backends)}.", ""]
     return lines
