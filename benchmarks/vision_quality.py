@@ -62,12 +62,12 @@ QUICK_BUDGET = {"steps": 4, "epochs": 1}
 
 
 def prepare(dataset: str) -> None:
-    from medstate.vision.data import prepare_brain, prepare_nuclei
+    from medstate.vision.data import PREPARERS
 
     out = ROOT / "runs" / "vision" / f"{dataset}-data"
     if not (out / "test").exists():
-        source = {"nuclei": "stardist-nuclei", "brain": "itk-kmeans-brain"}[dataset]
-        {"nuclei": prepare_nuclei, "brain": prepare_brain}[dataset](SHARED / source, out)
+        preparer, source = PREPARERS[dataset]
+        preparer(SHARED / source, out)
 
 
 def run_one(config_name: str, overrides: dict, run_dir: str) -> dict:

@@ -1085,12 +1085,11 @@ def vision_prepare(
     out: Annotated[Path, typer.Argument(help="dataset folder to write (train/, test/)")],
 ) -> None:
     """Write a shared example in the folder layout `vision train` reads."""
-    from medstate.vision.data import prepare_brain, prepare_nuclei
+    from medstate.vision.data import PREPARERS
 
-    preparers = {"nuclei": prepare_nuclei, "brain": prepare_brain}
-    if dataset not in preparers:
+    if dataset not in PREPARERS:
         raise MedstateError(f"unknown dataset {dataset!r}; choose nuclei or brain")
-    _summary("vision prepare", {"dataset": dataset, "written": str(preparers[dataset](source, out))})
+    _summary("vision prepare", {"dataset": dataset, "written": str(PREPARERS[dataset][0](source, out))})
 
 
 Database = Annotated[str, typer.Option(help="SQLite file (created if absent) or postgresql://user@host/db URL")]

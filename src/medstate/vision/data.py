@@ -217,3 +217,7 @@ def prepare_brain(source: str | Path, out: str | Path) -> Path:
         write_array(out / split / "images" / "brain.nii.gz", np.ascontiguousarray(volume[part]), spacing)
         write_array(out / split / "masks" / "brain.nii.gz", np.ascontiguousarray(labels[part]), spacing)
     return out
+
+
+# `medstate vision prepare DATASET`: name → (preparer, its folder under ../shared/data/imaging)
+PREPARERS = {"nuclei": (prepare_nuclei, "stardist-nuclei"), "brain": (prepare_brain, "itk-kmeans-brain")}
