@@ -4,10 +4,12 @@
 Each run is `medstate.vision.run.fit` on a config of `data/demo/vision/` with the budget below (the configs hold the
 full protocols; the budget shortens them to what 2 CPU cores allow in a session, and says so in the table), in a
 worker process with one thread (two workers by default: the two cores). A finished run (its metrics.json under
-`--out`, same settings) is read back, not rerun, so an interrupted study resumes.
+`--out`, same settings) is read back, not rerun, so an interrupted study resumes. `--only` and `--models` rerun a
+part: the recorded results of the models not run are kept from results/vision_quality.json.
 
-    python benchmarks/vision_quality.py                      # ~100 min on 2 cores → results/vision_quality.md
+    python benchmarks/vision_quality.py                      # ~140 min on 2 cores → results/vision_quality.md
     python benchmarks/vision_quality.py --only nuclei,brain  # some studies
+    python benchmarks/vision_quality.py --models breastmnist-mamba-stem  # some models (config names)
     python benchmarks/vision_quality.py --quick              # 1 seed, a few steps, nothing written to results/
 """
 
@@ -46,7 +48,11 @@ STUDIES = {
         "BreastMNIST (28×28; 546 train / 78 val / 156 test), MedMNIST v2 protocol shortened to 20 epochs",
         None,
         {"epochs": 20},
-        [("Vision Mamba (tiny)", "breastmnist-mamba"), ("ResNet-18 (28)", "breastmnist-resnet18")],
+        [
+            ("Vision Mamba (tiny)", "breastmnist-mamba"),
+            ("Vision Mamba + conv stem", "breastmnist-mamba-stem"),
+            ("ResNet-18 (28)", "breastmnist-resnet18"),
+        ],
         {"auc": 0.901, "accuracy": 0.863},
     ),
     "pneumoniamnist": (
@@ -54,7 +60,11 @@ STUDIES = {
         "MedMNIST v2 protocol shortened to 2 epochs",
         None,
         {"epochs": 2},
-        [("Vision Mamba (tiny)", "pneumoniamnist-mamba"), ("ResNet-18 (28)", "pneumoniamnist-resnet18")],
+        [
+            ("Vision Mamba (tiny)", "pneumoniamnist-mamba"),
+            ("Vision Mamba + conv stem", "pneumoniamnist-mamba-stem"),
+            ("ResNet-18 (28)", "pneumoniamnist-resnet18"),
+        ],
         {"auc": 0.944, "accuracy": 0.854},
     ),
 }
@@ -137,7 +147,7 @@ COLUMNS = {
 
 def table(name: str, runs: dict, budget: dict) -> list[str]:
     title, _, _, models, paper = STUDIES[name]
-    done = {model: [summary_of(m) for m in runs.get(model, [])] for model, _ in models}
+    done = {model: runs.get(model, []) for model, _ in models}
     first = next((rows for rows in done.values() if rows), None)
     if first is None:
         return []
@@ -190,6 +200,7 @@ def report(runs: dict, seeds: int, budgets: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated studies: " + ", ".join(STUDIES))
+    parser.add_argument("--models", help="comma-separated config names (default: every model of the studies)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "vision-quality")
@@ -199,12 +210,17 @@ def main() -> None:
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         parser.error(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
+    chosen = set(args.models.split(",")) if args.models else None
+    configs = {config for _, _, _, models, _ in STUDIES.values() for _, config in models}
+    if chosen and chosen - configs:
+        parser.error(f"unknown models {sorted(chosen - configs)}; choose from {', '.join(sorted(configs))}")
     seeds = 1 if args.quick else args.seeds
     out = args.out / "quick" if args.quick else args.out
-    jobs, budgets = [], {}
+    jobs, budgets = [], {name: budget for name, (_, _, budget, _, _) in STUDIES.items()}
     for name in names:
         _, dataset, budget, models, _ = STUDIES[name]
-        if dataset:
+        models = [(model, config) for model, config in models if chosen is None or config in chosen]
+        if dataset and models:
             prepare(dataset)
         overrides = budgets[name] = {k: QUICK_BUDGET[k] for k in budget} if args.quick else budget
         for seed in range(seeds):
@@ -212,7 +228,10 @@ def main() -> None:
                 jobs.append(
                     (name, model, config, {**overrides, "seed": seed}, str(out / name / f"{config}-seed{seed}"))
                 )
-    runs: dict = {}
+    recorded = RESULTS / "vision_quality.json"
+    runs = {} if args.quick or not recorded.exists() else json.loads(recorded.read_text())
+    for name, model, *_ in jobs:  # what runs now replaces what was recorded
+        runs.setdefault(name, {})[model] = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
         futures = {
@@ -221,12 +240,11 @@ def main() -> None:
         }
         for future in as_completed(futures):
             name, model = futures[future]
-            metrics = future.result()
-            runs.setdefault(name, {}).setdefault(model, []).append(metrics)
-            print(f"{name} / {model}: {json.dumps(summary_of(metrics))}", flush=True)
+            summary = summary_of(future.result())
+            runs[name][model].append(summary)
+            print(f"{name} / {model}: {json.dumps(summary)}", flush=True)
             if not args.quick:  # after every run, so that an interrupted study keeps what it measured
-                kept = {n: {m: [summary_of(r) for r in rs] for m, rs in ms.items()} for n, ms in runs.items()}
-                (RESULTS / "vision_quality.json").write_text(json.dumps(kept, indent=2))
+                recorded.write_text(json.dumps(runs, indent=2))
                 (RESULTS / "vision_quality.md").write_text(report(runs, seeds, budgets))
     print(report(runs, seeds, budgets))
 

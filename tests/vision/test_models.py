@@ -46,9 +46,11 @@ def test_separate_route_mixers_each_read_their_route():
         assert mixer.in_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("size", [(28, 28), (12, 20), (8, 12, 6)], ids=str)
-def test_classifier_shapes(size):
-    config = ClassifierConfig(num_classes=3, image_size=list(size), patch_size=2, dim=16, depth=2)
+@pytest.mark.parametrize(
+    "size,stem", [((28, 28), []), ((12, 20), [4, 6]), ((8, 12, 6), []), ((8, 12, 6), [4])], ids=str
+)
+def test_classifier_shapes(size, stem):
+    config = ClassifierConfig(num_classes=3, image_size=list(size), patch_size=2, dim=16, depth=2, stem_channels=stem)
     model = VisionMambaClassifier(config)
     assert model(torch.randn(2, 1, *size)).shape == (2, 3)
     # another grid: position embeddings interpolated
@@ -56,6 +58,30 @@ def test_classifier_shapes(size):
     assert model(torch.randn(1, 1, *other)).shape == (1, 3)
     with pytest.raises(MedstateError, match="multiple of the patch size"):
         model(torch.randn(1, 1, *(s + 1 for s in size)))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_classifier_stem_is_convolution_batchnorm_gelu_before_the_patch_embedding(dims):
+    torch.manual_seed(0)
+    size = [8, 6, 4][:dims] if dims == 3 else [8, 6]
+    config = ClassifierConfig(num_classes=2, image_size=size, dim=16, depth=1, stem_channels=[3, 5])
+    model = VisionMambaClassifier(config)
+    model.train()
+    model(torch.randn(4, 1, *size) * 2 + 1)  # moves the BatchNorm running statistics off their initial values
+    model.eval()
+    images = torch.randn(2, 1, *size)
+    conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+    x = images
+    convs = [m for m in model.stem if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    norms = [m for m in model.stem if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert [c.out_channels for c in convs] == [3, 5]
+    for c, n in zip(convs, norms):
+        x = conv(x, c.weight, padding=1)  # 3×3(×3), no bias, resolution kept
+        x = (x - n.running_mean.view(1, -1, *[1] * dims)) / torch.sqrt(n.running_var.view(1, -1, *[1] * dims) + n.eps)
+        x = torch.nn.functional.gelu(x * n.weight.view(1, -1, *[1] * dims) + n.bias.view(1, -1, *[1] * dims))
+    tokens = tokens_of(model.patch_embed(x) + model.position)
+    expected = model.head(model.norm(model.blocks(tokens, model.grid)).mean(1))
+    assert torch.allclose(model(images), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("dims,size", [(2, (32, 48)), (3, (16, 8, 24))], ids=["2d", "3d"])

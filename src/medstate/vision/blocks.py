@@ -15,6 +15,8 @@ from medstate.ssm.config import SSMConfig
 from medstate.ssm.modules import Mamba1Mixer, Mamba2Mixer, RMSNorm
 from medstate.vision.scans import RouteMerge, Scan, route_orders
 
+NORMS = {"instance": (nn.InstanceNorm2d, nn.InstanceNorm3d), "batch": (nn.BatchNorm2d, nn.BatchNorm3d)}
+
 
 @dataclass
 class MixerSpec:

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from medstate.errors import MedstateError
-from medstate.vision.blocks import MixerSpec, VisionMambaStack, conv_nd
+from medstate.vision.blocks import NORMS, MixerSpec, VisionMambaStack, conv_nd
 from medstate.vision.scans import feature_map_of, tokens_of
 
 Size = int | list[int]
-NORMS = {"instance": (nn.InstanceNorm2d, nn.InstanceNorm3d), "batch": (nn.BatchNorm2d, nn.BatchNorm3d)}
 NONLINS = {"leakyrelu": lambda: nn.LeakyReLU(0.01, inplace=True), "relu": lambda: nn.ReLU(inplace=True)}
 
 
