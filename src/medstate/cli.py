@@ -1021,7 +1021,7 @@ def _step_progress(kind: str):
 def _vision_summary(title: str, metrics: dict, where: Path) -> None:
     test = metrics["test"]
     rows = {"model": metrics["model"], "backend": f"{metrics['backend']} ({metrics['device']})"}
-    if metrics["task"] == "classification":
+    if metrics["task"] != "segmentation":
         for name in ("auc", "accuracy"):
             rows[name] = "undefined" if test[name]["value"] is None else _interval(test[name], 1, 3)
     else:
@@ -1041,7 +1041,7 @@ def vision_train(
         bool, typer.Option(help="refuse to run unless the fused CUDA kernels (mamba-ssm) are in use")
     ] = False,
 ) -> None:
-    """Train a classifier or a segmenter, test the selected model, write the run directory."""
+    """Train a classifier, a segmenter or a bag classifier (MambaMIL); test the selected model; write the run."""
     from medstate.vision.run import fit, load_run_config
 
     overrides = {k: v for k, v in {"seed": seed, "epochs": epochs, "steps": steps}.items() if v is not None}
@@ -1068,10 +1068,10 @@ def vision_evaluate(
 @vision_app.command("predict")
 def vision_predict(
     model_dir: Annotated[Path, typer.Argument(help="a vision model directory (a run's model/)")],
-    images: Annotated[list[Path], typer.Argument(help="image or volume files (PNG, TIFF, NIfTI, NPY)")],
+    images: Annotated[list[Path], typer.Argument(help="image or volume files (PNG, TIFF, NIfTI, NPY); bags (NPY, PT)")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
 ) -> None:
-    """Predict new images: class probabilities (predictions.csv) or one mask file per image."""
+    """Predict new images or bags: class probabilities (predictions.csv) or one mask file per image."""
     from medstate.vision.run import predict_files
 
     written = predict_files(model_dir, images, out)

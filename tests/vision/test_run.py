@@ -235,3 +235,102 @@ def test_nnunet_builds_the_net_from_a_plan():
     assert network(torch.randn(1, 1, 8, 16, 16)).shape == (1, 3, 8, 16, 16)
     assert network.encoder[0].convs[0].kernel_size == (1, 3, 3)
     assert any(m is not None for m in (network.encoder[2].mamba, network.encoder[3].mamba))
+
+
+def _bag_folder(root: Path, with_coords=("train", "test")) -> None:
+    """Bags of 6-feature instances on a 5×5 grid; a positive bag holds two or three instances with feature 0 raised
+    by 4 (the "tumour" patches), a negative bag none: learnable only by looking at single instances."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("val", 10), ("test", 16)):
+        for sub in ("bags", "coords"):
+            (root / split / sub).mkdir(parents=True)
+        rows = []
+        for i in range(count):
+            label = i % 2
+            n = int(rng.integers(6, 17))
+            bag = rng.normal(size=(n, 6)).astype(np.float32)
+            if label:
+                bag[rng.choice(n, size=int(rng.integers(2, 4)), replace=False), 0] += 4.0
+            cells = rng.choice(25, size=n, replace=False)
+            name = f"slide{i}.npy" if i % 3 else f"slide{i}.pt"
+            if name.endswith(".pt"):
+                torch.save(torch.from_numpy(bag), root / split / "bags" / name)
+            else:
+                np.save(root / split / "bags" / name, bag)
+            if split in with_coords:
+                np.save(root / split / "coords" / name.replace(".pt", ".npy"), np.stack([cells // 5, cells % 5], 1))
+            rows.append((name, label))
+        with (root / split / "labels.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows([("bag", "label"), *rows])
+
+
+MIL = """
+data: {{format: bags, path: {path}}}
+model: {{kind: mil, num_classes: 2, in_features: 6, dim: 16, depth: 1, attention_dim: 16,
+        mixer: {{scan: strided, stride: 2, head_dim: 8}}}}
+train: {{epochs: 12, batch_size: 4, lr: 0.003, bootstrap: 50}}
+"""
+
+
+def test_bag_classification_run_learns_and_is_consistent_with_its_predictions(tmp_path):
+    _bag_folder(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(MIL.format(path=tmp_path / "data"))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "bags" and metrics["backend"] == "torch" and metrics["test"]["n"] == 16
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    labels = np.array([int(r["label"]) for r in rows])
+    scores = np.array([float(r["p1"]) for r in rows])
+    assert metrics["test"]["auc"]["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert roc_auc_score(labels, scores) >= 0.9  # found the raised instances
+    # predict on the bag files reads each bag's coordinates: the run's probabilities, and the same for a bag whose
+    # instances are listed in another order (MambaMIL sorts them by coordinates)
+    test_dir = tmp_path / "data" / "test"
+    files = sorted((test_dir / "bags").iterdir())
+    shuffled = tmp_path / "shuffled"
+    for sub in ("bags", "coords"):
+        (shuffled / sub).mkdir(parents=True)
+    bag, coords = np.load(test_dir / "bags" / "slide1.npy"), np.load(test_dir / "coords" / "slide1.npy")
+    order = np.random.default_rng(1).permutation(len(bag))
+    np.save(shuffled / "bags" / "slide1.npy", bag[order])
+    np.save(shuffled / "coords" / "slide1.npy", coords[order])
+    result = _invoke("vision", "predict", run / "model", *files, "--out", tmp_path / "pred")
+    assert result.exit_code == 0, result.output
+    predicted = {r["bag"]: float(r["p1"]) for r in csv.DictReader((tmp_path / "pred" / "predictions.csv").open())}
+    assert all(predicted[r["bag"]] == pytest.approx(float(r["p1"]), abs=1e-5) for r in rows)
+    result = _invoke("vision", "predict", run / "model", shuffled / "bags" / "slide1.npy", "--out", tmp_path / "p2")
+    assert result.exit_code == 0, result.output
+    again = next(csv.DictReader((tmp_path / "p2" / "predictions.csv").open()))
+    assert float(again["p1"]) == pytest.approx(predicted["slide1.npy"], abs=1e-5)
+    # attention: one weight per instance in the listed order, summing to 1, beside the instance's coordinates; the
+    # shuffled bag's weights are the same instances' weights
+    table = list(csv.DictReader((tmp_path / "pred" / "attention" / "slide1.csv").open()))
+    weights = np.array([float(r["attention"]) for r in table])
+    assert len(table) == len(bag) and weights.sum() == pytest.approx(1, abs=1e-4)
+    assert [[int(r["coord0"]), int(r["coord1"])] for r in table] == coords.tolist()
+    moved = [float(r["attention"]) for r in csv.DictReader((tmp_path / "p2" / "attention" / "slide1.csv").open())]
+    assert np.allclose(moved, weights[order], atol=1e-5)
+    assert (run / "attention" / "slide4.csv").is_file() and (run / "attention" / "slide3.csv").is_file()
+
+
+def test_bag_mistakes_are_one_line(tmp_path):
+    _bag_folder(tmp_path / "data")
+    config = tmp_path / "run.yaml"
+    config.write_text(MIL.format(path=tmp_path / "data").replace("format: bags", "format: folder"))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 2 and "data.format bags goes with model kind mil" in result.output
+    config.write_text(MIL.format(path=tmp_path / "data").replace("format: bags", "format: bags, normalize: zscore"))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 2 and "bags are read as stored" in result.output
+    config.write_text(MIL.format(path=tmp_path / "data"))
+    np.save(tmp_path / "data" / "val" / "coords" / "slide2.npy", np.zeros((3, 2), np.int64))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 2 and "val/coords/slide2.npy: expected integer coordinates" in result.output
+    np.save(tmp_path / "data" / "val" / "coords" / "slide2.npy", np.zeros((1, 2), np.int64))
+    np.save(tmp_path / "data" / "val" / "bags" / "slide2.npy", np.zeros((1, 5), np.float32))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 2 and "val/bags/slide2.npy: 5 features per instance, other bags have 6" in result.output
+    assert len(result.output.strip().splitlines()) == 1

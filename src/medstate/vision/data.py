@@ -5,6 +5,11 @@ either `masks/` (segmentation: a mask file of the same name per image, integer c
 `labels.csv` (classification: columns `image,label`). Files: PNG/JPEG (Pillow), TIFF (tifffile), NIfTI
 (`.nii`, `.nii.gz`, nibabel; voxel spacing from the header) and NumPy `.npy`. Every problem names the file.
 
+A bag dataset (multiple-instance learning: one bag of instance features per slide, from any frozen patch encoder)
+has, per split, `bags/` with one `.npy` or `.pt` file per bag ([instances, features], float), optionally `coords/`
+with a file of the same name holding each instance's integer grid position ([instances, 2 or 3]), and
+`labels.csv` (columns `bag,label`).
+
 `prepare_nuclei` and `prepare_brain` write the shared StarDist and ITK examples in this layout."""
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from medstate.vision import imaging_module
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".nii.gz", ".npy")
+BAG_SUFFIXES = (".npy", ".pt")
 
 
 @dataclass
 class ImageSet:
-    """One split: images [C, *S] float32 (sizes may differ), and labels or masks."""
+    """One split: images [C, *S] float32 (sizes may differ), and labels or masks; or bags [instances, features]
+    float32 (`bags` set) with their instances' coordinates where known."""
 
     names: list[str]
     images: list[np.ndarray]
@@ -32,6 +39,8 @@ class ImageSet:
     masks: list[np.ndarray] | None = None  # each [*S] int64
     instances: list[np.ndarray] | None = None  # instance ids before `foreground_only` merged them
     spacing: list[tuple[float, ...]] = field(default_factory=list)
+    bags: bool = False
+    coords: list[np.ndarray | None] | None = None  # bags: [instances, k] int64 each, or None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -97,15 +106,15 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _suffix(p) in SUFFIXES)
 
 
-def _read_labels(path: Path) -> dict[str, int]:
+def _read_labels(path: Path, key: str = "image") -> dict[str, int]:
     labels = {}
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
-            raise MedstateError(f"{path} needs the columns image,label")
+        if not reader.fieldnames or not {key, "label"} <= set(reader.fieldnames):
+            raise MedstateError(f"{path} needs the columns {key},label")
         for line, row in enumerate(reader, start=2):
             try:
-                labels[row["image"]] = int(row["label"])
+                labels[row[key]] = int(row["label"])
             except (TypeError, ValueError):
                 raise MedstateError(f"{path} line {line}: label {row['label']!r} is not an integer") from None
     return labels
@@ -158,6 +167,87 @@ def read_folder(root: str | Path, task: str) -> dict[str, ImageSet]:
     if not root.is_dir():
         raise MedstateError(f"dataset folder {root} not found")
     splits = {split: read_split(root / split, task) for split in SPLITS if (root / split).is_dir()}
+    for needed in ("train", "test"):
+        if needed not in splits:
+            raise MedstateError(f"{root} has no {needed}/ folder (splits: train, val (optional), test)")
+    return splits
+
+
+def _bag_array(path: Path, what: str) -> np.ndarray:
+    try:
+        if _suffix(path) == ".pt":
+            import torch
+
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"holds a {type(value).__name__}, not a tensor")
+            return value.float().numpy() if value.is_floating_point() else value.numpy()
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise MedstateError(f"cannot read {what} {path}: {err}") from None
+
+
+def read_bag(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """One bag file → (features [instances, features] float32, coordinates [instances, k] int64 or None). The
+    coordinates are the file of the same name in `coords/` beside the bag's folder, when there is one."""
+    path = Path(path)
+    if _suffix(path) not in BAG_SUFFIXES:
+        raise MedstateError(f"{path}: a bag is a .npy or .pt file of [instances, features]")
+    bag = _bag_array(path, "bag")
+    if bag.ndim != 2 or bag.shape[0] < 1 or not np.issubdtype(bag.dtype, np.number):
+        raise MedstateError(f"{path}: a bag is [instances, features] numbers, got {bag.dtype} {bag.shape}")
+    if not np.isfinite(bag).all():
+        raise MedstateError(f"{path}: the bag holds NaN or infinite features")
+    coords_path = path.parent.parent / "coords" / path.name
+    coords = None
+    if coords_path.is_file():
+        coords = _bag_array(coords_path, "coordinates")
+        if coords.ndim != 2 or coords.shape[0] != bag.shape[0] or not np.issubdtype(coords.dtype, np.integer):
+            raise MedstateError(
+                f"{coords_path}: expected integer coordinates [{bag.shape[0]}, 2 or 3] for the bag's "
+                f"{bag.shape[0]} instances, got {coords.dtype} {coords.shape}"
+            )
+        coords = coords.astype(np.int64)
+    return bag.astype(np.float32), coords
+
+
+def read_bags(root: str | Path) -> dict[str, ImageSet]:
+    root = Path(root)
+    if not root.is_dir():
+        raise MedstateError(f"dataset folder {root} not found")
+    splits, width = {}, None
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        bag_dir = folder / "bags"
+        files = sorted(p for p in bag_dir.iterdir() if _suffix(p) in BAG_SUFFIXES) if bag_dir.is_dir() else []
+        if not files:
+            raise MedstateError(f"{bag_dir} holds no bag files (.npy or .pt, [instances, features])")
+        stems = [p.name.rsplit(".", 1)[0] for p in files]
+        twins = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if twins:
+            raise MedstateError(f"{bag_dir}: two bag files named {twins[0]} (.npy and .pt); keep one")
+        bags, coords = zip(*(read_bag(path) for path in files))
+        for path, bag in zip(files, bags):
+            width = width or bag.shape[1]
+            if bag.shape[1] != width:
+                raise MedstateError(f"{path}: {bag.shape[1]} features per instance, other bags have {width}")
+        labels_path = folder / "labels.csv"
+        if not labels_path.is_file():
+            raise MedstateError(f"{folder} has no labels.csv (columns bag,label)")
+        labels = _read_labels(labels_path, "bag")
+        names = [p.name for p in files]
+        unlabelled = [n for n in names if n not in labels]
+        if unlabelled:
+            raise MedstateError(f"{labels_path} has no label for {unlabelled[0]} ({len(unlabelled)} bags unlabelled)")
+        splits[split] = ImageSet(
+            names,
+            list(bags),
+            labels=np.array([labels[n] for n in names], dtype=np.int64),
+            bags=True,
+            coords=list(coords),
+        )
     for needed in ("train", "test"):
         if needed not in splits:
             raise MedstateError(f"{root} has no {needed}/ folder (splits: train, val (optional), test)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,14 @@ class MILConfig:
     attention_dim: int = 128
     dropout: float = 0.0
     mixer: MixerSpec = field(default_factory=lambda: MixerSpec(scan="strided", stride=8))
+
+
+@dataclass
+class BagPredictions:
+    """A split's bag predictions: class probabilities and each bag's attention over its instances."""
+
+    probabilities: np.ndarray  # [bags, classes]
+    attention: list[np.ndarray]  # each [instances], in the bag's listed order, summing to 1
 
 
 def coordinate_order(coords: torch.Tensor) -> torch.Tensor:

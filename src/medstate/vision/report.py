@@ -1,5 +1,6 @@
-"""A run's predictions and report: predictions.csv (classification) or one mask file per image (TIFF for 2D,
-NIfTI for 3D, with the image's spacing), and report.md with the metrics and pictures (ROC curve; for
+"""A run's predictions and report: predictions.csv (classification; for bags also attention/NAME.csv, each
+instance's attention weight beside its coordinates) or one mask file per image (TIFF for 2D, NIfTI for 3D, with the
+image's spacing), and report.md with the metrics and pictures (ROC curve; for
 segmentation, the image's middle slice with the true and predicted boundaries)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from medstate.vision.data import ImageSet, write_array
+from medstate.vision.mil import BagPredictions
 from medstate.vision.models import ModelSpec
 
 MAX_OVERLAYS = 4
@@ -24,12 +26,28 @@ def _mask_name(name: str, ndim: int) -> str:
     return f"{stem}.nii.gz" if ndim == 3 else f"{stem}.tif"
 
 
+def _write_attention(folder: Path, data: ImageSet, attention: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (name, weights) in enumerate(zip(data.names, attention)):
+        coords = data.coords[i] if data.coords else None
+        axes = [f"coord{k}" for k in range(coords.shape[1])] if coords is not None else []
+        with (folder / f"{name.rsplit('.', 1)[0]}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["instance", *axes, "attention"])
+            for j, weight in enumerate(weights):
+                writer.writerow([j, *(coords[j].tolist() if coords is not None else []), f"{weight:.6g}"])
+
+
 def write_predictions(run_dir: Path, spec: ModelSpec, data: ImageSet, predictions) -> Path:
-    if spec.task == "classification":
+    if isinstance(predictions, BagPredictions):
+        _write_attention(run_dir / "attention", data, predictions.attention)
+        predictions = predictions.probabilities
+    if spec.task != "segmentation":
         path = run_dir / "predictions.csv"
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["image", "label", "predicted", *(f"p{k}" for k in range(predictions.shape[1]))])
+            item = "bag" if data.bags else "image"
+            writer.writerow([item, "label", "predicted", *(f"p{k}" for k in range(predictions.shape[1]))])
             for name, label, row in zip(data.names, data.labels, predictions):
                 writer.writerow([name, int(label), int(row.argmax()), *(f"{p:.6g}" for p in row)])
         return path
@@ -90,10 +108,13 @@ def write_report(run_dir: Path, spec: ModelSpec, metrics: dict, data: ImageSet, 
         "",
     ]
     test = metrics["test"]
-    if spec.task == "classification":
+    if isinstance(predictions, BagPredictions):
+        predictions = predictions.probabilities
+    if spec.task != "segmentation":
+        items = "bags" if data.bags else "images"
         lines += [
-            f"Test ({test['n']} images): AUC {_interval(test['auc'])}, accuracy {_interval(test['accuracy'])} "
-            "(95% intervals: bootstrap over images for AUC, Wilson for accuracy).",
+            f"Test ({test['n']} {items}): AUC {_interval(test['auc'])}, accuracy {_interval(test['accuracy'])} "
+            f"(95% intervals: bootstrap over {items} for AUC, Wilson for accuracy).",
             "",
         ]
         if predictions.shape[1] == 2 and len(set(data.labels.tolist())) == 2:

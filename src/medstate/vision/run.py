@@ -1,13 +1,16 @@
-"""Training runs for image classification and segmentation: one YAML (data, model, train), one run directory.
+"""Training runs for image classification, segmentation and bag classification (multiple-instance learning): one
+YAML (data, model, train), one run directory.
 
-    data:  {format: medmnist | folder, path: ..., foreground_only: false, normalize: unit | zscore}
-    model: {kind: vision-mamba | resnet18 | umamba | unet | swinunetr, num_classes: ..., ...}
+    data:  {format: medmnist | folder | bags, path: ..., foreground_only: false, normalize: unit | zscore}
+    model: {kind: vision-mamba | resnet18 | umamba | unet | swinunetr | mil, num_classes: ..., ...}
     train: {epochs, batch_size, lr, ...}
 
 Classification follows the MedMNIST v2 protocol by default (Adam, lr 1e-3 divided by 10 at epochs 50 and 75 of
 100, batch 128, the checkpoint with the best validation AUC is tested). Segmentation trains on random patches (a
 third of them centred on foreground, as nnU-Net samples), flips as augmentation, Dice + cross-entropy loss, a fixed
-number of steps; it predicts whole images with MONAI's sliding-window inference (Gaussian weighting).
+number of steps; it predicts whole images with MONAI's sliding-window inference (Gaussian weighting). Bags (MambaMIL,
+`format: bags`) train as classification does; a batch is `batch_size` bags, each run through the model alone, as
+their sizes differ.
 
 The run directory: config.yaml, model/ (safetensors), metrics.json (with the backend that ran), predictions and
 report.md with pictures (`medstate.vision.report`)."""
@@ -32,8 +35,18 @@ from medstate.eval.metrics import auroc, bootstrap, wilson_interval
 from medstate.loading import expect_mapping, from_data, read_yaml
 from medstate.train.loop import seed_everything
 from medstate.vision import imaging_module
-from medstate.vision.data import ImageSet, as_channels, read_array, read_folder, read_medmnist, zscore
+from medstate.vision.data import (
+    ImageSet,
+    as_channels,
+    read_array,
+    read_bag,
+    read_bags,
+    read_folder,
+    read_medmnist,
+    zscore,
+)
 from medstate.vision.metrics import dice, hausdorff95, instance_f1
+from medstate.vision.mil import BagPredictions
 from medstate.vision.models import (
     ModelSpec,
     backend_of,
@@ -51,13 +64,13 @@ Progress = Callable[[int, int, float], None]
 @dataclass
 class DataConfig:
     path: str
-    format: str = "folder"  # medmnist | folder
+    format: str = "folder"  # medmnist | folder | bags
     foreground_only: bool = False  # segmentation: every non-zero label is class 1 (instance masks)
     normalize: str = "unit"  # unit: as read (MedMNIST: /255); zscore: per image and channel
 
     def __post_init__(self) -> None:
-        if self.format not in ("medmnist", "folder"):
-            raise MedstateError(f"data.format must be medmnist or folder, got {self.format!r}")
+        if self.format not in ("medmnist", "folder", "bags"):
+            raise MedstateError(f"data.format must be medmnist, folder or bags, got {self.format!r}")
         if self.normalize not in ("unit", "zscore"):
             raise MedstateError(f"data.normalize must be unit or zscore, got {self.normalize!r}")
 
@@ -92,8 +105,10 @@ def run_config(data: Any, where: str) -> RunConfig:
     spec = model_spec(data.pop("model"), f"{where}: model")
     config = from_data(RunConfig, {**data, "model": {}}, where)
     config.model = spec
-    if spec.task not in ("classification", "segmentation"):
-        raise MedstateError(f"{where}: model kind {spec.kind} is not trained by `vision train`")
+    if (spec.task == "bags") != (config.data.format == "bags"):
+        raise MedstateError(f"{where}: data.format bags goes with model kind mil, and only with it")
+    if spec.task == "bags" and config.data.normalize != "unit":
+        raise MedstateError(f"{where}: data.normalize applies to images; bags are read as stored")
     return config
 
 
@@ -116,6 +131,8 @@ def config_dict(config: RunConfig) -> dict:
 
 
 def load_data(config: DataConfig, task: str) -> dict[str, ImageSet]:
+    if config.format == "bags":
+        return read_bags(config.path)
     splits = read_medmnist(config.path) if config.format == "medmnist" else read_folder(config.path, task)
     for split in splits.values():
         if config.normalize == "zscore":
@@ -142,16 +159,42 @@ def _stack(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images))
 
 
+def _bag_forward(model: torch.nn.Module, data: ImageSet, i: int, device: torch.device):
+    """MambaMIL on bag i, with its coordinates when known: (logits [1, K], attention [1, instances])."""
+    coords = None if data.coords is None or data.coords[i] is None else torch.from_numpy(data.coords[i])[None]
+    return model(torch.from_numpy(data.images[i])[None].to(device), None if coords is None else coords.to(device))
+
+
+def class_logits(model: torch.nn.Module, data: ImageSet, indices, device: torch.device) -> torch.Tensor:
+    """Logits [len(indices), K] of some items of a split: images as one batch; bags one at a time (they differ in
+    size)."""
+    if not data.bags:
+        return model(_stack([data.images[i] for i in indices]).to(device))
+    return torch.cat([_bag_forward(model, data, i, device)[0] for i in indices])
+
+
 @torch.no_grad()
-def predict_classes(model: torch.nn.Module, images: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+def predict_classes(model: torch.nn.Module, data: ImageSet, batch_size: int = 256) -> np.ndarray:
     """Class probabilities [N, K]."""
     model.eval()
     device = next(model.parameters()).device
     out = [
-        torch.softmax(model(_stack(images[i : i + batch_size]).to(device)).float(), dim=1).cpu()
-        for i in range(0, len(images), batch_size)
+        torch.softmax(class_logits(model, data, range(i, min(i + batch_size, len(data))), device).float(), 1).cpu()
+        for i in range(0, len(data), batch_size)
     ]
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def predict_bags(model: torch.nn.Module, data: ImageSet) -> BagPredictions:
+    model.eval()
+    device = next(model.parameters()).device
+    probabilities, attention = [], []
+    for i in range(len(data)):
+        logits, weights = _bag_forward(model, data, i, device)
+        probabilities.append(torch.softmax(logits.float(), dim=1).cpu())
+        attention.append(weights[0].float().cpu().numpy())
+    return BagPredictions(torch.cat(probabilities).numpy(), attention)
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, n_bootstrap: int, seed: int = 0) -> dict:
@@ -180,7 +223,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, n_boot
 
 def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: Progress | None):
     data = splits["train"]
-    images, labels = _stack(data.images), torch.from_numpy(data.labels)
+    labels = torch.from_numpy(data.labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = -(-len(labels) // train.batch_size)
     total = train.epochs * steps_per_epoch
@@ -195,7 +238,7 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
         for i in range(0, len(labels), train.batch_size):
             batch = order[i : i + train.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
+            loss = F.cross_entropy(class_logits(model, data, batch.tolist(), device), labels[batch].to(device))
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -205,7 +248,7 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
         scheduler.step()
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if selection is not None:
-            probabilities = predict_classes(model, selection.images)
+            probabilities = predict_classes(model, selection)
             entry["val_loss"] = float(
                 F.nll_loss(
                     torch.log(torch.from_numpy(probabilities).clamp_min(1e-12)), torch.from_numpy(selection.labels)
@@ -333,8 +376,11 @@ def _fit_segmenter(model, spec, splits, train: TrainConfig, device, progress: Pr
 
 def evaluate_model(model, spec: ModelSpec, data: ImageSet, train: TrainConfig) -> tuple[dict, Any]:
     """(metrics, predictions) of a model on one split: class probabilities [N, K] or label masks."""
+    if spec.task == "bags":
+        bags = predict_bags(model, data)
+        return classification_metrics(data.labels, bags.probabilities, train.bootstrap, train.seed), bags
     if spec.task == "classification":
-        probabilities = predict_classes(model, data.images)
+        probabilities = predict_classes(model, data)
         return classification_metrics(data.labels, probabilities, train.bootstrap, train.seed), probabilities
     masks = [
         predict_mask(model, image, tuple(train.patch_size), train.sw_overlap).argmax(0).astype(np.int64)
@@ -383,27 +429,35 @@ def evaluate_saved(model_dir: str | Path, config: RunConfig, split: str, out_dir
     return metrics
 
 
-def predict_files(model_dir: str | Path, files: list[Path], out_dir: str | Path) -> Path:
-    """New images → predictions.csv (classification) or one mask per image (segmentation) in `out_dir`."""
-    from medstate.vision.report import write_predictions
-
-    model, spec, inference = load_model(model_dir)
-    model.to(_device())
-    names, images, spacing = [], [], []
+def _read_inputs(files: list[Path], task: str, inference: dict) -> ImageSet:
+    """Files given to `predict`: images or volumes, normalised as in training; or bags with their coordinates."""
+    names = [Path(path).name for path in files]
+    if task == "bags":
+        bags, coords = zip(*(read_bag(Path(path)) for path in files)) if files else ((), ())
+        return ImageSet(names, list(bags), bags=True, coords=list(coords))
+    images, spacing = [], []
     for path in files:
         array, zooms = read_array(Path(path))
         image = as_channels(array, Path(path))
         images.append(zscore(image) if inference.get("normalize") == "zscore" else image)
-        names.append(Path(path).name)
         spacing.append(zooms or (1.0,) * (image.ndim - 1))
-    data = ImageSet(names, images, spacing=spacing)
-    if spec.task == "classification":
-        predictions = predict_classes(model, images)
-        data.labels = np.full(len(names), -1)
-    else:
-        patch = tuple(inference.get("patch_size") or images[0].shape[1:])
+    return ImageSet(names, images, spacing=spacing)
+
+
+def predict_files(model_dir: str | Path, files: list[Path], out_dir: str | Path) -> Path:
+    """New images (or bags) → predictions.csv (classification) or one mask per image (segmentation) in `out_dir`."""
+    from medstate.vision.report import write_predictions
+
+    model, spec, inference = load_model(model_dir)
+    model.to(_device())
+    data = _read_inputs(files, spec.task, inference)
+    if spec.task == "segmentation":
+        patch = tuple(inference.get("patch_size") or data.images[0].shape[1:])
         overlap = float(inference.get("sw_overlap", 0.5))
-        predictions = [predict_mask(model, image, patch, overlap).argmax(0) for image in images]
+        predictions = [predict_mask(model, image, patch, overlap).argmax(0) for image in data.images]
+    else:
+        predictions = predict_bags(model, data) if data.bags else predict_classes(model, data)
+        data.labels = np.full(len(data), -1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_predictions(out_dir, spec, data, predictions)
@@ -429,7 +483,7 @@ def fit(
         require_kernels(model, device)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
     started = time.perf_counter()
-    fitter = _fit_classifier if spec.task == "classification" else _fit_segmenter
+    fitter = _fit_segmenter if spec.task == "segmentation" else _fit_classifier
     history, selection = fitter(model, spec, splits, config.train, device, progress)
     seconds = time.perf_counter() - started
     save_model(model, spec, run_dir / "model", inference_settings(config))
