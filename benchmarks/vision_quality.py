@@ -7,7 +7,7 @@ worker process with one thread (two workers by default: the two cores). A finish
 `--out`, same settings) is read back, not rerun, so an interrupted study resumes. `--only` and `--models` rerun a
 part: the recorded results of the models not run are kept from results/vision_quality.json.
 
-    python benchmarks/vision_quality.py                      # ~140 min on 2 cores → results/vision_quality.md
+    python benchmarks/vision_quality.py                      # ~145 min on 2 cores → results/vision_quality.md
     python benchmarks/vision_quality.py --only nuclei,brain  # some studies
     python benchmarks/vision_quality.py --models breastmnist-mamba-stem  # some models (config names)
     python benchmarks/vision_quality.py --quick              # 1 seed, a few steps, nothing written to results/

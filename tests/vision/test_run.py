@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from medstate.cli import app
 from medstate.vision.data import read_folder, read_medmnist
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "imaging"
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data" / "imaging"
 runner = CliRunner()
 
 
@@ -334,3 +335,13 @@ def test_bag_mistakes_are_one_line(tmp_path):
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 2 and "val/bags/slide2.npy: 5 features per instance, other bags have 6" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "data" / "demo" / "vision").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load_and_build(config):
+    from medstate.vision.models import build_model
+    from medstate.vision.run import load_run_config
+
+    settings = load_run_config(config)
+    model = build_model(settings.model)
+    assert sum(p.numel() for p in model.parameters()) > 0
