@@ -345,3 +345,34 @@ def test_shipped_configs_load_and_build(config):
     settings = load_run_config(config)
     model = build_model(settings.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_patch_sampler_crops_and_flips_image_and_mask_together(dims):
+    from medstate.vision.run import patch_sampler
+
+    size, shape = ((8, 6), (20, 5)) if dims == 2 else ((6, 4, 4), (12, 3, 9))  # one axis shorter: padded
+    mask = np.zeros(shape, np.int64)
+    mask[(slice(-3, None),) + (slice(0, 2),) * (dims - 1)] = 1  # a small foreground block in a corner
+    code = np.arange(1, mask.size + 1, dtype=np.float32).reshape(shape)  # every voxel's own number, 0 = padding
+    image = np.stack([mask.astype(np.float32), code])
+    flipped = [0] * dims
+    with_foreground = []
+    for fraction in (1.0, 0.0):
+        sample = patch_sampler(size, fraction, seed=0)
+        for _ in range(40):
+            patch, patch_mask = sample(image, mask)
+            assert patch.shape == (2, *size) and patch_mask.shape == size
+            assert np.array_equal(patch[0], patch_mask)  # same crop, same flips
+            real = patch[1] > 0
+            # the voxels' own numbers: every label in the patch is the label at that voxel of the input
+            assert np.array_equal(mask.reshape(-1)[patch[1][real].astype(int) - 1], patch_mask[real])
+            for axis in range(dims):  # numbers fall along an axis where the patch was flipped
+                n = size[axis]
+                both = real.take(range(1, n), axis) & real.take(range(n - 1), axis)
+                steps = np.diff(patch[1], axis=axis)[both]
+                flipped[axis] += bool(steps.size) and steps.max() < 0
+            with_foreground.append((fraction, bool(patch_mask.any())))
+    assert all(has for fraction, has in with_foreground if fraction == 1.0)
+    assert sum(has for fraction, has in with_foreground if fraction == 0.0) < 20
+    assert all(count > 0 for count in flipped)

@@ -7,10 +7,10 @@ YAML (data, model, train), one run directory.
 
 Classification follows the MedMNIST v2 protocol by default (Adam, lr 1e-3 divided by 10 at epochs 50 and 75 of
 100, batch 128, the checkpoint with the best validation AUC is tested). Segmentation trains on random patches (a
-third of them centred on foreground, as nnU-Net samples), flips as augmentation, Dice + cross-entropy loss, a fixed
-number of steps; it predicts whole images with MONAI's sliding-window inference (Gaussian weighting). Bags (MambaMIL,
-`format: bags`) train as classification does; a batch is `batch_size` bags, each run through the model alone, as
-their sizes differ.
+third of them centred on foreground, as nnU-Net samples) and flips, both by MONAI transforms, with Dice +
+cross-entropy loss for a fixed number of steps; it predicts whole images with MONAI's sliding-window inference
+(Gaussian weighting). Bags (MambaMIL, `format: bags`) train as classification does; a batch is `batch_size` bags,
+each run through the model alone, as their sizes differ.
 
 The run directory: config.yaml, model/ (safetensors), metrics.json (with the backend that ran), predictions and
 report.md with pictures (`medstate.vision.report`)."""
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,25 +269,31 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
 # ----- segmentation ---------------------------------------------------------------------------------
 
 
-def _pad_to(array: np.ndarray, size: tuple[int, ...], value: float = 0) -> np.ndarray:
-    pads = [(0, 0)] * (array.ndim - len(size)) + [(0, max(0, s - a)) for a, s in zip(array.shape[-len(size) :], size)]
-    return np.pad(array, pads, constant_values=value)
+def patch_sampler(size: tuple[int, ...], foreground_fraction: float, seed: int):
+    """MONAI transforms for a training patch: pad to the patch size, crop a patch centred on a foreground voxel
+    with probability `foreground_fraction` (nnU-Net's oversampling; otherwise on a background voxel), flip each axis
+    with probability 1/2. Returns sample(image [C, *S], mask [*S]) → (image patch, mask patch), the same crop and
+    flips for both."""
+    transforms = imaging_module("monai.transforms")
+    keys = ["image", "mask"]
+    compose = transforms.Compose(
+        [
+            transforms.SpatialPadd(keys, spatial_size=size),
+            transforms.RandCropByPosNegLabeld(
+                keys, "mask", size, pos=foreground_fraction, neg=1 - foreground_fraction, num_samples=1
+            ),
+            *(transforms.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(len(size))),
+        ]
+    )
+    compose.set_random_state(seed=seed)
 
+    def sample(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with warnings.catch_warnings():  # an image without foreground: the crop is centred on background
+            warnings.filterwarnings("ignore", message="Num foregrounds 0")
+            patch = compose({"image": image, "mask": mask[None]})[0]
+        return np.asarray(patch["image"]), np.asarray(patch["mask"][0])
 
-def _patch(image: np.ndarray, mask: np.ndarray, size: tuple[int, ...], rng, foreground: bool):
-    image, mask = _pad_to(image, size), _pad_to(mask, size)
-    shape = mask.shape
-    if foreground and mask.any():
-        centre = np.argwhere(mask > 0)[rng.integers(0, int((mask > 0).sum()))]
-        start = [int(np.clip(c - s // 2, 0, d - s)) for c, s, d in zip(centre, size, shape)]
-    else:
-        start = [int(rng.integers(0, d - s + 1)) for s, d in zip(size, shape)]
-    region = tuple(slice(a, a + s) for a, s in zip(start, size))
-    image, mask = image[(slice(None), *region)], mask[region]
-    for axis in range(len(size)):  # random flips
-        if rng.random() < 0.5:
-            image, mask = np.flip(image, axis + 1), np.flip(mask, axis)
-    return np.ascontiguousarray(image), np.ascontiguousarray(mask)
+    return sample
 
 
 def _dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -346,15 +353,14 @@ def _fit_segmenter(model, spec, splits, train: TrainConfig, device, progress: Pr
     if len(size) != data.images[0].ndim - 1:
         raise MedstateError(f"train.patch_size {list(size)} does not match the images' {data.images[0].ndim - 1} axes")
     rng = np.random.default_rng(train.seed)
+    sample = patch_sampler(size, train.foreground_fraction, train.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     scheduler = _schedule(optimizer, train.steps, train.milestones)
     history, window = [], []
     model.train()
     for step in range(1, train.steps + 1):
         picks = rng.integers(0, len(data), train.batch_size)
-        pairs = [
-            _patch(data.images[i], data.masks[i], size, rng, rng.random() < train.foreground_fraction) for i in picks
-        ]
+        pairs = [sample(data.images[i], data.masks[i]) for i in picks]
         images = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device)
         masks = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)
         optimizer.zero_grad(set_to_none=True)
