@@ -4,8 +4,9 @@
 Each run is `medstate.vision.run.fit` on a config of `data/demo/vision/` with the budget below (the configs hold the
 full protocols; the budget shortens them to what 2 CPU cores allow in a session, and says so in the table), in a
 worker process with one thread (two workers by default: the two cores). A finished run (its metrics.json under
-`--out`, same settings) is read back, not rerun, so an interrupted study resumes. `--only` and `--models` rerun a
-part: the recorded results of the models not run are kept from results/vision_quality.json.
+`--out`, same settings) is read back, not rerun, so an interrupted study resumes; after a change to the code,
+not the configs, delete `--out` to rerun. `--only` and `--models` rerun a part: the recorded results of the models
+not run are kept from results/vision_quality.json.
 
     python benchmarks/vision_quality.py                      # ~145 min on 2 cores → results/vision_quality.md
     python benchmarks/vision_quality.py --only nuclei,brain  # some studies
