@@ -51,17 +51,22 @@ train: {{epochs: 3, batch_size: 8, lr: 0.003, bootstrap: 50}}
 """
 
 
-def test_classification_run_is_consistent_with_its_predictions(tmp_path):
-    _classification_folder(tmp_path / "data")
+def _train(tmp_path: Path, config_text: str):
+    """`vision train` on a config written here → (run directory, metrics.json, predictions.csv rows)."""
     config = tmp_path / "run.yaml"
-    config.write_text(CLASSIFIER.format(path=tmp_path / "data"))
+    config.write_text(config_text)
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    return run, json.loads((run / "metrics.json").read_text()), rows
+
+
+def test_classification_run_is_consistent_with_its_predictions(tmp_path):
+    _classification_folder(tmp_path / "data")
+    run, metrics, rows = _train(tmp_path, CLASSIFIER.format(path=tmp_path / "data"))
     assert metrics["backend"] == "torch" and metrics["device"] == "cpu"
     assert len(metrics["history"]) == 3 and 1 <= metrics["selected_epoch"] <= 3
-    rows = list(csv.DictReader((run / "predictions.csv").open()))
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["p1"]) for r in rows])
     assert metrics["test"]["n"] == 12
@@ -275,14 +280,8 @@ train: {{epochs: 12, batch_size: 4, lr: 0.003, bootstrap: 50}}
 
 def test_bag_classification_run_learns_and_is_consistent_with_its_predictions(tmp_path):
     _bag_folder(tmp_path / "data")
-    config = tmp_path / "run.yaml"
-    config.write_text(MIL.format(path=tmp_path / "data"))
-    result = _invoke("vision", "train", config, tmp_path / "run")
-    assert result.exit_code == 0, result.output
-    run = tmp_path / "run"
-    metrics = json.loads((run / "metrics.json").read_text())
+    run, metrics, rows = _train(tmp_path, MIL.format(path=tmp_path / "data"))
     assert metrics["task"] == "bags" and metrics["backend"] == "torch" and metrics["test"]["n"] == 16
-    rows = list(csv.DictReader((run / "predictions.csv").open()))
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["p1"]) for r in rows])
     assert metrics["test"]["auc"]["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
