@@ -248,8 +248,9 @@ def _bag_folder(root: Path, with_coords=("train", "test")) -> None:
     by 4 (the "tumour" patches), a negative bag none: learnable only by looking at single instances."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 40), ("val", 10), ("test", 16)):
-        for sub in ("bags", "coords"):
-            (root / split / sub).mkdir(parents=True)
+        (root / split / "bags").mkdir(parents=True)
+        if split in with_coords:
+            (root / split / "coords").mkdir()
         rows = []
         for i in range(count):
             label = i % 2
@@ -264,7 +265,11 @@ def _bag_folder(root: Path, with_coords=("train", "test")) -> None:
             else:
                 np.save(root / split / "bags" / name, bag)
             if split in with_coords:
-                np.save(root / split / "coords" / name.replace(".pt", ".npy"), np.stack([cells // 5, cells % 5], 1))
+                grid = np.stack([cells // 5, cells % 5], 1)
+                if name.endswith(".pt"):  # coordinates: a file of the bag's own name
+                    torch.save(torch.from_numpy(grid), root / split / "coords" / name)
+                else:
+                    np.save(root / split / "coords" / name, grid)
             rows.append((name, label))
         with (root / split / "labels.csv").open("w", newline="") as handle:
             csv.writer(handle).writerows([("bag", "label"), *rows])
@@ -326,6 +331,7 @@ def test_bag_mistakes_are_one_line(tmp_path):
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 2 and "bags are read as stored" in result.output
     config.write_text(MIL.format(path=tmp_path / "data"))
+    (tmp_path / "data" / "val" / "coords").mkdir()
     np.save(tmp_path / "data" / "val" / "coords" / "slide2.npy", np.zeros((3, 2), np.int64))
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 2 and "val/coords/slide2.npy: expected integer coordinates" in result.output
@@ -333,6 +339,11 @@ def test_bag_mistakes_are_one_line(tmp_path):
     np.save(tmp_path / "data" / "val" / "bags" / "slide2.npy", np.zeros((1, 5), np.float32))
     result = _invoke("vision", "train", config, tmp_path / "run")
     assert result.exit_code == 2 and "val/bags/slide2.npy: 5 features per instance, other bags have 6" in result.output
+    _bag_folder(tmp_path / "other")
+    (tmp_path / "other" / "test" / "coords" / "slide2.npy").unlink()  # coordinates for some bags only
+    config.write_text(MIL.format(path=tmp_path / "other"))
+    result = _invoke("vision", "train", config, tmp_path / "run")
+    assert result.exit_code == 2 and "test/coords has no coordinates for slide2.npy (1 bags)" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

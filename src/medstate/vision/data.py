@@ -233,6 +233,9 @@ def read_bags(root: str | Path) -> dict[str, ImageSet]:
             width = width or bag.shape[1]
             if bag.shape[1] != width:
                 raise MedstateError(f"{path}: {bag.shape[1]} features per instance, other bags have {width}")
+        missing = [p.name for p, c in zip(files, coords) if c is None]
+        if (folder / "coords").is_dir() and missing:
+            raise MedstateError(f"{folder / 'coords'} has no coordinates for {missing[0]} ({len(missing)} bags)")
         labels_path = folder / "labels.csv"
         if not labels_path.is_file():
             raise MedstateError(f"{folder} has no labels.csv (columns bag,label)")
