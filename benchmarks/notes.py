@@ -80,7 +80,7 @@ def _checkpoint(sizes: dict, vocab: int, directory: Path) -> None:
 
 def scoring(spec: dict) -> dict:
     """13 criterion scores on one document: branched or re-encoded (medstate), or one HF forward per prompt."""
-    from medstate.text.classify import (
+    from medstate.text.notes.classify import (
         QUESTION_TEMPLATE,
         Criterion,
         answer_ids,

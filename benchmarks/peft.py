@@ -59,8 +59,8 @@ def train_steps(spec: dict) -> dict:
             return model(input_ids=ids, labels=ids).loss
     else:
         from medstate.ssm import load_pretrained
+        from medstate.ssm.lora import LoraSettings, add_lora
         from medstate.ssm.prune import keep_indices, prune_layers
-        from medstate.train.lora import LoraSettings, add_lora
 
         model = load_pretrained(spec["checkpoint"]).train()
         if spec.get("keep"):
@@ -89,11 +89,11 @@ def quality(spec: dict) -> dict:
     """Full SFT vs prune-then-LoRA SFT of the demo model on ACI-Bench notes and MedQuAD answers; paired ROUGE."""
     import dataclasses
 
+    from medstate.ssm.lora import LoraSettings
+    from medstate.text.biomed.sft import SFTConfig, finetune
     from medstate.text.corpora import read_corpus_list
-    from medstate.text.pruning import prune_checkpoint
     from medstate.text.rouge import paired_rouge_difference
-    from medstate.text.sft import SFTConfig, finetune
-    from medstate.train.lora import LoraSettings
+    from medstate.text.summarise.pruning import prune_checkpoint
 
     work = Path(spec["work"])
     calibration = read_corpus_list(ROOT / "data/demo/text/heldout.yaml")[:1]

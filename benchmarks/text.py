@@ -72,7 +72,7 @@ def _model(spec: dict, vocab: int):
 
 
 def _trainer(model, batches, spec, **train):
-    from medstate.text.pretrain import language_model_loss
+    from medstate.text.runs import language_model_loss
     from medstate.train.loop import TrainConfig, Trainer
 
     config = TrainConfig(max_steps=10_000, lr=1e-4, warmup_steps=0, schedule="constant", **train)
@@ -84,8 +84,8 @@ def _trainer(model, batches, spec, **train):
 
 def layout(spec: dict) -> dict:
     """Training steps on rows of the demo mix in one layout: real tokens per second."""
+    from medstate.text.biomed.pretrain import RowBatches
     from medstate.text.mixing import MixedStream
-    from medstate.text.pretrain import RowBatches
     from medstate.text.tokenizer import padded_vocab_size
 
     torch.set_flush_denormal(True)
@@ -196,7 +196,7 @@ def gemm_floor(spec: dict) -> dict:
 
 
 def pubmedqa(spec: dict) -> dict:
-    from medstate.text.pubmedqa import LABELS, load_pubmedqa, prompt_of
+    from medstate.text.biomed.pubmedqa import LABELS, load_pubmedqa, prompt_of
 
     torch.set_flush_denormal(True)
     tokenizer = _tokenizer()
@@ -243,8 +243,8 @@ def ddp(spec: dict) -> dict:
 
 
 def ddp_worker(spec: dict) -> None:
+    from medstate.text.biomed.pretrain import RowBatches
     from medstate.text.mixing import MixedStream
-    from medstate.text.pretrain import RowBatches
     from medstate.text.tokenizer import padded_vocab_size
     from medstate.train.distributed import all_reduce_sum
 

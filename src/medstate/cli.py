@@ -70,7 +70,7 @@ def _summary(title: str, rows: dict) -> None:
 @ssm_app.command("info")
 def ssm_info(checkpoint: Annotated[Path, typer.Argument(help="checkpoint directory (HF or mamba_ssm layout)")]) -> None:
     """Describe a local checkpoint: architecture, parameter count, layout."""
-    from medstate.ssm.checkpoint import load_pretrained
+    from medstate.ssm.model import load_pretrained
 
     model = load_pretrained(checkpoint)
     config = model.config
@@ -85,7 +85,7 @@ def ssm_convert(
     destination: Annotated[Path, typer.Argument(help="output directory (HF layout, safetensors)")],
 ) -> None:
     """Rewrite a checkpoint in the Hugging Face layout with safetensors (loads in transformers)."""
-    from medstate.ssm.checkpoint import load_pretrained
+    from medstate.ssm.model import load_pretrained
 
     model = load_pretrained(source)
     model.save_pretrained(destination)
@@ -106,7 +106,7 @@ def ssm_generate(
     """Continue a prompt: one prefill, then one constant-cost step per token."""
     import torch
 
-    from medstate.ssm.checkpoint import load_pretrained
+    from medstate.ssm.model import load_pretrained
 
     encoder = None
     if prompt:
@@ -470,8 +470,8 @@ def ehr_finetune(
     """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model. With --lora the
     run's checkpoints are adapters (PEFT's format, naming --init); `medstate ehr merge` folds them in."""
     from medstate.ehr.training import finetune, start_model
+    from medstate.ssm.lora import LoraSettings
     from medstate.train.loop import seed_everything
-    from medstate.train.lora import LoraSettings
 
     seed_everything(seed)
     targets = parse_list(lora_targets, str, "--lora-targets") if lora_targets else []
@@ -711,7 +711,7 @@ def text_pretrain(
     init: Annotated[Path | None, typer.Option(help="override init: the checkpoint to continue from")] = None,
 ) -> None:
     """Continued pretraining (or from scratch) on a weighted mix of corpora, held-out text kept out."""
-    from medstate.text.pretrain import PretrainConfig, pretrain
+    from medstate.text.biomed.pretrain import PretrainConfig, pretrain
     from medstate.train.distributed import world
 
     settings = _overridden(PretrainConfig.read(config), max_steps, seed, init)
@@ -748,10 +748,10 @@ def text_eval(
 ) -> None:
     """Perplexity and bits per byte per corpus (token-weighted, 95% intervals over documents) and PubMedQA accuracy
     and macro-F1 on the official test split, with the majority baseline."""
+    from medstate.text.biomed.pubmedqa import load_pubmedqa, majority_label, score_pubmedqa
     from medstate.text.corpora import read_corpus_list, read_documents
     from medstate.text.evaluate import evaluate_corpora
     from medstate.text.models import load_language_model
-    from medstate.text.pubmedqa import load_pubmedqa, majority_label, score_pubmedqa
     from medstate.text.tokenizer import TextTokenizer
 
     if corpora is None and pubmedqa is None:
@@ -808,11 +808,11 @@ def text_notes(
     import datetime as dt
     import warnings
 
-    from medstate.text.cohort import DEFAULT_SPLITS
-    from medstate.text.notes import build_documents, read_notes, unusable_notes, write_documents
+    from medstate.text.notes.documents import build_documents, read_notes, unusable_notes, write_documents
+    from medstate.text.notes.splits import DEFAULT_SPLITS
 
     if n2c2_test is not None:
-        from medstate.text.cohort import write_n2c2_cohort
+        from medstate.text.notes.cohort import write_n2c2_cohort
 
         folder = write_n2c2_cohort(source, n2c2_test, out)
         _summary(
@@ -820,7 +820,7 @@ def text_notes(
         )
         return
     if cohort is not None:
-        from medstate.text.cohort import CohortConfig, write_cohort
+        from medstate.text.notes.cohort import CohortConfig, write_cohort
 
         settings = CohortConfig.read(cohort)
         if source.resolve() != Path(settings.meds).resolve():
@@ -850,7 +850,7 @@ def text_coding(
     top: Annotated[int, typer.Option(min=1, help="the most frequent training concepts to code")] = 20,
 ) -> None:
     """ICD-coding-style labels on the NCBI disease corpus's official split, for `text classify`."""
-    from medstate.text.coding import write_ncbi_disease
+    from medstate.text.notes.coding import write_ncbi_disease
 
     folder = write_ncbi_disease(folder, out, top)
     _summary(f"coding: {folder}", {"dataset": str(folder / "dataset.jsonl"), "criteria": str(folder / "criteria.yaml")})
@@ -870,7 +870,7 @@ def text_classify(
 ) -> None:
     """Prompt-based multi-label classification: answer-slot finetuning with state branching, thresholds and checkpoint
     from the tuning split, the test split scored once (metrics.json, predictions.parquet, report.md)."""
-    from medstate.text.classify_run import ClassifyConfig, run_baseline, run_classification
+    from medstate.text.notes.classify_run import ClassifyConfig, run_baseline, run_classification
     from medstate.train.distributed import world
 
     settings = _overridden(ClassifyConfig.read(config), max_steps, seed, init)
@@ -904,9 +904,9 @@ def text_sft(
     With LoRA, run_dir/adapter holds the adapters (PEFT's format) and run_dir/model the merged model."""
     import dataclasses
 
-    from medstate.text.sft import SFTConfig, finetune
+    from medstate.ssm.lora import LoraSettings
+    from medstate.text.biomed.sft import SFTConfig, finetune
     from medstate.train.distributed import world
-    from medstate.train.lora import LoraSettings
 
     settings = _overridden(SFTConfig.read(config), max_steps, seed, init)
     if lora and settings.lora is None:
@@ -946,7 +946,7 @@ def text_prune(
 ) -> None:
     """Remove whole blocks: an ordinary checkpoint (HF transformers loads it), with prune.json."""
     from medstate.text.corpora import read_corpus_list
-    from medstate.text.pruning import prune_checkpoint
+    from medstate.text.summarise.pruning import prune_checkpoint
 
     sources = read_corpus_list(calibration) if calibration is not None else None
     report = prune_checkpoint(model_dir, out, keep, drop, sources, tokens, length)

@@ -15,7 +15,7 @@ from medstate.cli import app
 from medstate.ehr.batching import collate
 from medstate.ehr.model import EhrMamba
 from medstate.ehr.training import load_model, predict
-from medstate.train.lora import LoraSettings, add_lora
+from medstate.ssm.lora import LoraSettings, add_lora
 
 pytest.importorskip("peft")
 

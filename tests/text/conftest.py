@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
+from medstate.text.biomed.pretrain import PretrainConfig
 from medstate.text.corpora import CorpusSource
-from medstate.text.pretrain import PretrainConfig
 from medstate.text.tokenizer import padded_vocab_size, train_bpe
 from medstate.train.loop import TrainConfig
 

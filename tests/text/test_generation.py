@@ -12,10 +12,11 @@ from rouge_score import rouge_scorer
 
 from medstate import MedstateError
 from medstate.ssm import MambaLM, SSMConfig
+from medstate.text.biomed.sft import SFTConfig, SFTTask, _rows, encode_example, finetune, task_examples
+from medstate.text.examples import Example
 from medstate.text.generate import generate_texts
 from medstate.text.packing import IGNORE, collate
 from medstate.text.rouge import rouge, rouge_per_document
-from medstate.text.sft import Example, SFTConfig, SFTTask, _rows, encode_example, finetune, task_examples
 from medstate.text.tokenizer import padded_vocab_size
 from medstate.train.loop import TrainConfig
 
@@ -126,7 +127,7 @@ def test_rouge_equals_rouge_score_on_aci_bench(shared_data):
 
 
 def test_medquad_pairs(shared_data, tmp_path):
-    from medstate.text.sft import medquad_pairs
+    from medstate.text.biomed.sft import medquad_pairs
 
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "1.xml").write_text(

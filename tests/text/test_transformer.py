@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from medstate import MedstateError
-from medstate.text.classify import Criterion, branched_slot_logits, document_budget, question_ids
 from medstate.text.models import load_language_model
+from medstate.text.notes.classify import Criterion, branched_slot_logits, document_budget, question_ids
 from medstate.text.transformer import TransformerLM, TransformerSizes
 
 transformers = pytest.importorskip("transformers")
@@ -75,9 +75,9 @@ def test_learned_positions_bound_the_input(saved, small_tokenizer):
 
 
 def test_pretraining_a_transformer_with_the_same_recipe(pretrain_config, small_tokenizer, tmp_path):
+    from medstate.text.biomed.pretrain import pretrain
     from medstate.text.corpora import read_documents
     from medstate.text.evaluate import score_documents
-    from medstate.text.pretrain import pretrain
     from medstate.train.param_groups import depth
 
     config = pretrain_config(max_steps=4, eval_every=2, save_every=2)

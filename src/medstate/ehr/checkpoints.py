@@ -37,7 +37,7 @@ class CheckpointMixin:
     CONFIG_CLASS: type
 
     def save_pretrained(self, directory: str | Path) -> None:
-        from medstate.train.lora import has_lora, save_adapter
+        from medstate.ssm.lora import has_lora, save_adapter
 
         if has_lora(self):
             save_adapter(self, directory)
@@ -50,7 +50,7 @@ class CheckpointMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path):
-        from medstate.train.lora import is_adapter, load_adapter
+        from medstate.ssm.lora import is_adapter, load_adapter
 
         directory = Path(directory)
         if is_adapter(directory):

@@ -26,9 +26,9 @@ from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.loading import expect_mapping, read_json, read_yaml
-from medstate.train import lora as lora_adapters
+from medstate.ssm import lora as lora_adapters
+from medstate.ssm.lora import LoraSettings, add_lora, has_lora, is_adapter, load_adapter
 from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step
-from medstate.train.lora import LoraSettings, add_lora, has_lora, is_adapter, load_adapter
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
 

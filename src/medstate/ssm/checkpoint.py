@@ -7,6 +7,9 @@ Reads
     pytorch_model.bin (e.g. state-spaces/mamba2-130m).
 Writes the Hugging Face layout (config.json + model.safetensors) that transformers loads back.
 Pickled weights are only read with torch.load(weights_only=True): no arbitrary objects are unpickled.
+
+Plain tensors and configs only: no model is built here (as in mamba-ssm's checkpoint helpers); `ssm.model`'s
+`load_pretrained` / `save_pretrained` build and take the model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from medstate.errors import MedstateError
 from medstate.loading import expect_mapping, read_json
 from medstate.ssm.config import SSMConfig
-from medstate.ssm.model import MambaLM
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -80,7 +82,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise MedstateError(f"{directory} has no weights (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map HF base-model and mamba_ssm names onto MambaLM's (HF MambaForCausalLM) names."""
     renamed = {}
     has_prefix = any(k.startswith("backbone.") for k in weights)
@@ -92,56 +94,10 @@ def _canonical_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return renamed
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-) -> MambaLM:
-    """Load a local Mamba / Mamba-2 checkpoint directory into a `MambaLM` (eval mode). A LoRA adapter directory
-    (PEFT's format) loads its base model with the adapters on it."""
-    from medstate.train.lora import is_adapter, load_adapter
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise MedstateError(f"checkpoint directory {directory} does not exist")
-    if is_adapter(directory):
-        return load_adapter(directory, lambda base: load_pretrained(base, dtype, device)).eval()
-    config = read_config(directory)
-    weights = _canonical_names(read_weights(directory))
-    embedding = weights.get("backbone.embeddings.weight")
-    if embedding is None:
-        raise MedstateError(f"{directory}: weights have no embedding matrix (backbone.embeddings.weight)")
-    config.vocab_size = embedding.shape[0]
-    if config.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in weights:
-        raise MedstateError(f"{directory}: untied embeddings but no lm_head.weight in the weights")
-    with torch.device("meta"):
-        model = MambaLM(config)
-    incompatible = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [k for k in incompatible.missing_keys if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or incompatible.unexpected_keys:
-        raise MedstateError(
-            f"{directory}: weights do not match the config (missing {missing[:5]}, "
-            f"unexpected {incompatible.unexpected_keys[:5]})"
-        )
-    if config.tie_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def save_pretrained(model: MambaLM, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors in the Hugging Face layout; a model with LoRA adapters writes the
-    adapters (PEFT's format, naming its base model)."""
-    from medstate.train.lora import has_lora, save_adapter
-
-    if has_lora(model):
-        return save_adapter(model, directory)
+def write_checkpoint(directory: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
+    """config.json + model.safetensors in the Hugging Face layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_hf_dict()
-    config["dtype"] = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory

@@ -14,9 +14,8 @@ import torch
 import yaml
 from rich.progress import Progress
 
-from medstate.ssm.checkpoint import load_pretrained
 from medstate.ssm.config import SSMConfig
-from medstate.ssm.model import MambaLM
+from medstate.ssm.model import MambaLM, load_pretrained
 
 
 @dataclass

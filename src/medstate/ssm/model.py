@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medstate.errors import MedstateError
+from medstate.ssm.checkpoint import canonical_names, read_config, read_weights, write_checkpoint
 from medstate.ssm.config import SSMConfig
+from medstate.ssm.lora import has_lora, is_adapter, load_adapter, save_adapter
 from medstate.ssm.loss import fused_linear_cross_entropy
 from medstate.ssm.modules import MambaBlock, RMSNorm
 from medstate.ssm.state import SSMState
@@ -214,15 +216,58 @@ class MambaLM(nn.Module):
 
     # ----- checkpoints ----------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
-        from medstate.ssm.checkpoint import save_pretrained
-
         return save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> MambaLM:
-        from medstate.ssm.checkpoint import load_pretrained
-
         return load_pretrained(path, **kwargs)
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> MambaLM:
+    """Load a local Mamba / Mamba-2 checkpoint directory (`ssm.checkpoint`'s layouts) into a `MambaLM` (eval mode).
+    A LoRA adapter directory (PEFT's format) loads its base model with the adapters on it."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise MedstateError(f"checkpoint directory {directory} does not exist")
+    if is_adapter(directory):
+        return load_adapter(directory, lambda base: load_pretrained(base, dtype, device)).eval()
+    config = read_config(directory)
+    weights = canonical_names(read_weights(directory))
+    embedding = weights.get("backbone.embeddings.weight")
+    if embedding is None:
+        raise MedstateError(f"{directory}: weights have no embedding matrix (backbone.embeddings.weight)")
+    config.vocab_size = embedding.shape[0]
+    if config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        raise MedstateError(f"{directory}: untied embeddings but no lm_head.weight in the weights")
+    with torch.device("meta"):
+        model = MambaLM(config)
+    incompatible = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in incompatible.missing_keys if not (config.tie_embeddings and k == "lm_head.weight")]
+    if missing or incompatible.unexpected_keys:
+        raise MedstateError(
+            f"{directory}: weights do not match the config (missing {missing[:5]}, "
+            f"unexpected {incompatible.unexpected_keys[:5]})"
+        )
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_pretrained(model: MambaLM, directory: str | Path) -> Path:
+    """Write config.json + model.safetensors in the Hugging Face layout; a model with LoRA adapters writes the
+    adapters (PEFT's format, naming its base model)."""
+    if has_lora(model):
+        return save_adapter(model, directory)
+    config = model.config.to_hf_dict()
+    config["dtype"] = str(model.backbone.embeddings.weight.dtype).removeprefix("torch.")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return write_checkpoint(directory, config, state)
 
 
 def sample_next_token(

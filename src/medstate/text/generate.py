@@ -11,6 +11,7 @@ returns the best ended or live continuation. One beam is greedy decoding (it end
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import torch
 from medstate.errors import MedstateError
 from medstate.ssm.model import sample_next_token
 from medstate.text.choices import encode_prompt
+from medstate.text.examples import record_examples
 from medstate.text.packing import left_padded
+from medstate.text.rouge import rouge
 from medstate.text.tokenizer import TextTokenizer
 
 
@@ -155,15 +158,9 @@ def generate_for_records(
 ) -> dict:
     """Outputs for literal `prompts`, or for the records of a file written through `template` (and, with a
     `reference` template, ROUGE against it). `options` go to `generate_texts`."""
-    import dataclasses
-
-    from medstate.text.rouge import rouge
-    from medstate.text.sft import SFTTask, task_examples  # sft imports this module: imported here, when used
-
     references = None
     if records is not None:
-        task = SFTTask("records", "records", str(records), prompt=template, response=reference or "", limit=limit)
-        examples = task_examples(task)
+        examples = record_examples("records", records, template, reference or "")[:limit]
         prompts = [e.prompt for e in examples]
         references = [e.response for e in examples] if reference is not None else None
     outputs = generate_texts(model, tokenizer, list(prompts or []), **options)

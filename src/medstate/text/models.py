@@ -40,8 +40,8 @@ def load_language_model(path: str | Path, device: torch.device | str = "cpu") ->
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """A LoRA adapter directory (PEFT's format) merged into its base model, written as a plain checkpoint in the
     Hugging Face layout with the base model's tokenizer."""
+    from medstate.ssm import lora
     from medstate.text.tokenizer import TextTokenizer
-    from medstate.train import lora
 
     base = lora.merge_adapter(adapter_dir, out_dir, load_pretrained)
     TextTokenizer.load(base).save(Path(out_dir))

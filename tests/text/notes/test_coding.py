@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from medstate import MedstateError
-from medstate.text.classify_run import read_criteria, read_labelled
-from medstate.text.coding import read_pubtator, write_ncbi_disease
+from medstate.text.notes.classify_run import read_criteria, read_labelled
+from medstate.text.notes.coding import read_pubtator, write_ncbi_disease
 
 FIXTURE = (
     "10192393|t|A common human skin tumour is caused by mutations.\n"

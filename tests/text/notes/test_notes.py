@@ -11,8 +11,7 @@ import polars as pl
 import pytest
 
 from medstate import MedstateError
-from medstate.text.cohort import DEFAULT_SPLITS
-from medstate.text.notes import (
+from medstate.text.notes.documents import (
     build_documents,
     read_meds_notes,
     read_mimic3_notes,
@@ -21,6 +20,7 @@ from medstate.text.notes import (
     unusable_notes,
     write_documents,
 )
+from medstate.text.notes.splits import DEFAULT_SPLITS
 from medstate.text.packing import pieces_of
 
 MIMIC3_HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY", "DESCRIPTION",
@@ -169,7 +169,7 @@ def test_chunks_concatenate_back_to_the_document(small_tokenizer):
 
 
 def test_cohort_labels_from_structured_data_at_each_time(synthea_bulk_meds, tmp_path):
-    from medstate.text.cohort import CohortConfig, CohortCriterion, build_cohort
+    from medstate.text.notes.cohort import CohortConfig, CohortCriterion, build_cohort
 
     meds = synthea_bulk_meds.summary.output
     criteria = [
@@ -200,7 +200,7 @@ def test_cohort_labels_from_structured_data_at_each_time(synthea_bulk_meds, tmp_
 
 
 def write_n2c2_patient(folder, name, met):
-    from medstate.text.cohort import N2C2_QUESTIONS
+    from medstate.text.notes.cohort import N2C2_QUESTIONS
 
     tags = "\n".join(f'<{tag} met="{"met" if tag in met else "not met"}" />' for tag in N2C2_QUESTIONS)
     text = f"\nRecord date: 2070-01-0{len(name) % 9 + 1}\n\nPatient {name}: notes.\n"
@@ -211,8 +211,8 @@ def write_n2c2_patient(folder, name, met):
 
 
 def test_n2c2_cohort_keeps_the_official_test_split(tmp_path):
-    from medstate.text.classify_run import read_criteria, read_labelled
-    from medstate.text.cohort import N2C2_QUESTIONS, write_n2c2_cohort
+    from medstate.text.notes.classify_run import read_criteria, read_labelled
+    from medstate.text.notes.cohort import N2C2_QUESTIONS, write_n2c2_cohort
 
     met = {f"p{i}": {"ENGLISH", "HBA1C"} if i % 2 else {"CREATININE"} for i in range(10)}
     for name in [f"p{i}" for i in range(8)]:

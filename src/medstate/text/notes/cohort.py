@@ -34,10 +34,9 @@ import yaml
 
 from medstate.errors import MedstateError
 from medstate.loading import beside, compile_pattern, from_data, read_yaml
-from medstate.text.classify_run import SPLITS, LabelledDocument
-from medstate.text.notes import build_documents, read_meds_notes
+from medstate.text.notes.documents import build_documents, read_meds_notes, read_n2c2_2018
+from medstate.text.notes.splits import DEFAULT_SPLITS, SPLITS, LabelledDocument, assign_splits
 
-DEFAULT_SPLITS = {"train": 0.6, "tuning": 0.2, "test": 0.2}  # shares of patients
 DAYS_PER_YEAR = 365.2425
 
 
@@ -72,18 +71,6 @@ class CohortConfig:
     def read(cls, path: str | Path) -> CohortConfig:
         config = from_data(cls, read_yaml(path, "cohort config"), str(path))
         return dataclasses.replace(config, meds=beside(config.meds, path))
-
-
-def assign_splits(subjects: list[str], shares: dict[str, float], seed: int) -> dict[str, str]:
-    """Subjects in a seeded hash order, cut by the shares (each split gets at least one subject)."""
-    if len(subjects) < len(SPLITS):
-        raise MedstateError(f"{len(subjects)} subjects cannot fill the {len(SPLITS)} splits")
-    order = sorted(subjects, key=lambda s: hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest())
-    total = sum(shares.values())
-    counts = [max(1, round(len(order) * shares[name] / total)) for name in SPLITS[:-1]]
-    counts[0] = min(counts[0], len(order) - counts[1] - 1)
-    bounds = np.cumsum([0, *counts, len(order) - sum(counts)])
-    return {s: name for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]) for s in order[lo:hi]}
 
 
 def _labels(events: pl.DataFrame, births: dict[str, object], criteria: list[CohortCriterion], subject: str, time):
@@ -167,8 +154,6 @@ def write_n2c2_cohort(
 ) -> Path:
     """dataset.jsonl and criteria.yaml from n2c2 2018 track 1's train and test folders: each patient's records as one
     document, its 13 tags as labels; a seeded share `tuning` of the training patients forms the tuning split."""
-    from medstate.text.notes import read_n2c2_2018
-
     out_dir = Path(out_dir)
     patients = {"train": read_n2c2_2018(train), "test": read_n2c2_2018(test)}
     order = sorted(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,24 +33,18 @@ import torch
 from medstate.errors import MedstateError
 from medstate.loading import beside, from_data, read_yaml
 from medstate.ssm import load_pretrained
-from medstate.text.corpora import CorpusSource, read_documents, read_records
+from medstate.ssm.lora import LoraSettings, add_lora
+from medstate.text.biomed.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
+from medstate.text.corpora import CorpusSource, read_documents
+from medstate.text.examples import Example, record_examples
 from medstate.text.generate import generate_texts
 from medstate.text.packing import collate, pack_documents
-from medstate.text.pretrain import export_model, language_model_loss, open_run
-from medstate.text.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
 from medstate.text.rouge import rouge
+from medstate.text.runs import export_model, language_model_loss, open_run
 from medstate.text.tokenizer import TextTokenizer
 from medstate.train.loop import TrainConfig, Trainer
-from medstate.train.lora import LoraSettings, add_lora
 
 TASK_KINDS = ("pubmedqa", "medquad", "records", "completion")
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    prompt: str
-    response: str
 
 
 @dataclass
@@ -76,10 +69,6 @@ class SFTTask:
             raise MedstateError(f"task {self.name!r}: prompt_fraction must be between 0 and 1")
 
 
-def _fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
 def task_examples(task: SFTTask) -> list[Example]:
     if task.kind == "pubmedqa":
         pool, _ = load_pubmedqa(task.path)  # the test split is left out here, whatever else happens
@@ -90,13 +79,7 @@ def task_examples(task: SFTTask) -> list[Example]:
             for qid, question, answer in medquad_pairs(task.path)
         ]
     elif task.kind == "records":
-        examples = []
-        for number, (where, record) in enumerate(read_records(task.path), 1):
-            missing = [f for f in _fields(task.prompt) + _fields(task.response) if f not in record]
-            if missing:
-                raise MedstateError(f"{where}: no field(s) {', '.join(missing)} for task {task.name!r}")
-            key = record.get(task.id_field) if task.id_field else record.get("_key", number)
-            examples.append(Example(f"{task.name}:{key}", task.prompt.format(**record), task.response.format(**record)))
+        examples = record_examples(task.name, task.path, task.prompt, task.response, task.id_field)
     else:
         source = CorpusSource(task.name, task.path, text_fields=task.text_fields, id_field=task.id_field)
         examples = []

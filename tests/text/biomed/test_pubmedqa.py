@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medstate.eval.metrics import macro_f1, wilson_interval
+from medstate.text.biomed.pubmedqa import LABELS, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
 from medstate.text.choices import choice_loglikelihoods
-from medstate.text.pubmedqa import LABELS, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 def pubmedqa():
     from pathlib import Path
 
-    return load_pubmedqa(Path(__file__).resolve().parents[2] / "data/demo/text/pubmedqa")
+    return load_pubmedqa(Path(__file__).resolve().parents[3] / "data/demo/text/pubmedqa")
 
 
 def test_official_split(pubmedqa):

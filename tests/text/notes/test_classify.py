@@ -9,7 +9,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 
 from medstate.eval.multilabel import multilabel_metrics
 from medstate.ssm import MambaLM, SSMConfig
-from medstate.text.classify import (
+from medstate.text.notes.classify import (
     Criterion,
     answer_ids,
     branched_slot_logits,
@@ -149,7 +149,7 @@ def test_classification_run_tunes_on_tuning_and_scores_test_once(model, tokenize
 
     import yaml
 
-    from medstate.text.classify_run import ClassifyConfig, run_baseline, run_classification
+    from medstate.text.notes.classify_run import ClassifyConfig, run_baseline, run_classification
     from medstate.train.loop import TrainConfig
 
     model.save_pretrained(tmp_path / "init")
@@ -203,7 +203,7 @@ def check_thresholds_from_tuning(metrics, run_dir):
 
 
 def test_pooled_states_are_the_mean_final_hidden_state(model, tokenizer, tmp_path):
-    from medstate.text.classify_run import ClassifyConfig, _pooled_states
+    from medstate.text.notes.classify_run import ClassifyConfig, _pooled_states
 
     model.save_pretrained(tmp_path / "init")
     tokenizer.save(tmp_path / "init")

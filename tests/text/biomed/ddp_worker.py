@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from medstate.text.pretrain import PretrainConfig, pretrain
+from medstate.text.biomed.pretrain import PretrainConfig, pretrain
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes on two cores

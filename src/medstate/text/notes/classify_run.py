@@ -30,22 +30,12 @@ from medstate.errors import MedstateError
 from medstate.eval.multilabel import multilabel_metrics
 from medstate.loading import beside, from_data, read_yaml
 from medstate.ssm import load_pretrained
-from medstate.text.classify import Criterion, answer_ids, criterion_scores, slot_loss, tune_thresholds
 from medstate.text.models import load_language_model
-from medstate.text.pretrain import export_model, open_run
+from medstate.text.notes.classify import Criterion, answer_ids, criterion_scores, slot_loss, tune_thresholds
+from medstate.text.notes.splits import SPLITS, LabelledDocument
+from medstate.text.runs import export_model, open_run
 from medstate.text.tokenizer import TextTokenizer
 from medstate.train.loop import TrainConfig, Trainer
-
-SPLITS = ("train", "tuning", "test")
-
-
-@dataclass(frozen=True)
-class LabelledDocument:
-    id: str
-    subject: str
-    split: str
-    text: str
-    labels: dict[str, bool]
 
 
 @dataclass

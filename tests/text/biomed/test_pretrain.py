@@ -10,8 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from medstate.text.biomed.pretrain import RowBatches, pretrain
 from medstate.text.mixing import MixedStream
-from medstate.text.pretrain import RowBatches, language_model_loss, pretrain
+from medstate.text.runs import language_model_loss
 from medstate.train.loop import Trainer
 
 
@@ -77,7 +78,7 @@ def test_gradient_accumulation_equals_one_large_batch(pretrain_config, small_tok
 
     def gradients(batch_size, accumulation):
         torch.manual_seed(0)
-        from medstate.text.pretrain import new_or_loaded_model
+        from medstate.text.biomed.pretrain import new_or_loaded_model
 
         model = new_or_loaded_model(settings, small_tokenizer)
         stream = MixedStream(settings.corpora, small_tokenizer, 32, layout="padded")  # rows with unequal tokens
@@ -92,9 +93,9 @@ def test_gradient_accumulation_equals_one_large_batch(pretrain_config, small_tok
 
 
 def test_config_paths_are_relative_to_the_file(tmp_path):
+    from medstate.text.biomed.pretrain import PretrainConfig
+    from medstate.text.biomed.sft import SFTConfig
     from medstate.text.corpora import read_corpus_list
-    from medstate.text.pretrain import PretrainConfig
-    from medstate.text.sft import SFTConfig
 
     folder = tmp_path / "configs"
     folder.mkdir()

@@ -35,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from medstate.errors import MedstateError
+from medstate.text.notes.splits import assign_splits
 
 NOTE_SCHEMA = {
     "subject_id": pl.String,
@@ -305,8 +306,6 @@ def write_documents(
     test shares), each document also gets its patient's `split` (seeded, by patient, as cohorts are split), which a
     corpus selects with `select: {split: train}`."""
     import json
-
-    from medstate.text.cohort import assign_splits
 
     split_of = assign_splits(sorted({d.subject_id for d in documents}), splits, seed) if splits else {}
     path = Path(path)

@@ -7,7 +7,7 @@ import torch
 
 from medstate import MedstateError
 from medstate.ssm import MambaLM, SSMConfig, load_pretrained
-from medstate.train.lora import LoraSettings, add_lora, merge_lora, resolve_targets
+from medstate.ssm.lora import LoraSettings, add_lora, merge_lora, resolve_targets
 
 peft = pytest.importorskip("peft")
 
