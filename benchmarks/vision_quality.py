@@ -85,7 +85,9 @@ def run_one(config_name: str, overrides: dict, run_dir: str) -> dict:
     """One training run in this (worker) process; its metrics.json's content without the history."""
     from medstate.vision.run import config_dict, fit, load_run_config
 
-    config = load_run_config(CONFIGS / f"{config_name}.yaml", {**overrides, "threads": 1})
+    config = load_run_config(
+        CONFIGS / f"{config_name}.yaml", {f"train.{k}": v for k, v in {**overrides, "threads": 1}.items()}
+    )
     settings = Path(run_dir) / "settings.json"  # written after metrics.json: the run finished
     if settings.exists() and json.loads(settings.read_text()) == config_dict(config):
         return json.loads((Path(run_dir) / "metrics.json").read_text())

@@ -4,6 +4,7 @@ MedstateError that names the file or option and the key, so the CLI prints one l
 
     read_yaml(path, "task file")                 → the parsed document
     from_data(TaskSpec, data, where="tasks.yaml: tasks[2]")   → a dataclass, every field type-checked
+    load_settings(PretrainConfig, "cpt.yaml", {"train.max_steps": 5})  → a config file plus typed overrides
     parse_list("0,1,2", int, "--seeds")          → [0, 1, 2]
     compile_pattern("^LAB//", "--exclude-codes") → re.Pattern
 """
@@ -23,6 +24,10 @@ import yaml
 from medstate.errors import MedstateError
 
 T = TypeVar("T")
+
+# a settings field holding a path: written in a file, it is relative to the file's folder; given as an override,
+# to the working directory (`field(metadata=PATH)`)
+PATH = {"path": True}
 
 
 def read_text(path: str | Path, what: str) -> str:
@@ -145,6 +150,69 @@ def parse_list(text: str, item: type, option: str) -> list:
 def beside(path: str | None, file: str | Path) -> str | None:
     """A path written in `file`, absolute: relative paths are relative to the file's folder."""
     return None if path is None else str((Path(file).parent / Path(path).expanduser()).resolve())
+
+
+def load_settings(cls: type[T], path: str | Path | None = None, overrides: dict | None = None, what: str = "settings"):
+    """The one way settings are taken, from the CLI and from Python alike: a YAML file (or none: the defaults) with
+    typed overrides on top, checked together by `from_data`. Overrides are keyed by dotted names
+    (`{"train.max_steps": 5, "init": "runs/cpt/model"}`; None values are left out). Paths (fields marked `PATH`)
+    written in the file are relative to its folder, those given as overrides to the working directory."""
+    return from_data(cls, settings_data(cls, path, overrides, what), f"{what} {path}" if path else what)
+
+
+def settings_data(cls: type, path: str | Path | None, overrides: dict | None = None, what: str = "settings") -> dict:
+    """What `load_settings` checks: the file's mapping with its paths resolved and the overrides put in."""
+    data = expect_mapping(read_yaml(path, what) or {}, f"{what} {path}") if path is not None else {}
+    data = _resolve_paths(cls, data, Path(path) if path is not None else None)
+    nested: dict = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, name = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = str(value) if isinstance(value, Path) else value
+    return _merged(data, _resolve_paths(cls, nested, Path.cwd() / "options"))
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _resolve_paths(cls: Any, data: Any, file: Path | None) -> Any:
+    """`data` with the PATH fields of `cls` (and of the dataclasses inside it, in lists too) made absolute beside
+    `file`; anything that does not fit the shape is left for `from_data` to name."""
+    if file is None or not dataclasses.is_dataclass(cls) or not isinstance(data, dict):
+        return data
+    hints, out = typing.get_type_hints(cls), dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        value = out[f.name]
+        if f.metadata.get("path") and isinstance(value, str):
+            out[f.name] = beside(value, file)
+            continue
+        inner = _dataclass_in(hints[f.name])
+        if inner is not None and isinstance(value, list):
+            out[f.name] = [_resolve_paths(inner, v, file) for v in value]
+        elif inner is not None:
+            out[f.name] = _resolve_paths(inner, value, file)
+    return out
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds (itself, optional, or as list items), if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def compile_pattern(pattern: str, where: str) -> re.Pattern:

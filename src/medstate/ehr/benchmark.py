@@ -31,18 +31,11 @@ import polars as pl
 import yaml
 
 from medstate.ehr.baselines import xgboost_counts
-from medstate.ehr.training import (
-    MODEL_KINDS,
-    finetune,
-    load_model,
-    predictions_for_report,
-    pretrain,
-    start_model,
-)
+from medstate.ehr.training import MODEL_KINDS, EhrTrainSettings, load_model, predictions_for_report, run_training
 from medstate.errors import MedstateError
 from medstate.eval.report import write_report
-from medstate.loading import from_data, read_yaml
-from medstate.train.loop import TrainConfig, checkpoint_step, seed_everything
+from medstate.loading import load_settings
+from medstate.train.loop import TrainConfig, checkpoint_step
 
 FINETUNE_MODES = ("multitask", "single")
 
@@ -83,8 +76,16 @@ class BenchmarkSettings:
     bootstrap: int = 1000
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> BenchmarkSettings:
-        return from_data(cls, read_yaml(path, "benchmark settings") or {}, f"benchmark settings {path}")
+    def from_yaml(cls, path: str | Path | None, overrides: dict | None = None) -> BenchmarkSettings:
+        """A YAML file of these fields (None: the defaults) with typed overrides (`load_settings`)."""
+        return load_settings(cls, path, overrides, "benchmark settings")
+
+    def select_models(self, names: list[str]) -> None:
+        """Run only the models named (in the settings' order); an unknown name is an error."""
+        unknown = set(names) - {m.name for m in self.models}
+        if unknown:
+            raise MedstateError(f"unknown model(s) {', '.join(sorted(unknown))}")
+        self.models = [m for m in self.models if m.name in names]
 
     def validate(self) -> None:
         kinds = (*MODEL_KINDS, "xgboost")
@@ -197,37 +198,33 @@ class _Cell:
                 frames.append(predictions_for_report(model, self.prepared, spec.name, seed, group))
         return pl.concat(frames)
 
-    def _sizes(self) -> dict:
+    def _settings(self, steps: int, lr: float, init: Path | None, tasks: list[str] | None) -> EhrTrainSettings:
         if self.spec.kind == "lstm":
-            return {"d_model": self.settings.d_model, "hidden": self.settings.d_model}
-        return {"d_model": self.settings.d_model, "n_layer": self.settings.n_layer}
-
-    def _train_config(self, steps: int, lr: float) -> TrainConfig:
-        return TrainConfig(steps, lr, warmup_steps=self.settings.warmup_steps, seed=self.seed)
+            sizes = {"d_model": self.settings.d_model, "hidden": self.settings.d_model}
+        else:
+            sizes = {"d_model": self.settings.d_model, "n_layer": self.settings.n_layer}
+        train = TrainConfig(steps, lr, warmup_steps=self.settings.warmup_steps, seed=self.seed)
+        return EhrTrainSettings(self.spec.kind, sizes, None if init is None else str(init), tasks,
+                                self.settings.token_budget, train=train)  # fmt: skip
 
     def _pretrain(self) -> Path:
         """Pretrains (or resumes pretraining) once per kind and seed; a model that finds it done reuses it, untimed."""
         directory = self.run_dir / "pretrain" / self.spec.kind / f"seed{self.seed}"
-        checkpoint = directory / "checkpoints" / "last"
-        config = self._train_config(self.settings.pretrain_steps, self.settings.pretrain_lr)
-        self._train(directory, config, f"pretrain {self.spec.kind}", start=None, tasks=None)
-        return checkpoint
+        settings = self._settings(self.settings.pretrain_steps, self.settings.pretrain_lr, None, None)
+        self._train("pretrain", directory, settings, f"pretrain {self.spec.kind}")
+        return directory / "checkpoints" / "last"
 
     def _finetune(self, directory: Path, init: Path | None, tasks: list[str], label: str):
         steps = self.settings.finetune_steps if self.spec.finetune == "multitask" else self.settings.single_task_steps
-        config = self._train_config(steps, self.settings.finetune_lr)
-        self._train(directory, config, f"finetune {label}", start=init, tasks=tasks)
+        settings = self._settings(steps, self.settings.finetune_lr, init, tasks)
+        self._train("finetune", directory, settings, f"finetune {label}")
         return load_model(directory / "checkpoints" / "last")
 
-    def _train(self, directory: Path, config: TrainConfig, stage: str, start: Path | None, tasks: list[str] | None):
-        """One training run: from its own checkpoint where it has one (marked resumed), else from `start` (pretrained
-        weights) or a new model. Pretraining when `tasks` is None, finetuning on `tasks` otherwise."""
-        if checkpoint_step(directory / "checkpoints" / "last") >= config.max_steps:
+    def _train(self, stage: str, directory: Path, settings: EhrTrainSettings, label: str):
+        """One training run: from its own checkpoint where it has one (marked resumed), else from `settings.init`
+        (pretrained weights) or a new model."""
+        done = checkpoint_step(directory / "checkpoints" / "last")
+        if done >= settings.train.max_steps:
             return
-        seed_everything(self.seed)
-        model, done = start_model(directory, self.prepared, init=start, kind=self.spec.kind, sizes=self._sizes())
-        with self.timings.stage(self.spec.name, self.seed, stage, resumed=done > 0):
-            if tasks is None:
-                pretrain(self.prepared, directory, model, config, self.settings.token_budget, self.progress)
-            else:
-                finetune(self.prepared, directory, model, config, tasks, self.settings.token_budget, self.progress)
+        with self.timings.stage(self.spec.name, self.seed, label, resumed=done > 0):
+            run_training(stage, self.prepared, directory, settings, self.progress)

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -25,12 +27,48 @@ from medstate.ehr.model import EhrMamba, EhrMambaConfig
 from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
-from medstate.loading import expect_mapping, read_json, read_yaml
+from medstate.loading import PATH, expect_mapping, read_json, read_yaml
 from medstate.ssm import lora as lora_adapters
 from medstate.ssm.lora import LoraSettings, add_lora, has_lora, is_adapter, load_adapter
-from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step
+from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step, seed_everything
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
+STAGES = ("pretrain", "finetune")
+
+
+@dataclass
+class EhrTrainSettings:
+    """One pretraining or finetuning run, as plain data (`load_settings(EhrTrainSettings, file, overrides)`): what it
+    starts from (`start_model`) and how it trains."""
+
+    model: str = "ehrmamba"  # a new model's kind (MODEL_KINDS)
+    sizes: dict[str, Any] = field(default_factory=dict)  # a new model's sizes; None: the config's default
+    init: str | None = field(default=None, metadata=PATH)  # the pretrained checkpoint to start from
+    tasks: list[str] | None = None  # finetuning: these tasks (None: all, prompted multitask)
+    token_budget: int = 8192  # tokens per packed batch
+    lora: LoraSettings | None = None  # finetuning: adapters on `init`, the classifier trained whole
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def run_training(
+    stage: str, prepared: str | Path, run_dir: str | Path, settings: EhrTrainSettings, progress=None
+) -> TrainResult:
+    """`stage` (pretrain or finetune) from start to end, or resumed from the run's own checkpoint: seeded, the model
+    chosen by `start_model`, warm-up no longer than the run."""
+    if stage not in STAGES:
+        raise MedstateError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    sizes = dict(settings.sizes)
+    if settings.model != "ehrmamba":
+        sizes.pop("ssm_version", None)  # the mixer's version is EhrMamba's alone
+    lora = settings.lora
+    if lora is not None and "classifier" not in lora.modules_to_save:
+        lora = dataclasses.replace(lora, modules_to_save=[*lora.modules_to_save, "classifier"])
+    train = dataclasses.replace(settings.train, warmup_steps=min(settings.train.warmup_steps, settings.train.max_steps))
+    seed_everything(train.seed)
+    model, _ = start_model(run_dir, prepared, init=settings.init, kind=settings.model, sizes=sizes, lora=lora)
+    if stage == "pretrain":
+        return pretrain(prepared, run_dir, model, train, settings.token_budget, progress)
+    return finetune(prepared, run_dir, model, train, settings.tasks, settings.token_budget, progress)
 
 
 @dataclass

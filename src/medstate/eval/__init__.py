@@ -10,6 +10,7 @@ from medstate.eval.metrics import (
     evaluate_task,
     expected_calibration_error,
     f1_at,
+    format_interval,
     macro_f1,
     wilson_interval,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "evaluate_task",
     "expected_calibration_error",
     "f1_at",
+    "format_interval",
     "macro_f1",
     "wilson_interval",
 ]

@@ -114,6 +114,17 @@ class MetricResult:
     resamples: int = 0  # bootstrap resamples in which the metric was defined
 
 
+def format_interval(entry: dict, scale: float = 1.0, digits: int = 3, undefined: str | None = None) -> str:
+    """A `MetricResult` (or its dict) as `value [low, high]`, scaled (×100 for percentages); without an interval,
+    the value alone; without a value, `undefined` if given, else its status."""
+    if entry.get("value") is None:
+        return undefined if undefined is not None else entry.get("status") or "undefined"
+    value = entry["value"] * scale
+    if entry.get("low") is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{entry['low'] * scale:.{digits}f}, {entry['high'] * scale:.{digits}f}]"
+
+
 @dataclass
 class TaskMetrics:
     n: int

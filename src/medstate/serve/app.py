@@ -28,13 +28,14 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated
 
+import uvicorn
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medstate.errors import MedstateError
-from medstate.serve.service import IncomingEvent, PatientService, fhir_events
+from medstate.serve.service import IncomingEvent, PatientService, fhir_events, open_service
 from medstate.serve.store import Principal
 
 log = logging.getLogger("medstate.serve")
@@ -265,3 +266,23 @@ def create_app(service: PatientService, limits: Limits | None = None) -> FastAPI
 
     app.add_middleware(_Guard, limits=limits)  # outermost: size and concurrency are checked first
     return app
+
+
+def run_server(
+    model_dir: str,
+    db: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None,
+    reencode: bool = False,
+) -> None:
+    """Serve the model's predictions from the database `db` (`open_service`) over HTTP (HTTPS with a key and
+    certificate pair) until stopped, logging at INFO level (never patient data: see `create_app`)."""
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise MedstateError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    service = open_service(model_dir, db, reencode=reencode)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(service, limits), host=host, port=port, access_log=False, log_level="info",
+                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)  # fmt: skip

@@ -11,7 +11,6 @@ by id, and ids of unrelated sources never collide.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import gzip
 import json
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medstate.errors import MedstateError
+from medstate.loading import PATH, load_settings
 
 FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "text", "wikitext", "meds-notes")
 
@@ -38,7 +38,7 @@ class CorpusSource:
     break); `id_field` names the record's id (records without one are numbered); `weight` is its share in a mix."""
 
     name: str
-    path: str
+    path: str = field(metadata=PATH)
     format: str = "auto"
     text_fields: list[str] = field(default_factory=lambda: ["text"])
     id_field: str | None = None
@@ -82,13 +82,10 @@ class CorpusList:
 
 def read_corpus_list(path: str | Path) -> list[CorpusSource]:
     """A YAML file with a `corpora:` list; relative paths are relative to the file's folder."""
-    from medstate.loading import beside, from_data, read_yaml
-
-    path = Path(path)
-    listed = from_data(CorpusList, read_yaml(path, "corpus list"), str(path)).corpora
+    listed = load_settings(CorpusList, path, what="corpus list").corpora
     if not listed:
         raise MedstateError(f"{path}: the corpora list is empty")
-    return [dataclasses.replace(s, path=beside(s.path, path)) for s in listed]
+    return listed
 
 
 def read_documents(source: CorpusSource, empty: Counter | None = None) -> Iterator[Document]:

@@ -314,3 +314,10 @@ def prepare_brain(source: str | Path, out: str | Path) -> Path:
 
 # `medstate vision prepare DATASET`: name → (preparer, its folder under ../shared/data/imaging)
 PREPARERS = {"nuclei": (prepare_nuclei, "stardist-nuclei"), "brain": (prepare_brain, "itk-kmeans-brain")}
+
+
+def prepare_dataset(dataset: str, source: str | Path, out: str | Path) -> Path:
+    """`medstate vision prepare`: a shared example (`PREPARERS`) written in the folder layout `vision train` reads."""
+    if dataset not in PREPARERS:
+        raise MedstateError(f"unknown dataset {dataset!r}; choose {' or '.join(PREPARERS)}")
+    return PREPARERS[dataset][0](source, out)

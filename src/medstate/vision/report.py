@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from medstate.eval.metrics import format_interval
 from medstate.vision.data import ImageSet, write_array
 from medstate.vision.mil import BagPredictions
 from medstate.vision.models import ModelSpec
@@ -91,14 +92,6 @@ def _roc(path: Path, labels: np.ndarray, scores: np.ndarray) -> None:
     plt.close(figure)
 
 
-def _interval(entry: dict) -> str:
-    if entry.get("value") is None:
-        return "undefined"
-    if entry.get("low") is None:
-        return f"{entry['value']:.3f}"
-    return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-
-
 def write_report(run_dir: Path, spec: ModelSpec, metrics: dict, data: ImageSet, predictions) -> Path:
     lines = [
         f"# {spec.kind} ({spec.task})",
@@ -113,7 +106,8 @@ def write_report(run_dir: Path, spec: ModelSpec, metrics: dict, data: ImageSet, 
     if spec.task != "segmentation":
         items = "bags" if data.bags else "images"
         lines += [
-            f"Test ({test['n']} {items}): AUC {_interval(test['auc'])}, accuracy {_interval(test['accuracy'])} "
+            f"Test ({test['n']} {items}): AUC {format_interval(test['auc'], undefined='undefined')}, "
+            f"accuracy {format_interval(test['accuracy'], undefined='undefined')} "
             f"(95% intervals: bootstrap over {items} for AUC, Wilson for accuracy).",
             "",
         ]

@@ -33,7 +33,7 @@ import yaml
 
 from medstate.errors import MedstateError
 from medstate.eval.metrics import auroc, bootstrap, wilson_interval
-from medstate.loading import expect_mapping, from_data, read_yaml
+from medstate.loading import PATH, expect_mapping, from_data, settings_data
 from medstate.train.loop import seed_everything
 from medstate.vision import imaging_module
 from medstate.vision.data import (
@@ -64,7 +64,7 @@ Progress = Callable[[int, int, float], None]
 
 @dataclass
 class DataConfig:
-    path: str
+    path: str = field(metadata=PATH)
     format: str = "folder"  # medmnist | folder | bags
     foreground_only: bool = False  # segmentation: every non-zero label is class 1 (instance masks)
     normalize: str = "unit"  # unit: as read (MedMNIST: /255); zscore: per image and channel
@@ -114,13 +114,9 @@ def run_config(data: Any, where: str) -> RunConfig:
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    data = read_yaml(path, "vision run config")
-    data = dict(expect_mapping(data, f"vision run config {path}"))
-    if "data" in data and isinstance(data["data"], dict) and "path" in data["data"]:
-        data["data"] = {**data["data"], "path": str((Path(path).parent / data["data"]["path"]).resolve())}
-    if overrides:
-        data["train"] = {**data.get("train", {}), **overrides}
-    return run_config(data, f"vision run config {path}")
+    """A run YAML (its data path relative to its folder) with typed overrides (`load_settings`'s dotted keys:
+    `{"train.seed": 1}`)."""
+    return run_config(settings_data(RunConfig, path, overrides, "vision run config"), f"vision run config {path}")
 
 
 def config_dict(config: RunConfig) -> dict:

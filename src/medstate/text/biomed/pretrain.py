@@ -14,7 +14,6 @@ A run directory ends up holding:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from medstate.errors import MedstateError
-from medstate.loading import beside, from_data, read_yaml
+from medstate.loading import PATH, load_settings
 from medstate.ssm import MambaLM
 from medstate.text.contamination import ContaminationGuard, find_contamination
 from medstate.text.corpora import CorpusSource, Document, read_documents
@@ -41,11 +40,13 @@ from medstate.train.loop import TrainConfig, Trainer
 
 @dataclass
 class PretrainConfig:
-    tokenizer: str
+    tokenizer: str = field(metadata=PATH)
     corpora: list[CorpusSource]
     validation: list[CorpusSource] = field(default_factory=list)  # scored; the first one selects the best model
     held_out: list[CorpusSource] = field(default_factory=list)  # kept out of training, not scored here
-    init: str | None = None  # a checkpoint directory to continue from; None: a new model of `model`'s sizes
+    init: str | None = field(
+        default=None, metadata=PATH
+    )  # a checkpoint directory to continue from; None: a new model of `model`'s sizes
     model: dict[str, Any] = field(default_factory=dict)  # a new model's sizes (`text.models.new_language_model`)
     vocab_multiple: int = 16
     seq_len: int = 1024
@@ -69,21 +70,9 @@ class PretrainConfig:
             raise MedstateError(f"corpus names must be unique across corpora, validation and held_out: {names}")
 
     @classmethod
-    def read(cls, path: str | Path) -> PretrainConfig:
-        """A YAML file; relative paths in it are relative to the file's folder."""
-        config = from_data(cls, read_yaml(path, "pretraining config"), str(path))
-
-        def sources(items: list[CorpusSource]) -> list[CorpusSource]:
-            return [dataclasses.replace(s, path=beside(s.path, path)) for s in items]
-
-        return dataclasses.replace(
-            config,
-            tokenizer=beside(config.tokenizer, path),
-            init=beside(config.init, path),
-            corpora=sources(config.corpora),
-            validation=sources(config.validation),
-            held_out=sources(config.held_out),
-        )
+    def read(cls, path: str | Path, overrides: dict | None = None) -> PretrainConfig:
+        """A YAML file (relative paths in it are relative to its folder) with typed overrides (`load_settings`)."""
+        return load_settings(cls, path, overrides, "pretraining config")
 
 
 def new_or_loaded_model(config: PretrainConfig, tokenizer: TextTokenizer) -> MambaLM | TransformerLM:

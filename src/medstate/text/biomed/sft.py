@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from medstate.errors import MedstateError
-from medstate.loading import beside, from_data, read_yaml
+from medstate.loading import PATH, load_settings
 from medstate.ssm import load_pretrained
 from medstate.ssm.lora import LoraSettings, add_lora
 from medstate.text.biomed.pubmedqa import answer_of, load_pubmedqa, majority_label, prompt_of, score_pubmedqa
@@ -51,7 +51,7 @@ TASK_KINDS = ("pubmedqa", "medquad", "records", "completion")
 class SFTTask:
     name: str
     kind: str
-    path: str
+    path: str = field(metadata=PATH)
     prompt: str = "{prompt}"  # records: templates over the record's fields
     response: str = " {response}"
     id_field: str | None = None
@@ -147,13 +147,16 @@ def encode_example(example: Example, tokenizer: TextTokenizer, length: int) -> t
 
 @dataclass
 class SFTConfig:
-    init: str  # the model directory to finetune (as `text pretrain` writes it, with its tokenizer)
+    init: str = field(
+        metadata=PATH
+    )  # the model directory to finetune (as `text pretrain` writes it, with its tokenizer)
     tasks: list[SFTTask]
-    tokenizer: str | None = None  # default: the one in `init`
+    tokenizer: str | None = field(default=None, metadata=PATH)  # default: the one in `init`
     seq_len: int = 1024
     batch_size: int = 8
     validation_fraction: float = 0.1
-    pubmedqa_test: str | None = None  # a PubMedQA folder: score its official test split before and after
+    # a PubMedQA folder: score its official test split before and after
+    pubmedqa_test: str | None = field(default=None, metadata=PATH)
     generate_items: int = 0  # after SFT, generate answers for this many PubMedQA test items and score them with ROUGE
     generate: list[SFTTask] = field(default_factory=list)  # held-out generation sets (never trained on)
     # a dataset's own validation split (e.g. ACI-Bench's valid set): its loss selects the model, instead of a
@@ -171,18 +174,9 @@ class SFTConfig:
             raise MedstateError("validation_fraction must be within [0, 1)")
 
     @classmethod
-    def read(cls, path: str | Path) -> SFTConfig:
-        """A YAML file; relative paths in it are relative to the file's folder."""
-        config = from_data(cls, read_yaml(path, "SFT config"), str(path))
-        return dataclasses.replace(
-            config,
-            init=beside(config.init, path),
-            tokenizer=beside(config.tokenizer, path),
-            pubmedqa_test=beside(config.pubmedqa_test, path),
-            tasks=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.tasks],
-            generate=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.generate],
-            validation=[dataclasses.replace(t, path=beside(t.path, path)) for t in config.validation],
-        )
+    def read(cls, path: str | Path, overrides: dict | None = None) -> SFTConfig:
+        """A YAML file (relative paths in it are relative to its folder) with typed overrides (`load_settings`)."""
+        return load_settings(cls, path, overrides, "SFT config")
 
 
 @dataclass

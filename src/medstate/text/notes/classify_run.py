@@ -27,8 +27,9 @@ import polars as pl
 import torch
 
 from medstate.errors import MedstateError
+from medstate.eval.metrics import format_interval
 from medstate.eval.multilabel import multilabel_metrics
-from medstate.loading import beside, from_data, read_yaml
+from medstate.loading import PATH, from_data, load_settings, read_yaml
 from medstate.ssm import load_pretrained
 from medstate.text.models import load_language_model
 from medstate.text.notes.classify import Criterion, answer_ids, criterion_scores, slot_loss, tune_thresholds
@@ -92,23 +93,18 @@ def read_labelled(path: str | Path, criteria: list[Criterion]) -> list[LabelledD
 
 @dataclass
 class ClassifyConfig:
-    init: str  # the model directory (with its tokenizer)
-    criteria: str  # criteria YAML
-    data: str  # dataset JSONL
+    init: str = field(metadata=PATH)  # the model directory (with its tokenizer)
+    criteria: str = field(metadata=PATH)  # criteria YAML
+    data: str = field(metadata=PATH)  # dataset JSONL
     max_document_tokens: int = 16384
     k: list[int] = field(default_factory=lambda: [1, 3])
     bootstrap: int = 1000
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, lr=1e-4, warmup_steps=10))
 
     @classmethod
-    def read(cls, path: str | Path) -> ClassifyConfig:
-        config = from_data(cls, read_yaml(path, "classify config"), str(path))
-        return dataclasses.replace(
-            config,
-            init=beside(config.init, path),
-            criteria=beside(config.criteria, path),
-            data=beside(config.data, path),
-        )
+    def read(cls, path: str | Path, overrides: dict | None = None) -> ClassifyConfig:
+        """A YAML file (relative paths in it are relative to its folder) with typed overrides (`load_settings`)."""
+        return load_settings(cls, path, overrides, "classify config")
 
 
 def _matrix(documents: list[LabelledDocument], criteria: list[Criterion]) -> np.ndarray:
@@ -244,13 +240,5 @@ def report(metrics: dict) -> str:
     ]
     for name, value in metrics["test_per_label_thresholds"].items():
         other = metrics["test_global_thresholds"][name]
-        lines.append(f"| {name} | {_cell(value)} | {_cell(other)} |")
+        lines.append(f"| {name} | {format_interval(value)} | {format_interval(other)} |")
     return "\n".join(lines) + "\n"
-
-
-def _cell(value: dict) -> str:
-    if value["value"] is None:
-        return value["status"]
-    if value["low"] is None:
-        return f"{value['value']:.3f}"
-    return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"

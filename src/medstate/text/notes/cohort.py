@@ -33,7 +33,7 @@ import polars as pl
 import yaml
 
 from medstate.errors import MedstateError
-from medstate.loading import beside, compile_pattern, from_data, read_yaml
+from medstate.loading import PATH, compile_pattern, load_settings
 from medstate.text.notes.documents import build_documents, read_meds_notes, read_n2c2_2018
 from medstate.text.notes.splits import DEFAULT_SPLITS, SPLITS, LabelledDocument, assign_splits
 
@@ -54,7 +54,7 @@ class CohortCriterion:
 
 @dataclass
 class CohortConfig:
-    meds: str
+    meds: str = field(metadata=PATH)
     criteria: list[CohortCriterion]
     samples_per_subject: int = 4
     splits: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
@@ -68,9 +68,9 @@ class CohortConfig:
             raise MedstateError("samples_per_subject must be at least 1")
 
     @classmethod
-    def read(cls, path: str | Path) -> CohortConfig:
-        config = from_data(cls, read_yaml(path, "cohort config"), str(path))
-        return dataclasses.replace(config, meds=beside(config.meds, path))
+    def read(cls, path: str | Path, overrides: dict | None = None) -> CohortConfig:
+        """A YAML file (relative paths in it are relative to its folder) with typed overrides (`load_settings`)."""
+        return load_settings(cls, path, overrides, "cohort config")
 
 
 def _labels(events: pl.DataFrame, births: dict[str, object], criteria: list[CohortCriterion], subject: str, time):

@@ -1,0 +1,5 @@
+"""`python -m medstate.cli …` (as under torchrun) is the `medstate` command."""
+
+from medstate.cli import app
+
+app()

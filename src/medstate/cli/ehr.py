@@ -1,0 +1,282 @@
+"""`medstate ehr`: EhrMamba's patient sequences, tasks, training, evaluation, attributions and forecasts
+(`medstate.ehr`, `medstate.interp`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medstate.cli.common import console, counting, steps, summary, table
+from medstate.ehr.benchmark import BenchmarkSettings, run_benchmark
+from medstate.ehr.demo import run_demo
+from medstate.ehr.evaluate import evaluate_models
+from medstate.ehr.forecast import ForecastConfig, evaluate_forecast, write_forecast
+from medstate.ehr.prepare import PrepareConfig, prepare
+from medstate.ehr.training import EhrTrainSettings, load_model, merge_adapter, run_training
+from medstate.eval.report import markdown_table
+from medstate.interp import explain
+from medstate.loading import load_settings, parse_list
+
+app = typer.Typer(no_args_is_help=True)
+
+MaxSteps = Annotated[int, typer.Option(min=1, help="optimizer steps")]
+TokenBudget = Annotated[int, typer.Option(min=16, help="tokens per packed batch")]
+GradAccumulation = Annotated[int, typer.Option(min=1, help="batches per optimizer step (on every process)")]
+Parallel = Annotated[
+    str, typer.Option(help="under torchrun: ddp (a replica per process) or fsdp (weights and optimizer sharded)")
+]
+
+
+def _train(stage: str, prepared: Path, run_dir: Path, overrides: dict) -> None:
+    settings = load_settings(EhrTrainSettings, None, overrides, "options")
+    with steps(stage) as progress:
+        result = run_training(stage, prepared, run_dir, settings, progress)
+    summary(
+        f"{stage}: {run_dir}",
+        {
+            "steps": result.steps,
+            "resumed from step": result.resumed_from if result.resumed_from is not None else "-",
+            "last loss": round(result.last_loss, 5),
+            "seconds": round(result.seconds, 1),
+            "checkpoint": str(run_dir / "checkpoints" / "last"),
+        },
+    )
+
+
+def _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel) -> dict:
+    return {f"train.{k}": v for k, v in locals().items()}
+
+
+@app.command("prepare")
+def ehr_prepare(
+    meds_dir: Annotated[
+        list[Path], typer.Argument(help="MEDS dataset(s) (from `medstate data convert`) with a train split")
+    ],
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="directory for vocabulary, value bins, sequences and labels")
+    ],
+    tasks: Annotated[Path | None, typer.Option(help="task YAML (default: the six EhrMamba tasks)")] = None,
+    max_length: Annotated[int, typer.Option(min=8, help="tokens per sequence (the most recent are kept)")] = 2048,
+    visit: Annotated[str, typer.Option(help="visit definition: auto, admission, encounter or day")] = "auto",
+    value_bins: Annotated[int, typer.Option(min=1, help="quantile bins per numeric code")] = 5,
+    min_count: Annotated[
+        int, typer.Option(min=1, help="training occurrences a token needs to enter the vocabulary")
+    ] = 1,
+    max_samples_per_subject: Annotated[
+        int | None,
+        typer.Option(min=1, help="at most this many prediction times per subject and task (uniform, label-blind)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the --max-samples-per-subject draw")] = 0,
+    prompt: Annotated[
+        str,
+        typer.Option(help="task token first and last (both: EhrMamba) or last only (last: one state per patient)"),
+    ] = "both",
+) -> None:
+    """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
+
+    config = PrepareConfig(
+        max_length,
+        visit,
+        value_bins,
+        min_count,
+        str(tasks) if tasks else None,
+        max_samples_per_subject,
+        seed,
+        prompt=prompt,
+    )
+    with counting("patient sequences") as progress:
+        done = prepare(meds_dir, output, config, progress=progress)
+    rows = [[name, f"{counts['n']:,}", f"{counts['positives']:,}"] for name, counts in done.samples.items()]
+    table(f"tasks in {output}", ["task", "samples", "positives"], rows)
+    summary(
+        "summary",
+        {
+            "subjects": ", ".join(f"{k} {v}" for k, v in sorted(done.subjects.items())),
+            "vocabulary": f"{done.vocabulary:,} tokens",
+            "output": str(done.output),
+        },
+    )
+
+
+@app.command("pretrain")
+def ehr_pretrain(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    model_kind: Annotated[
+        str, typer.Option("--model", help="ehrmamba (next-event), or bert / bigbird (masked language model)")
+    ] = "ehrmamba",
+    d_model: Annotated[int | None, typer.Option(min=8, help="width (default 128; a resumed run keeps its own)")] = None,
+    n_layer: Annotated[int | None, typer.Option(min=1, help="layers (default 4)")] = None,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="dropout rate (default 0.1)")] = None,
+    ssm_version: Annotated[
+        int | None, typer.Option(min=1, max=2, help="EhrMamba mixer: 1 Mamba (paper, default), 2 Mamba-2")
+    ] = None,
+    max_steps: MaxSteps = 200,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    token_budget: TokenBudget = 8192,
+    save_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 50,
+    seed: int = 0,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
+    grad_accumulation: GradAccumulation = 1,
+    parallel: Parallel = "ddp",
+) -> None:
+    """Pretrain on the training split: EhrMamba by next-event prediction, the Transformer baselines by MLM."""
+
+    sizes = {"d_model": d_model, "n_layer": n_layer, "dropout": dropout, "ssm_version": ssm_version}
+    options = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
+    _train(
+        "pretrain", prepared, run_dir, {"model": model_kind, "sizes": sizes, "token_budget": token_budget, **options}
+    )
+
+
+@app.command("finetune")
+def ehr_finetune(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
+    init: Annotated[Path | None, typer.Option(help="pretrained checkpoint directory to start from")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (default: all, prompted multitask)")] = None,
+    model_kind: Annotated[
+        str, typer.Option("--model", help="without --init: ehrmamba, or a baseline (lstm, bert, bigbird)")
+    ] = "ehrmamba",
+    max_steps: MaxSteps = 200,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0)] = 20,
+    token_budget: TokenBudget = 8192,
+    save_every: Annotated[int, typer.Option(min=1)] = 50,
+    seed: int = 0,
+    bf16: bool = False,
+    grad_accumulation: GradAccumulation = 1,
+    parallel: Parallel = "ddp",
+    lora: Annotated[
+        bool, typer.Option(help="train LoRA adapters on --init's projections and the classifier whole; the rest frozen")
+    ] = False,
+    lora_targets: Annotated[
+        str | None, typer.Option(help="comma-separated LoRA targets (default: every projection: in_proj, out_proj…)")
+    ] = None,
+    lora_rank: Annotated[int, typer.Option(min=1)] = 16,
+    lora_alpha: Annotated[float, typer.Option(min=0.0)] = 32.0,
+) -> None:
+    """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model. With --lora the
+    run's checkpoints are adapters (PEFT's format, naming --init); `medstate ehr merge` folds them in."""
+
+    targets = parse_list(lora_targets, str, "--lora-targets") if lora_targets else []
+    adapters = {"targets": targets, "rank": lora_rank, "alpha": lora_alpha} if lora else None
+    options = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
+    names = parse_list(tasks, str, "--tasks") if tasks else None
+    _train("finetune", prepared, run_dir, {"model": model_kind, "init": init, "tasks": names, "lora": adapters,
+                                           "token_budget": token_budget, **options})  # fmt: skip
+
+
+@app.command("merge")
+def ehr_merge(
+    adapter: Annotated[Path, typer.Argument(help="checkpoint of a `finetune --lora` run (adapters + classifier)")],
+    out: Annotated[Path, typer.Argument(help="directory for the merged model")],
+) -> None:
+    """Fold LoRA adapters into their base model: a plain EHR checkpoint with the base's prepared files."""
+
+    summary("merge", {"model": str(merge_adapter(adapter, out))})
+
+
+@app.command("evaluate")
+def ehr_evaluate(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    output: Annotated[Path, typer.Argument(help="run directory for metrics.json, predictions.parquet, report.*")],
+    model: Annotated[list[str], typer.Option(help="NAME=CHECKPOINT[@SEED] of a finetuned model (repeatable)")],
+    bootstrap: Annotated[int, typer.Option(min=10, help="subject-bootstrap resamples for the 95% intervals")] = 1000,
+) -> None:
+    """Score the tuning and held-out splits with each model and write the report (AUROC, AUPRC, F1, calibration)."""
+
+    result = evaluate_models(prepared, output, model, bootstrap)
+    console.print(markdown_table(result["summary"]))
+    console.print(f"report: {output / 'report.html'}")
+
+
+@app.command("explain")
+def ehr_explain(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    checkpoint: Annotated[Path, typer.Argument(help="a finetuned EhrMamba checkpoint")],
+    output: Annotated[Path, typer.Argument(help="directory for attributions (CSV) and timeline plots (PNG)")],
+    task: Annotated[str, typer.Option(help="the task whose probability is explained")],
+    subject: Annotated[
+        int | None, typer.Option(help="explain this subject's samples (default: the top-scored positives)")
+    ] = None,
+    split: Annotated[str, typer.Option(help="train, tuning or held_out")] = "held_out",
+    count: Annotated[int, typer.Option(min=1, help="samples to explain without --subject")] = 3,
+    steps: Annotated[int, typer.Option(min=8, help="integration steps")] = 64,
+    top: Annotated[int, typer.Option(min=1, help="tokens listed and labelled per sample")] = 10,
+) -> None:
+    """Integrated gradients from a task probability to each event of a patient's history, with a timeline plot."""
+
+    with counting("integrated gradients") as progress:
+        results = explain(prepared, load_model(checkpoint), output, task, subject, split, count, steps, top, progress)
+    rows = [
+        [item.name, f"{item.attribution.probability:.3f}", str(item.label),
+         ", ".join(f"{token} ({score:+.3f})" for token, score in item.top(5))]
+        for item in results
+    ]  # fmt: skip
+    table(f"{task}: largest attributions", ["sample", "p", "label", "top events (attribution)"], rows, left=4)
+    summary("explain", {"samples": len(results), "integration steps": steps, "output": str(output)})
+
+
+@app.command("forecast")
+def ehr_forecast(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    checkpoint: Annotated[Path, typer.Argument(help="a pretrained (or finetuned) EhrMamba checkpoint")],
+    output: Annotated[Path, typer.Argument(help="directory for forecast.json, forecast.md, per-subject recall")],
+    split: Annotated[str, typer.Option(help="the subjects to forecast")] = "held_out",
+    samples: Annotated[int, typer.Option(min=1, help="sampled next visits per subject")] = 16,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy")] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="nucleus sampling mass")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per sampled visit at most")] = 64,
+    k: Annotated[str, typer.Option(help="comma-separated k of recall@k")] = "5,10,20",
+    seed: int = 0,
+) -> None:
+    """Sample each subject's next visit and score next-visit code recall@k against code-frequency baselines."""
+
+    config = ForecastConfig(samples, temperature, top_p, max_new_tokens, tuple(parse_list(k, int, "--k")), seed)
+    with counting("sampling next visits") as progress:
+        result = evaluate_forecast(load_model(checkpoint), prepared, split, config, progress)
+    console.print(write_forecast(result, output))
+    summary(
+        "forecast",
+        {"subjects": result["subjects"], "mean codes in the true next visit": round(result["mean_true_codes"], 1),
+         "sampled visits that closed with [VE]": f"{result['complete_visits']:.1%}", "output": str(output)},
+    )  # fmt: skip
+
+
+@app.command("benchmark")
+def ehr_benchmark(
+    prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
+    run_dir: Annotated[Path, typer.Argument(help="run directory (a re-run resumes and skips finished cells)")],
+    settings: Annotated[
+        Path | None, typer.Option(help="YAML with BenchmarkSettings fields (seeds, models, sizes, steps)")
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (overrides the settings)")] = None,
+    models: Annotated[str | None, typer.Option(help="comma-separated model names to run (default: all)")] = None,
+) -> None:
+    """The full protocol: every model × task × seed (pretraining, finetuning, baselines) into one report."""
+
+    chosen = BenchmarkSettings.from_yaml(settings, {"seeds": parse_list(seeds, int, "--seeds") if seeds else None})
+    if models:
+        chosen.select_models(parse_list(models, str, "--models"))
+    with steps("training", remaining=False) as progress:
+        result = run_benchmark(prepared, run_dir, chosen, say=console.print, progress=progress)
+    console.print(markdown_table(result["summary"]))
+    seconds = sum(r["seconds"] for r in result["timings"] if r["stage"] == "total")
+    summary("benchmark", {"models": len(chosen.models), "seeds": len(chosen.seeds), "compute (s)": round(seconds),
+                          "report": str(result["report"])})  # fmt: skip
+
+
+@app.command("demo")
+def ehr_demo(
+    data_dir: Annotated[Path, typer.Option(help="the shipped demo data")] = Path("data/demo"),
+    out: Annotated[Path, typer.Option(help="run directory (replaced)")] = Path("runs/demo"),
+) -> None:
+    """The whole EHR path on the shipped demo data: convert, prepare, pretrain, prompted finetune, evaluate."""
+
+    result = run_demo(data_dir, out, say=console.print)
+    console.print(markdown_table(result["summary"]))
+    summary("demo", {**{k: f"{v} s" for k, v in result["timings"].items()}, "report": str(result["report"])})
