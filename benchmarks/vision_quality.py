@@ -83,7 +83,8 @@ def prepare(dataset: str) -> None:
 
 def run_one(config_name: str, overrides: dict, run_dir: str) -> dict:
     """One training run in this (worker) process; its metrics.json's content without the history."""
-    from medstate.vision.run import config_dict, fit, load_run_config
+    from medstate.vision.config import config_dict, load_run_config
+    from medstate.vision.run import fit
 
     config = load_run_config(
         CONFIGS / f"{config_name}.yaml", {f"train.{k}": v for k, v in {**overrides, "threads": 1}.items()}

@@ -349,8 +349,8 @@ def test_bag_mistakes_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "data" / "demo" / "vision").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_load_and_build(config):
+    from medstate.vision.config import load_run_config
     from medstate.vision.models import build_model
-    from medstate.vision.run import load_run_config
 
     settings = load_run_config(config)
     model = build_model(settings.model)
@@ -359,7 +359,7 @@ def test_shipped_configs_load_and_build(config):
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_patch_sampler_crops_and_flips_image_and_mask_together(dims):
-    from medstate.vision.run import patch_sampler
+    from medstate.vision.segmentation_run import patch_sampler
 
     size, shape = ((8, 6), (20, 5)) if dims == 2 else ((6, 4, 4), (12, 3, 9))  # one axis shorter: padded
     mask = np.zeros(shape, np.int64)

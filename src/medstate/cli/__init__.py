@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import importlib
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from medstate import __version__
 from medstate.errors import MedstateError
@@ -41,29 +40,29 @@ class _Root(TyperGroup):
 
     _listing = False  # while the root's help is drawn: names and help only, no module imported
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx) -> list[str]:
         return [*super().list_commands(ctx), *SUB_COMMANDS]
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+    def get_command(self, ctx, name: str):
         if name not in SUB_COMMANDS:
             return super().get_command(ctx, name)
         module, text = SUB_COMMANDS[name]
         if self._listing:
-            return click.Command(name, help=text)
+            return TyperCommand(name, help=text)
         command = typer.main.get_command(importlib.import_module(module).app)
-        if isinstance(command, click.Group) and name in command.commands:  # serve's module holds three
+        if isinstance(command, TyperGroup) and name in command.commands:  # serve's module holds three
             return command.commands[name]
         command.name, command.help = name, text
         return command
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx, formatter) -> None:
         self._listing = True
         try:
             super().format_help(ctx, formatter)
         finally:
             self._listing = False
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MedstateError as err:

@@ -12,7 +12,7 @@ from medstate.cli.common import spinner, summary, table
 from medstate.data import compare_meds, convert, describe
 from medstate.loading import compile_pattern, parse_list
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 @app.command("describe")

@@ -19,7 +19,7 @@ from medstate.eval.report import markdown_table
 from medstate.interp import explain
 from medstate.loading import load_settings, parse_list
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 MaxSteps = Annotated[int, typer.Option(min=1, help="optimizer steps")]
 TokenBudget = Annotated[int, typer.Option(min=16, help="tokens per packed batch")]

@@ -13,7 +13,7 @@ from medstate.serve.app import Limits, run_server
 from medstate.serve.service import open_service
 from medstate.serve.store import open_store
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 token_app = typer.Typer(help="API tokens of `medstate serve`: create, revoke, list.", no_args_is_help=True)
 app.add_typer(token_app, name="serve-token")
 

@@ -13,7 +13,7 @@ from medstate.ssm import load_pretrained
 from medstate.ssm.demo import DemoConfig, run_demo
 from medstate.ssm.generate import continue_prompt
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 @app.command("info")

@@ -27,7 +27,7 @@ from medstate.text.summarise.pruning import prune_checkpoint
 from medstate.text.tokenizer import TextTokenizer, train_bpe
 from medstate.train.distributed import world
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def _overrides(max_steps: int | None, seed: int | None, init: Path | None) -> dict:

@@ -10,10 +10,11 @@ import typer
 from medstate.cli.common import steps as steps_bar
 from medstate.cli.common import summary
 from medstate.eval.metrics import format_interval
+from medstate.vision.config import load_run_config
 from medstate.vision.data import prepare_dataset
-from medstate.vision.run import evaluate_saved, fit, load_run_config, predict_files
+from medstate.vision.run import evaluate_saved, fit, predict_files
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, add_completion=False)
 
 
 def _vision_summary(title: str, metrics: dict, where: Path) -> None:

@@ -17,12 +17,8 @@ report.md with pictures (`medstate.vision.report`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +29,8 @@ import yaml
 
 from medstate.errors import MedstateError
 from medstate.eval.metrics import auroc, bootstrap, wilson_interval
-from medstate.loading import PATH, expect_mapping, from_data, settings_data
 from medstate.train.loop import seed_everything
-from medstate.vision import imaging_module
+from medstate.vision.config import DataConfig, RunConfig, TrainConfig, config_dict
 from medstate.vision.data import (
     ImageSet,
     as_channels,
@@ -46,7 +41,6 @@ from medstate.vision.data import (
     read_medmnist,
     zscore,
 )
-from medstate.vision.metrics import dice, hausdorff95, instance_f1
 from medstate.vision.mil import BagPredictions
 from medstate.vision.models import (
     ModelSpec,
@@ -54,77 +48,16 @@ from medstate.vision.models import (
     build_model,
     count_parameters,
     load_model,
-    model_spec,
     require_kernels,
     save_model,
 )
-
-Progress = Callable[[int, int, float], None]
-
-
-@dataclass
-class DataConfig:
-    path: str = field(metadata=PATH)
-    format: str = "folder"  # medmnist | folder | bags
-    foreground_only: bool = False  # segmentation: every non-zero label is class 1 (instance masks)
-    normalize: str = "unit"  # unit: as read (MedMNIST: /255); zscore: per image and channel
-
-    def __post_init__(self) -> None:
-        if self.format not in ("medmnist", "folder", "bags"):
-            raise MedstateError(f"data.format must be medmnist, folder or bags, got {self.format!r}")
-        if self.normalize not in ("unit", "zscore"):
-            raise MedstateError(f"data.normalize must be unit or zscore, got {self.normalize!r}")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 100  # classification
-    steps: int = 500  # segmentation (patches)
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training; lr x 0.1 at each
-    seed: int = 0
-    patch_size: list[int] = field(default_factory=lambda: [64, 64])
-    foreground_fraction: float = 0.33
-    sw_overlap: float = 0.5
-    bootstrap: int = 1000
-    threads: int | None = None
-
-
-@dataclass
-class RunConfig:
-    data: DataConfig
-    model: Any
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def run_config(data: Any, where: str) -> RunConfig:
-    data = dict(expect_mapping(data, where))
-    if "model" not in data:
-        raise MedstateError(f"{where}: missing key model")
-    spec = model_spec(data.pop("model"), f"{where}: model")
-    config = from_data(RunConfig, {**data, "model": {}}, where)
-    config.model = spec
-    if (spec.task == "bags") != (config.data.format == "bags"):
-        raise MedstateError(f"{where}: data.format bags goes with model kind mil, and only with it")
-    if spec.task == "bags" and config.data.normalize != "unit":
-        raise MedstateError(f"{where}: data.normalize applies to images; bags are read as stored")
-    return config
-
-
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """A run YAML (its data path relative to its folder) with typed overrides (`load_settings`'s dotted keys:
-    `{"train.seed": 1}`)."""
-    return run_config(settings_data(RunConfig, path, overrides, "vision run config"), f"vision run config {path}")
-
-
-def config_dict(config: RunConfig) -> dict:
-    return {
-        "data": dataclasses.asdict(config.data),
-        "model": config.model.to_dict(),
-        "train": dataclasses.asdict(config.train),
-    }
+from medstate.vision.segmentation_run import (
+    Progress,
+    fit_segmenter,
+    milestone_schedule,
+    predict_mask,
+    segmentation_metrics,
+)
 
 
 def load_data(config: DataConfig, task: str) -> dict[str, ImageSet]:
@@ -142,14 +75,6 @@ def load_data(config: DataConfig, task: str) -> dict[str, ImageSet]:
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _schedule(optimizer, total: int, milestones: list[float]):
-    points = sorted({max(1, round(f * total)) for f in milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, points, gamma=0.1)
-
-
-# ----- classification -------------------------------------------------------------------------------
 
 
 def _stack(images: list[np.ndarray]) -> torch.Tensor:
@@ -224,7 +149,7 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     steps_per_epoch = -(-len(labels) // train.batch_size)
     total = train.epochs * steps_per_epoch
-    scheduler = _schedule(optimizer, train.epochs, train.milestones)
+    scheduler = milestone_schedule(optimizer, train.epochs, train.milestones)
     generator = torch.Generator().manual_seed(train.seed)
     selection = splits.get("val")
     best, best_state, history, step = -1.0, None, [], 0
@@ -263,117 +188,6 @@ def _fit_classifier(model, spec, splits, train: TrainConfig, device, progress: P
 
 
 # ----- segmentation ---------------------------------------------------------------------------------
-
-
-def patch_sampler(size: tuple[int, ...], foreground_fraction: float, seed: int):
-    """MONAI transforms for a training patch: pad to the patch size, crop a patch centred on a foreground voxel
-    with probability `foreground_fraction` (nnU-Net's oversampling; otherwise on a background voxel), flip each axis
-    with probability 1/2. Returns sample(image [C, *S], mask [*S]) → (image patch, mask patch), the same crop and
-    flips for both."""
-    transforms = imaging_module("monai.transforms")
-    keys = ["image", "mask"]
-    compose = transforms.Compose(
-        [
-            transforms.SpatialPadd(keys, spatial_size=size),
-            transforms.RandCropByPosNegLabeld(
-                keys, "mask", size, pos=foreground_fraction, neg=1 - foreground_fraction, num_samples=1
-            ),
-            *(transforms.RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(len(size))),
-        ]
-    )
-    compose.set_random_state(seed=seed)
-
-    def sample(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with warnings.catch_warnings():  # an image without foreground: the crop is centred on background
-            warnings.filterwarnings("ignore", message="Num foregrounds 0")
-            patch = compose({"image": image, "mask": mask[None]})[0]
-        return np.asarray(patch["image"]), np.asarray(patch["mask"][0])
-
-    return sample
-
-
-def _dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return imaging_module("monai.losses").DiceCELoss(to_onehot_y=True, softmax=True)(logits, target.unsqueeze(1))
-
-
-def _first_output(output):
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-@torch.no_grad()
-def predict_mask(model: torch.nn.Module, image: np.ndarray, patch: tuple[int, ...], overlap: float) -> np.ndarray:
-    """Class probabilities [K, *S] for a whole image, by sliding windows of the training patch size."""
-    sliding_window_inference = imaging_module("monai.inferers").sliding_window_inference
-    model.eval()
-    device = next(model.parameters()).device
-    tensor = torch.from_numpy(image)[None].to(device)
-    probabilities = sliding_window_inference(
-        tensor,
-        patch,
-        4,
-        lambda x: torch.softmax(_first_output(model(x)).float(), dim=1),
-        overlap=overlap,
-        mode="gaussian",
-    )
-    return probabilities[0].cpu().numpy()
-
-
-def segmentation_metrics(splits_set: ImageSet, predictions: list[np.ndarray], num_classes: int) -> dict:
-    """Per class: Dice and HD95 per image and their mean; instance F1 where instance masks are known."""
-    per_image = []
-    for i, (name, truth, predicted) in enumerate(zip(splits_set.names, splits_set.masks, predictions)):
-        spacing = splits_set.spacing[i] if splits_set.spacing else None
-        entry = {"image": name}
-        for label in range(1, num_classes):
-            entry[f"dice_{label}"] = dice(predicted, truth, label)
-            entry[f"hd95_{label}"] = hausdorff95(predicted, truth, label, spacing)
-        if splits_set.instances is not None:
-            entry["instance"] = instance_f1(predicted, splits_set.instances[i])
-        per_image.append(entry)
-    summary = {}
-    for label in range(1, num_classes):
-        for metric in ("dice", "hd95"):
-            values = [e[f"{metric}_{label}"] for e in per_image if e[f"{metric}_{label}"] is not None]
-            summary[f"{metric}_{label}"] = float(np.mean(values)) if values else None
-    if num_classes > 2:
-        dices = [summary[f"dice_{c}"] for c in range(1, num_classes) if summary[f"dice_{c}"] is not None]
-        summary["dice_mean"] = float(np.mean(dices)) if dices else None
-    if per_image and "instance" in per_image[0]:
-        summary["instance_f1"] = float(np.mean([e["instance"]["f1"] or 0.0 for e in per_image]))
-    return {"summary": summary, "images": per_image}
-
-
-def _fit_segmenter(model, spec, splits, train: TrainConfig, device, progress: Progress | None):
-    data = splits["train"]
-    size = tuple(train.patch_size)
-    if len(size) != data.images[0].ndim - 1:
-        raise MedstateError(f"train.patch_size {list(size)} does not match the images' {data.images[0].ndim - 1} axes")
-    rng = np.random.default_rng(train.seed)
-    sample = patch_sampler(size, train.foreground_fraction, train.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    scheduler = _schedule(optimizer, train.steps, train.milestones)
-    history, window = [], []
-    model.train()
-    for step in range(1, train.steps + 1):
-        picks = rng.integers(0, len(data), train.batch_size)
-        pairs = [sample(data.images[i], data.masks[i]) for i in picks]
-        images = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device)
-        masks = torch.from_numpy(np.stack([p[1] for p in pairs])).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = _dice_ce(_first_output(model(images)), masks)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        window.append(loss.item())
-        if progress:
-            progress(step, train.steps, loss.item())
-        if step % 50 == 0 or step == train.steps:
-            history.append({"step": step, "train_loss": float(np.mean(window))})
-            window = []
-    return history, {"steps": train.steps}
-
-
-# ----- runs -----------------------------------------------------------------------------------------
 
 
 def evaluate_model(model, spec: ModelSpec, data: ImageSet, train: TrainConfig) -> tuple[dict, Any]:
@@ -485,7 +299,7 @@ def fit(
         require_kernels(model, device)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
     started = time.perf_counter()
-    fitter = _fit_segmenter if spec.task == "segmentation" else _fit_classifier
+    fitter = fit_segmenter if spec.task == "segmentation" else _fit_classifier
     history, selection = fitter(model, spec, splits, config.train, device, progress)
     seconds = time.perf_counter() - started
     save_model(model, spec, run_dir / "model", inference_settings(config))
