@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medstate.text.corpora import CorpusSource
 from medstate.text.biomed.pretrain import PretrainConfig, pretrain
+from medstate.text.corpora import CorpusSource
 from medstate.train.loop import TrainConfig
 
 DEMO = Path(__file__).resolve().parents[3] / "data/demo/text"
