@@ -183,3 +183,35 @@ def test_a_users_mistake_is_one_line_exit_2(case, tmp_path):
     assert "Traceback" not in result.output
     for word in words:
         assert word in lines[0], (word, lines[0])
+
+
+LOADED = """
+import sys
+from typer.testing import CliRunner
+from medstate.cli import app
+result = CliRunner().invoke(app, sys.argv[1:])
+assert result.exit_code == 0, result.output
+print(",".join(sorted(m for m in sys.modules if m == "torch" or m.startswith("medstate.cli."))))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "loaded"),
+    [
+        (["--help"], ""),  # the listing imports no sub-command and no torch
+        (["data", "--help"], "medstate.cli.common,medstate.cli.data"),
+        (["serve-token", "--help"], "medstate.cli.common,medstate.cli.serve,torch"),
+    ],
+)
+def test_a_sub_command_loads_only_its_own_module(argv, loaded):
+    out = subprocess.run([sys.executable, "-c", LOADED, *argv], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == loaded
+
+
+def test_the_listing_shows_every_sub_command_with_its_help():
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    for name in ("version", "serve", "serve-rebuild", "ssm", "data", "ehr", "text", "vision", "serve-token"):
+        assert f" {name} " in result.output
+    assert "EhrMamba: patient sequences, tasks, models, evaluation." in result.output
+    serve = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "--ssl-certfile" in serve and "COMMAND" not in serve  # the command itself, not its module's group

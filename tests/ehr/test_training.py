@@ -103,3 +103,25 @@ def test_a_resumed_run_refuses_other_sizes(prepared, tmp_path):
     assert same.exit_code == 0, same.output
     assert EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last").config.d_model == 16
     assert pl.read_csv(tmp_path / "run" / "log.csv")["step"].to_list() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("mamba=runs/a/checkpoints/last@2", ("mamba", "runs/a/checkpoints/last", 2)), ("lstm=ck", ("lstm", "ck", 0))],
+)
+def test_model_reference_of_ehr_evaluate(spec, expected):
+    from medstate.ehr.evaluate import ModelRef
+
+    ref = ModelRef.parse(spec)
+    assert (ref.name, str(ref.checkpoint), ref.seed) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"), [("ck", "NAME=CHECKPOINT"), ("=ck", "NAME=CHECKPOINT"), ("m=ck@x", "seed")]
+)
+def test_a_bad_model_reference_is_one_named_error(spec, message):
+    from medstate.ehr.evaluate import ModelRef
+    from medstate.errors import MedstateError
+
+    with pytest.raises(MedstateError, match=message):
+        ModelRef.parse(spec)
