@@ -9,7 +9,8 @@ import pytest
 
 from medstate import MedstateError
 from medstate.data.meds import scan_meds
-from medstate.ehr.tasks import TaskSuite, anchor_visits
+from medstate.ehr.tasks import TaskSuite
+from medstate.ehr.visits import anchor_visits
 
 SCHEMA = {
     "subject_id": pl.Int64,

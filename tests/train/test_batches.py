@@ -4,7 +4,7 @@
 import pytest
 
 from medstate import MedstateError
-from medstate.train.loop import EpochBatches
+from medstate.train.batches import EpochBatches
 
 
 def listing(epoch):

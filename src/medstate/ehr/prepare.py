@@ -43,7 +43,8 @@ from medstate.ehr.sequences import (
     build_sequence,
     visit_key_columns,
 )
-from medstate.ehr.tasks import TaskSuite, later_stay_keys
+from medstate.ehr.tasks import TaskSuite
+from medstate.ehr.visits import later_stay_keys
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 

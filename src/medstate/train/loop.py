@@ -8,21 +8,20 @@ optional validation with a best checkpoint. Every `save_every` steps the loop wr
 (`trainer_state.pt`, tensors and plain data only, read back with `weights_only=True`) and the RNG states. A run
 directory that holds a checkpoint resumes from it, and the run then ends exactly as an uninterrupted one.
 
-Batches come from a `BatchStream` (next batch, and a `state_dict` for its position) or, for data small enough to
-list, from a function `batches(epoch)` whose order depends only on the seed and the epoch.
+Batches come from a `BatchStream` (`train.batches`: next batch, and a `state_dict` for its position) or, for data
+small enough to list, from a function `batches(epoch)` whose order depends only on the seed and the epoch.
 
 With validation (`evaluate(model) -> float`, lower is better) every `eval_every` steps and at the end, the model
 scored (the EMA weights when there is an EMA) is saved to `checkpoints/best/` when it improves on the best so far.
 
-Logs: `log.csv` (step, loss, learning rate, tokens, seconds, validation) and, when tensorboard is installed,
-`tensorboard/`.
+Logs (`train.log`): `log.csv` (step, loss, learning rate, tokens, seconds, validation) and, when tensorboard is
+installed, `tensorboard/`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import json
 import random
@@ -31,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +45,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 from medstate.errors import MedstateError
+from medstate.train.batches import BatchStream, EpochBatches
 from medstate.train.distributed import all_reduce_sum, barrier, gathered, shard_fully, world
 from medstate.train.ema import EMA
+from medstate.train.log import NoLog, TrainLog
 from medstate.train.memory import KeptGradients, retained_memory
 from medstate.train.param_groups import parameter_groups
 from medstate.train.precision import use_bf16
@@ -106,46 +107,6 @@ class TrainResult:
     resumed_from: int | None
     seconds: float
     best: float | None = None  # best validation value (lower is better)
-
-
-class BatchStream(Protocol):
-    def __next__(self) -> Any: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-    def shard(self, rank: int, world: int) -> None:
-        """From now on, give process `rank` of `world` its part of each global batch."""
-
-
-class EpochBatches:
-    """A `BatchStream` over `batches(epoch)` lists. The position (epoch, index) counts batches of the whole list;
-    with several processes, process r takes batches index + r of each group of `world` (an epoch's last, incomplete
-    group is left out so that every process takes as many steps)."""
-
-    def __init__(self, batches: Callable[[int], list]):
-        self.batches, self.epoch, self.index = batches, 0, 0
-        self.rank, self.world = 0, 1
-        self._current: list | None = None
-
-    def shard(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
-
-    def __next__(self) -> Any:
-        if self._current is None:
-            self._current = self.batches(self.epoch)
-            if len(self._current) < self.world:
-                raise MedstateError(f"{len(self._current)} training batches cannot feed {self.world} processes")
-        if self.index + self.world > len(self._current):
-            self.epoch, self.index, self._current = self.epoch + 1, 0, None
-            return next(self)
-        batch = self._current[self.index + self.rank]
-        self.index += self.world
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index, self._current = state["epoch"], state["index"], None
 
 
 class Trainer:
@@ -226,7 +187,7 @@ class Trainer:
         step, resumed = 0, None
         if checkpoint_step(self.checkpoint_dir):  # the one test of "resume or start" (ehr.training.start_model too)
             step = resumed = self._load()
-        log = _Log(self.run_dir, append=resumed is not None, step=step) if main else _NoLog()
+        log = TrainLog(self.run_dir, append=resumed is not None, step=step) if main else NoLog()
         last_loss = float("nan")
         self.model.train()
         device_type = next(self.model.parameters()).device.type
@@ -423,58 +384,3 @@ def checkpoint_step(checkpoint_dir: str | Path) -> int:
     if not state_file.is_file():
         return 0
     return int(torch.load(state_file, weights_only=True, mmap=True)["step"])  # mmap: the optimizer state stays on disk
-
-
-class _NoLog:
-    """The log of a process other than the first: nothing is written."""
-
-    def add(self, *args) -> None: ...
-    def add_validation(self, *args) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class _Log:
-    """log.csv (and TensorBoard when installed). On resume, rows after the checkpoint's step are dropped first."""
-
-    def __init__(self, run_dir: Path, append: bool, step: int):
-        self.path = run_dir / "log.csv"
-        rows = []
-        if append and self.path.is_file():
-            with open(self.path) as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-        self.handle = open(self.path, "w", newline="")  # noqa: SIM115 (open for the whole run, closed in close())
-        self.writer = csv.DictWriter(
-            self.handle, fieldnames=["step", "loss", "lr", "tokens", "seconds", "validation"], restval=""
-        )
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.started = time.perf_counter()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=step + 1 if append else None)
-        except ImportError:
-            self.tensorboard = None
-
-    def add(self, step: int, loss: float, lr: float, tokens: int) -> None:
-        seconds = round(time.perf_counter() - self.started, 3)
-        self.writer.writerow(
-            {"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.3e}", "tokens": tokens, "seconds": seconds}
-        )
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("loss", loss, step)
-            self.tensorboard.add_scalar("lr", lr, step)
-
-    def add_validation(self, step: int, value: float) -> None:
-        self.writer.writerow({"step": step, "validation": f"{value:.6f}"})
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("validation", value, step)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
