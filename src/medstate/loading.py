@@ -152,20 +152,35 @@ def beside(path: str | None, file: str | Path) -> str | None:
     return None if path is None else str((Path(file).parent / Path(path).expanduser()).resolve())
 
 
-def load_settings(cls: type[T], path: str | Path | None = None, overrides: dict | None = None, what: str = "settings"):
+def load_settings(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict | None = None,
+    what: str = "settings",
+    defaults: dict | None = None,
+):
     """The one way settings are taken, from the CLI and from Python alike: a YAML file (or none: the defaults) with
     typed overrides on top, checked together by `from_data`. Overrides are keyed by dotted names
     (`{"train.max_steps": 5, "init": "runs/cpt/model"}`; None values are left out). Paths (fields marked `PATH`)
-    written in the file are relative to its folder, those given as overrides to the working directory."""
-    return from_data(cls, settings_data(cls, path, overrides, what), f"{what} {path}" if path else what)
+    written in the file are relative to its folder, those given as overrides to the working directory. `defaults`
+    (dotted, like overrides) go under the file: a caller's own defaults where they differ from the class's."""
+    return from_data(cls, settings_data(cls, path, overrides, what, defaults), f"{what} {path}" if path else what)
 
 
-def settings_data(cls: type, path: str | Path | None, overrides: dict | None = None, what: str = "settings") -> dict:
-    """What `load_settings` checks: the file's mapping with its paths resolved and the overrides put in."""
+def settings_data(
+    cls: type, path: str | Path | None, overrides: dict | None = None, what: str = "settings", defaults=None
+) -> dict:
+    """What `load_settings` checks: the defaults, the file's mapping over them with its paths resolved, and the
+    overrides put in."""
     data = expect_mapping(read_yaml(path, what) or {}, f"{what} {path}") if path is not None else {}
-    data = _resolve_paths(cls, data, Path(path) if path is not None else None)
+    data = _merged(_nested(defaults), _resolve_paths(cls, data, Path(path) if path is not None else None))
+    return _merged(data, _resolve_paths(cls, _nested(overrides), Path.cwd() / "options"))
+
+
+def _nested(dotted: dict | None) -> dict:
+    """{"train.max_steps": 5} → {"train": {"max_steps": 5}}; None values left out, paths as strings."""
     nested: dict = {}
-    for key, value in (overrides or {}).items():
+    for key, value in (dotted or {}).items():
         if value is None:
             continue
         *parents, name = key.split(".")
@@ -173,7 +188,7 @@ def settings_data(cls: type, path: str | Path | None, overrides: dict | None = N
         for parent in parents:
             node = node.setdefault(parent, {})
         node[name] = str(value) if isinstance(value, Path) else value
-    return _merged(data, _resolve_paths(cls, nested, Path.cwd() / "options"))
+    return nested
 
 
 def _merged(base: dict, extra: dict) -> dict:

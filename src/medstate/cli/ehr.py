@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from medstate.ehr.prepare import PrepareConfig, prepare
 from medstate.ehr.training import EhrTrainSettings, load_model, merge_adapter, run_training
 from medstate.eval.report import markdown_table
 from medstate.interp import explain
-from medstate.loading import load_settings, parse_list
+from medstate.loading import parse_list
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -29,8 +30,38 @@ Parallel = Annotated[
 ]
 
 
-def _train(stage: str, prepared: Path, run_dir: Path, overrides: dict) -> None:
-    settings = load_settings(EhrTrainSettings, None, overrides, "options")
+Config = Annotated[
+    Path | None,
+    typer.Option(
+        help="settings YAML (model, sizes, init, tasks, token_budget, lora, train: {…}); options given override it"
+    ),
+]
+# option → its dotted settings key (`EhrTrainSettings`)
+TRAIN_KEYS = {"model_kind": "model", "init": "init", "tasks": "tasks", "token_budget": "token_budget"}
+TRAIN_KEYS |= {name: f"sizes.{name}" for name in ("d_model", "n_layer", "dropout", "ssm_version")}
+TRAIN_KEYS |= {
+    name: f"train.{name}"
+    for name in ("max_steps", "lr", "warmup_steps", "seed", "bf16", "save_every", "grad_accumulation", "parallel")
+}
+LORA_OPTIONS = ("lora", "lora_targets", "lora_rank", "lora_alpha")
+
+
+def _train(ctx: typer.Context, stage: str, prepared: Path, run_dir: Path, config: Path | None, values: dict) -> None:
+    """Without --config every option is a setting; with it, only the options given override the file's."""
+    # by name: typer carries its own copy of click, whose ParameterSource is not click's
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    chosen = {name: value for name, value in values.items() if config is None or name in given}
+    overrides = {TRAIN_KEYS[name]: value for name, value in chosen.items() if name in TRAIN_KEYS}
+    if "tasks" in overrides:
+        overrides["tasks"] = parse_list(overrides["tasks"], str, "--tasks") if overrides["tasks"] else None
+    if chosen.get("lora"):  # adapters: --lora-* over the file's lora settings (if any)
+        targets = chosen.get("lora_targets")
+        overrides["lora"] = {"targets": parse_list(targets, str, "--lora-targets") if targets else None,
+                             "rank": chosen.get("lora_rank"), "alpha": chosen.get("lora_alpha")}  # fmt: skip
+        overrides["lora"] = {key: value for key, value in overrides["lora"].items() if value is not None}
+    settings = EhrTrainSettings.read(config, overrides, stage)
+    if chosen.get("lora") is False:  # --no-lora: no adapters, whatever the file says
+        settings = dataclasses.replace(settings, lora=None)
     with steps(stage) as progress:
         result = run_training(stage, prepared, run_dir, settings, progress)
     summary(
@@ -43,10 +74,6 @@ def _train(stage: str, prepared: Path, run_dir: Path, overrides: dict) -> None:
             "checkpoint": str(run_dir / "checkpoints" / "last"),
         },
     )
-
-
-def _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel) -> dict:
-    return {f"train.{k}": v for k, v in locals().items()}
 
 
 @app.command("prepare")
@@ -102,6 +129,7 @@ def ehr_prepare(
 
 @app.command("pretrain")
 def ehr_pretrain(
+    ctx: typer.Context,
     prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
     run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
     model_kind: Annotated[
@@ -122,18 +150,17 @@ def ehr_pretrain(
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (the SSM state stays fp32)")] = False,
     grad_accumulation: GradAccumulation = 1,
     parallel: Parallel = "ddp",
+    config: Config = None,
 ) -> None:
     """Pretrain on the training split: EhrMamba by next-event prediction, the Transformer baselines by MLM."""
 
-    sizes = {"d_model": d_model, "n_layer": n_layer, "dropout": dropout, "ssm_version": ssm_version}
-    options = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
-    _train(
-        "pretrain", prepared, run_dir, {"model": model_kind, "sizes": sizes, "token_budget": token_budget, **options}
-    )
+    values = dict(locals())
+    _train(ctx, "pretrain", prepared, run_dir, config, {k: values[k] for k in TRAIN_KEYS if k in values})
 
 
 @app.command("finetune")
 def ehr_finetune(
+    ctx: typer.Context,
     prepared: Annotated[Path, typer.Argument(help="output of `medstate ehr prepare`")],
     run_dir: Annotated[Path, typer.Argument(help="run directory (resumes from its checkpoint if there is one)")],
     init: Annotated[Path | None, typer.Option(help="pretrained checkpoint directory to start from")] = None,
@@ -158,16 +185,15 @@ def ehr_finetune(
     ] = None,
     lora_rank: Annotated[int, typer.Option(min=1)] = 16,
     lora_alpha: Annotated[float, typer.Option(min=0.0)] = 32.0,
+    config: Config = None,
 ) -> None:
     """Prompted multitask finetuning (or single-task with --tasks NAME) of an EhrMamba model. With --lora the
     run's checkpoints are adapters (PEFT's format, naming --init); `medstate ehr merge` folds them in."""
 
-    targets = parse_list(lora_targets, str, "--lora-targets") if lora_targets else []
-    adapters = {"targets": targets, "rank": lora_rank, "alpha": lora_alpha} if lora else None
-    options = _train_options(max_steps, lr, warmup_steps, seed, bf16, save_every, grad_accumulation, parallel)
-    names = parse_list(tasks, str, "--tasks") if tasks else None
-    _train("finetune", prepared, run_dir, {"model": model_kind, "init": init, "tasks": names, "lora": adapters,
-                                           "token_budget": token_budget, **options})  # fmt: skip
+    values = dict(locals())
+    _train(
+        ctx, "finetune", prepared, run_dir, config, {k: values[k] for k in (*TRAIN_KEYS, *LORA_OPTIONS) if k in values}
+    )
 
 
 @app.command("merge")

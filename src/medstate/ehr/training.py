@@ -27,13 +27,15 @@ from medstate.ehr.model import EhrMamba, EhrMambaConfig
 from medstate.ehr.sequences import ARRAYS
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
-from medstate.loading import PATH, expect_mapping, read_json, read_yaml
+from medstate.loading import PATH, expect_mapping, load_settings, read_json, read_yaml
 from medstate.ssm import lora as lora_adapters
 from medstate.ssm.lora import LoraSettings, add_lora, has_lora, is_adapter, load_adapter
 from medstate.train.loop import TrainConfig, Trainer, TrainResult, checkpoint_step, seed_everything
 
 PREPARED_FILES = ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml")
 STAGES = ("pretrain", "finetune")
+# where a stage's default differs from the settings classes': finetuning starts from a trained model
+STAGE_DEFAULTS = {"pretrain": {}, "finetune": {"train.lr": 5e-4}}
 
 
 @dataclass
@@ -48,6 +50,14 @@ class EhrTrainSettings:
     token_budget: int = 8192  # tokens per packed batch
     lora: LoraSettings | None = None  # finetuning: adapters on `init`, the classifier trained whole
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def read(cls, path: str | Path | None = None, overrides: dict | None = None, stage: str = "pretrain"):
+        """The stage's defaults, a YAML file of these fields over them (relative paths beside it; None: no file)
+        and typed dotted overrides on top (`load_settings`)."""
+        if stage not in STAGES:
+            raise MedstateError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        return load_settings(cls, path, overrides, f"{stage} settings", STAGE_DEFAULTS[stage])
 
 
 def run_training(
