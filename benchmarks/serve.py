@@ -63,7 +63,8 @@ def model_dir(work: Path) -> tuple[Path, str]:
 
 def demo_events():
     from medstate.data.meds import scan_meds
-    from medstate.ehr.prepare import PrepareConfig, at_end_of_day
+    from medstate.ehr.prepare import PrepareConfig
+    from medstate.ehr.sequences import at_end_of_day
 
     return at_end_of_day(scan_meds(DEMO_MEDS).collect(), PrepareConfig().date_only_codes)
 

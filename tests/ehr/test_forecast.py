@@ -18,6 +18,7 @@ from medstate.ehr.forecast import (
 from medstate.ehr.model import EhrMamba, EhrMambaConfig
 from medstate.ehr.sequences import ARRAYS, TYPE_INTERVAL, TYPE_REGISTER, TYPE_VISIT_START, interval_token
 from medstate.ehr.vocab import Vocabulary
+from tests.ehr.conftest import inputs_frame
 
 
 def tiny_model(prepared):
@@ -28,7 +29,7 @@ def tiny_model(prepared):
 
 
 def histories(prepared, split="train"):
-    frame = pl.read_parquet(prepared / "pretrain.parquet").filter(pl.col("split") == split)
+    frame = inputs_frame(prepared, "pretrain").filter(pl.col("split") == split)
     return [{name: np.asarray(row[name]) for name in ARRAYS} for row in frame.iter_rows(named=True)]
 
 

@@ -16,6 +16,7 @@ from medstate.ehr.batching import collate
 from medstate.ehr.model import EhrMamba
 from medstate.ehr.training import load_model, predict
 from medstate.ssm.lora import LoraSettings, add_lora
+from tests.ehr.conftest import inputs_frame
 
 pytest.importorskip("peft")
 
@@ -30,11 +31,10 @@ def pretrained(prepared, tmp_path_factory):
 
 
 def _batch(prepared):
-    import polars as pl
 
     from medstate.ehr.sequences import ARRAYS
 
-    rows = pl.read_parquet(prepared / "finetune.parquet").head(6).iter_rows(named=True)
+    rows = inputs_frame(prepared, "finetune").head(6).iter_rows(named=True)
     return collate([{name: row[name] for name in ARRAYS} for row in rows])
 
 

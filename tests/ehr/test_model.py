@@ -91,7 +91,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_xgboost_count_features():
     from medstate.ehr.baselines.xgboost_counts import count_features
     from medstate.ehr.sequences import SPECIAL_TOKENS
-    from medstate.ehr.training import Samples
+    from medstate.ehr.store import Samples
 
     first = len(SPECIAL_TOKENS)
     arrays = {

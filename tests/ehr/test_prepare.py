@@ -11,6 +11,7 @@ from medstate.ehr.prepare import PrepareConfig, prepare
 from medstate.ehr.sequences import SPECIAL_TOKENS
 from medstate.ehr.tasks import TaskSuite
 from medstate.ehr.vocab import Vocabulary
+from tests.ehr.conftest import inputs_frame
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +22,11 @@ def prepared(mimic_csv_meds, tmp_path_factory):
 
 def test_files_and_counts(prepared):
     summary, out = prepared
-    for name in ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml", "pretrain.parquet", "finetune.parquet"):
+    for name in ("vocab.json", "value_bins.json", "tasks.yaml", "prepare.yaml", "subjects.parquet", "samples.parquet"):
         assert (out / name).is_file(), name
     assert summary.subjects == {"train": 80, "tuning": 10, "held_out": 10}
     labels = pl.read_parquet(out / "labels.parquet")
-    finetune = pl.read_parquet(out / "finetune.parquet")
+    finetune = inputs_frame(out, "finetune")
     assert finetune.height == labels.height == sum(s["n"] for s in summary.samples.values())
     assert TaskSuite.load(out / "tasks.yaml").tasks == TaskSuite.load().tasks  # the suite round-trips
 
@@ -33,7 +34,7 @@ def test_files_and_counts(prepared):
 def test_prompted_samples(prepared):
     _, out = prepared
     vocab = Vocabulary.load(out / "vocab.json")
-    finetune = pl.read_parquet(out / "finetune.parquet")
+    finetune = inputs_frame(out, "finetune")
     assert finetune["input_ids"].list.len().max() <= 512
     for row in finetune.sample(50, seed=0).iter_rows(named=True):
         task_id = vocab.index[f"[TASK_{row['task'].upper()}]"]
@@ -45,7 +46,7 @@ def test_prompted_samples(prepared):
 def test_vocabulary_and_bins_come_from_training_subjects_only(prepared, mimic_csv_meds):
     _, out = prepared
     vocab = Vocabulary.load(out / "vocab.json")
-    pretrain = pl.read_parquet(out / "pretrain.parquet")
+    pretrain = inputs_frame(out, "pretrain")
     events = scan_meds(mimic_csv_meds.summary.output).collect()
     train_codes = set(events.filter(pl.col("split") == "train")["code"])
     codes = [t for t in vocab.tokens[len(SPECIAL_TOKENS) :] if not t.startswith("[TASK_")]
@@ -58,8 +59,8 @@ def test_vocabulary_and_bins_come_from_training_subjects_only(prepared, mimic_cs
 
 def test_splits_are_kept(prepared):
     _, out = prepared
-    pretrain = pl.read_parquet(out / "pretrain.parquet")
-    finetune = pl.read_parquet(out / "finetune.parquet")
+    pretrain = inputs_frame(out, "pretrain")
+    finetune = inputs_frame(out, "finetune")
     split_of = dict(pretrain.select("subject_id", "split").iter_rows())
     assert all(split_of[s] == split for s, split in finetune.select("subject_id", "split").iter_rows())
 
@@ -69,7 +70,7 @@ def test_per_subject_cap_is_label_blind_and_seeded():
 
     import polars as pl
 
-    from medstate.ehr.prepare import cap_per_subject
+    from medstate.ehr.tasks import cap_per_subject
 
     rows = [
         {"subject_id": s, "visit_key": str(v), "prediction_time": datetime(2020, 1, 1) + timedelta(days=v),
@@ -117,7 +118,7 @@ def test_finetune_inputs_are_the_history_known_at_the_prediction_time(prepared, 
     )
     dated = events.filter(pl.col("time").is_not_null()).join(admitted, on=["subject_id", "hadm_id"], how="left")
     statics = events.filter(pl.col("time").is_null()).group_by("subject_id").len("statics")
-    finetune = pl.read_parquet(out / "finetune.parquet").with_row_index("row")
+    finetune = inputs_frame(out, "finetune").with_row_index("row")
     samples = finetune.select("row", "subject_id", "prediction_time")
     visible = (
         samples.join(dated, on="subject_id")
@@ -151,7 +152,7 @@ def test_finetune_inputs_are_the_history_known_at_the_prediction_time(prepared, 
 
 def test_pretraining_sequences_run_forward_in_time(prepared):
     _, out = prepared
-    pretrain = pl.read_parquet(out / "pretrain.parquet")
+    pretrain = inputs_frame(out, "pretrain")
     for times in pretrain["times"].to_list():
         assert (np.diff(times) >= -1e-3).all()  # float32 days
 
@@ -185,7 +186,7 @@ def test_hand_worked_finetune_inputs(tmp_path):
     frame.write_parquet(tmp_path / "meds" / "data" / "train" / "0.parquet")
     prepare(tmp_path / "meds", tmp_path / "out", PrepareConfig(max_length=64))
     vocab = Vocabulary.load(tmp_path / "out" / "vocab.json")
-    finetune = pl.read_parquet(tmp_path / "out" / "finetune.parquet")
+    finetune = inputs_frame(tmp_path / "out", "finetune")
 
     def tokens(task, key):
         row = finetune.filter((pl.col("task") == task) & (pl.col("visit_key") == key))

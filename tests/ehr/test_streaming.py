@@ -8,8 +8,7 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 
-from medstate.ehr.prepare import at_end_of_day
-from medstate.ehr.sequences import ValueBins, build_sequence
+from medstate.ehr.sequences import ValueBins, at_end_of_day, build_sequence
 from medstate.ehr.streaming import StreamEvent, StreamingTokenizer, rows_of
 
 DEMO = "data/demo/mimic-iv-demo-meds"

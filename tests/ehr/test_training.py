@@ -15,6 +15,7 @@ from medstate.ehr.model import EhrMamba
 from medstate.ehr.training import predict
 from medstate.train.loop import TrainConfig
 from medstate.train.schedules import learning_rate_factor
+from tests.ehr.conftest import inputs_frame
 
 
 def pretrain_command(prepared, run_dir):
@@ -65,7 +66,7 @@ def test_predictions_are_each_samples_own_probability(prepared, tmp_path):
     model = EhrMamba.from_pretrained(tmp_path / "run" / "checkpoints" / "last").eval()
     predictions = predict(model, prepared, "held_out")
     assert predictions.columns == ["subject_id", "task", "visit_key", "prediction_time", "y_true", "y_score"]
-    samples = pl.read_parquet(prepared / "finetune.parquet").filter(pl.col("split") == "held_out")
+    samples = inputs_frame(prepared, "finetune").filter(pl.col("split") == "held_out")
     assert predictions.height == samples.height
     key = ["subject_id", "task", "visit_key"]
     by_key = {tuple(r[k] for k in key): r for r in predictions.iter_rows(named=True)}

@@ -9,7 +9,8 @@ import yaml
 
 from medstate.data.meds import scan_meds
 from medstate.ehr.model import EhrMamba, EhrMambaConfig
-from medstate.ehr.prepare import PrepareConfig, at_end_of_day, prepare
+from medstate.ehr.prepare import PrepareConfig, prepare
+from medstate.ehr.sequences import at_end_of_day
 from medstate.ehr.streaming import StreamEvent
 from medstate.ehr.vocab import Vocabulary
 from medstate.serve.patient import ServedModel

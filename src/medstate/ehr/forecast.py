@@ -46,6 +46,7 @@ from medstate.ehr.sequences import (
     VISIT_START,
     YEAR_DAYS,
 )
+from medstate.ehr.store import Samples
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.ssm.model import sample_next_token
@@ -173,10 +174,9 @@ class VisitClock:
 def forecast_points(prepared: Path, split: str) -> list[tuple[int, dict, set[int]]]:
     """(subject_id, history arrays up to the [REG] of the second-to-last visit, event codes of the last visit) for
     every subject of `split` with at least two visits in its stored sequence."""
-    frame = pl.read_parquet(prepared / "pretrain.parquet").filter(pl.col("split") == split)
+    samples = Samples.read(prepared, "pretrain", split)
     points = []
-    for row in frame.iter_rows(named=True):
-        arrays = {name: np.asarray(row[name]) for name in ARRAYS}
+    for subject_id, arrays in zip(samples.frame["subject_id"].to_list(), samples.arrays):
         types = arrays["token_types"]
         registers = np.flatnonzero(types == TYPE_REGISTER)
         starts = np.flatnonzero(types == TYPE_VISIT_START)
@@ -190,16 +190,15 @@ def forecast_points(prepared: Path, split: str) -> list[tuple[int, dict, set[int
             if k == TYPE_EVENT and t >= len(SPECIAL_TOKENS)
         }
         if truth:
-            points.append((row["subject_id"], {name: a[:cut] for name, a in arrays.items()}, truth))
+            points.append((subject_id, {name: a[:cut] for name, a in arrays.items()}, truth))
     return points
 
 
 def population_ranking(prepared: Path, vocab_size: int) -> np.ndarray:
     """Event codes by the number of training subjects that have them (most first)."""
-    frame = pl.read_parquet(prepared / "pretrain.parquet", columns=["split", "input_ids", "token_types"])
     counts = np.zeros(vocab_size)
-    for ids, types in frame.filter(pl.col("split") == "train").select("input_ids", "token_types").iter_rows():
-        ids, types = np.asarray(ids), np.asarray(types)
+    for arrays in Samples.read(prepared, "pretrain", "train").arrays:
+        ids, types = arrays["input_ids"], arrays["token_types"]
         counts[np.unique(ids[types == TYPE_EVENT])] += 1
     counts[: len(SPECIAL_TOKENS)] = -1
     return np.argsort(-counts, kind="stable")

@@ -1,4 +1,13 @@
-"""`prepare`: a MEDS dataset → model-ready EHR data (the input of pretraining, finetuning and the baselines).
+"""`prepare`: MEDS datasets → model-ready EHR data (the input of pretraining, finetuning and the baselines), as a map
+over shards and a small reduce, so that no process ever holds more than one shard.
+
+    1. plan     the units of work: each MEDS shard, split into subject buckets (`subject_id mod n`) where it has more
+                than `shard_subjects` subjects
+    2. bins     per-code quantile edges of numeric values, from the training split's (code, value) columns alone
+    3. map      per unit (`ehr.shards`, on `workers` processes): sequences, visits, episodes, labels, samples and
+                the training tokens' counts
+    4. reduce   the vocabulary from the summed training counts; each unit's ids rewritten to it (`store`)
+    5. index    subjects.parquet, samples.parquet, labels.parquet
 
 Writes to OUT:
 
@@ -6,12 +15,15 @@ Writes to OUT:
     value_bins.json     per-code quantile edges of numeric values (training split only)
     tasks.yaml          the task suite used for the labels
     prepare.yaml        the resolved settings
-    pretrain.parquet    one row per subject: full history, truncated to max_length (most recent kept)
-    finetune.parquet    one row per (task, sample): the history known at the prediction time in prompted form
-                        ([TASK] … [TASK]), its 0/1 label, prediction time and visit
+    shards/<unit>/      every subject's whole sequence, stored once (`ehr.store`)
+    subjects.parquet    one row per subject (pretraining inputs: the sequence truncated to max_length)
+    samples.parquet     one row per (task, sample): label, prediction time, visit, the stays hidden from it, and a
+                        reference into the store; its input is the history known at the prediction time in
+                        prompted form ([TASK] … [TASK])
     labels.parquet      the labels alone (subject_id, visit_key, prediction_time, label, task, split)
 
-Every row carries the subject's split, so no subject crosses from training into evaluation.
+Every row carries the subject's split, so no subject crosses from training into evaluation. A rerun into the same
+OUT with the same settings skips the finished units (a killed run resumes); with other settings it stops.
 
 Date-only events (codes matching `date_only_codes`: MIMIC-IV procedures and HCPCS, dated by `chartdate`, at 00:00;
 and FHIR dates without a time, which the data layer marks `time_precision` = "day") may have happened at any time
@@ -23,32 +35,29 @@ at a discharge-time prediction the stay is closed with [VE] [REG], as pretrainin
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import yaml
 
-from medstate.data.meds import scan_meds
-from medstate.ehr.sequences import (
-    ARRAY_DTYPES,
-    PROMPT_LAYOUTS,
-    PatientSequence,
-    ValueBins,
-    build_sequence,
-    visit_key_columns,
-)
-from medstate.ehr.tasks import TaskSuite
-from medstate.ehr.visits import later_stay_keys
+from medstate.data.meds import data_files
+from medstate.ehr.sequences import PROMPT_LAYOUTS, ValueBins, visit_key_columns
+from medstate.ehr.shards import SUBJECT_SCHEMA, Unit, UnitJob, run_unit, unit_dir
+from medstate.ehr.store import finalize_unit
+from medstate.ehr.tasks import LABEL_SCHEMA, TaskSuite
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 
-SEQUENCE_COLUMNS = {name: pl.List(dtype) for name, dtype in ARRAY_DTYPES.items()}
+SAMPLE_SORT = ["task", "subject_id", "prediction_time", "visit_key"]
 
 
 @dataclass
@@ -81,128 +90,146 @@ def prepare(
     output: str | Path,
     config: PrepareConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    shard_subjects: int = 2000,
 ) -> PrepareSummary:
+    """`progress(done, total)` counts units. `workers` processes run the map (the output does not depend on it, nor
+    on `shard_subjects`, the most subjects a unit holds: a worker's memory)."""
     config = config or PrepareConfig()
+    _check(config, workers, shard_subjects)
+    suite = TaskSuite.load(config.tasks)
+    dirs = [meds_dir] if isinstance(meds_dir, (str, Path)) else list(meds_dir)
+    units = plan_units(dirs, shard_subjects)
+    if not any(u.split == "train" for u in units):
+        raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
+    out = Path(output)
+    settings = yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": [str(d) for d in dirs]})
+    bins = _start(out, settings, suite, config, units)
+    jobs = [
+        UnitJob(unit, str(out), config.visit, config.max_length, config.prompt, tuple(config.date_only_codes),
+                config.max_samples_per_subject, config.seed, {"n_bins": bins.n_bins, "edges": bins.edges},
+                suite.to_yaml())
+        for unit in units
+    ]  # fmt: skip
+    run_map(jobs, workers, progress)
+    counts: Counter = Counter()
+    for unit in units:
+        counts.update(json.loads((unit_dir(out, unit.name) / "counts.json").read_text()))
+    vocab = Vocabulary.from_counts(counts, config.min_count, [t.token for t in suite.tasks])
+    vocab.save(out / "vocab.json")
+    for unit in units:
+        finalize_unit(out, unit.name, vocab)
+    subjects, samples = write_index(out, units, config.max_length)
+    counted = samples.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
+    return PrepareSummary(
+        output=out,
+        subjects=dict(subjects.group_by("split").len().iter_rows()),
+        vocabulary=len(vocab),
+        samples={task: {"n": n, "positives": p} for task, n, p in counted.sort("task").iter_rows()},
+    )
+
+
+def _check(config: PrepareConfig, workers: int, shard_subjects: int) -> None:
     visit_key_columns(config.visit)  # validates the name
     if config.prompt not in PROMPT_LAYOUTS:
         raise MedstateError(f"prompt must be one of {', '.join(PROMPT_LAYOUTS)}, got {config.prompt!r}")
     if config.max_length < 8:
         raise MedstateError(f"max_length must be at least 8, got {config.max_length}")
-    suite = TaskSuite.load(config.tasks)
-    events = at_end_of_day(read_datasets(meds_dir), config.date_only_codes)
-    splits = events.select("subject_id", "split").unique("subject_id", keep="first")
-    if "train" not in set(splits["split"]):
-        raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
-    train_ids = splits.filter(pl.col("split") == "train")["subject_id"]
-    bins = ValueBins(config.value_bins).fit(events.filter(pl.col("subject_id").is_in(train_ids.implode())))
-    keep = [
-        "subject_id",
-        "time",
-        "code",
-        "numeric_value",
-        *(c for c in ("hadm_id", "encounter_id") if c in events.columns),
-    ]
-    by_subject = events.select(keep).partition_by("subject_id", as_dict=True, maintain_order=True)
-    sequences: dict[int, PatientSequence] = {}
-    for done, ((subject_id,), subject_events) in enumerate(sorted(by_subject.items()), start=1):
-        sequences[subject_id] = build_sequence(subject_id, subject_events, bins, config.visit)
-        if progress:
-            progress(done, len(by_subject))
-    train_set = set(train_ids.to_list())
-    vocab = Vocabulary.fit(
-        (s.tokens for sid, s in sequences.items() if sid in train_set),
-        min_count=config.min_count,
-        task_tokens=[t.token for t in suite.tasks],
-    )
-    split_of = dict(splits.iter_rows())
-    labels = suite.label(events).with_columns(pl.col("subject_id").replace_strict(split_of).alias("split"))
-    caps = {t.name: t.max_samples_per_subject or config.max_samples_per_subject for t in suite.tasks}
-    labels = cap_per_subject(labels, caps, config.seed)
+    if workers < 1 or shard_subjects < 1:
+        raise MedstateError(f"workers and shard_subjects must be at least 1, got {workers} and {shard_subjects}")
 
-    out = Path(output)
+
+def plan_units(dirs: list[str | Path], shard_subjects: int) -> list[Unit]:
+    """Every shard of every dataset as units of at most `shard_subjects` subjects, in a fixed order."""
+    units = []
+    for number, root in enumerate(dirs):
+        root = Path(root)
+        for path in data_files(root):
+            parts = path.relative_to(root / "data").parts
+            split = parts[0] if len(parts) > 1 else ""
+            probe = Unit("", str(root), str(path), split)
+            try:
+                n = probe.scan().select(pl.col("subject_id").n_unique()).collect().item()
+            except pl.exceptions.PolarsError as err:
+                raise MedstateError(f"{path} cannot be read ({str(err).splitlines()[0]})") from None
+            buckets = max(1, math.ceil(n / shard_subjects))
+            stem = "_".join(path.relative_to(root / "data").with_suffix("").parts)
+            for bucket in range(buckets):
+                name = f"d{number}-{stem}-{bucket + 1}of{buckets}"
+                units.append(Unit(name, str(root), str(path), split, bucket, buckets))
+    return units
+
+
+def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, units: list[Unit]) -> ValueBins:
+    """A new OUT gets the settings, the task suite and the value bins; a resumed one must have the same settings
+    (its bins are read back), and loses the units of another shard plan."""
     out.mkdir(parents=True, exist_ok=True)
-    vocab.save(out / "vocab.json")
-    (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
-    (out / "tasks.yaml").write_text(suite.to_yaml())
-    sources = [str(d) for d in ([meds_dir] if isinstance(meds_dir, (str, Path)) else meds_dir)]
-    (out / "prepare.yaml").write_text(yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": sources}))
+    written = out / "prepare.yaml"
+    if written.is_file() and (out / "value_bins.json").is_file():
+        if written.read_text() != settings:
+            raise MedstateError(f"{out} was prepared with other settings; prepare into a new directory")
+        saved = json.loads((out / "value_bins.json").read_text())
+        bins = ValueBins(saved["n_bins"], saved["edges"])
+    else:
+        train = [u.scan().select("code", "numeric_value") for u in units if u.split == "train"]
+        bins = ValueBins(config.value_bins).fit(pl.concat(train))
+        (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
+        (out / "tasks.yaml").write_text(suite.to_yaml())
+        written.write_text(settings)
+    for stale in ("pretrain.parquet", "finetune.parquet"):  # an older medstate's layout
+        (out / stale).unlink(missing_ok=True)
+    planned = {u.name for u in units}
+    for folder in (out / "shards").glob("*") if (out / "shards").is_dir() else []:
+        if folder.name not in planned:
+            shutil.rmtree(folder)
+    return bins
 
-    pretrain = [
-        {"subject_id": sid, "split": split_of[sid], **_arrays(seq.truncate(config.max_length), vocab)}
-        for sid, seq in sorted(sequences.items())
-    ]
-    pl.DataFrame(pretrain, schema={"subject_id": pl.Int64, "split": pl.String, **SEQUENCE_COLUMNS}).write_parquet(
-        out / "pretrain.parquet"
+
+def run_map(jobs: list[UnitJob], workers: int, progress: Callable[[int, int], None] | None = None) -> None:
+    """Each job once, on this process or on `workers` new ones (spawned: polars' threads do not survive a fork)."""
+    progress = progress or (lambda done, total: None)
+    progress(0, len(jobs))
+    if workers == 1 or len(jobs) == 1:
+        for done, job in enumerate(jobs, start=1):
+            run_unit(job)
+            progress(done, len(jobs))
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(run_unit, job) for job in jobs]
+        for done, future in enumerate(as_completed(futures), start=1):
+            future.result()
+            progress(done, len(jobs))
+
+
+def _limit_threads(threads: str) -> None:
+    os.environ["POLARS_MAX_THREADS"] = threads  # read when polars is first imported, in the worker
+
+
+def write_index(out: Path, units: list[Unit], max_length: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """subjects.parquet, samples.parquet and labels.parquet from the units, in the order training reads them."""
+    subjects = pl.concat(
+        [pl.read_parquet(unit_dir(out, u.name) / "subjects.parquet").with_columns(pl.lit(u.name).alias("unit"))
+         for u in units]
+    ).cast(SUBJECT_SCHEMA)  # fmt: skip
+    repeated = subjects.filter(pl.col("subject_id").is_duplicated())
+    if len(repeated):
+        first = repeated.sort("subject_id").head(2)
+        raise MedstateError(
+            f"subject {first['subject_id'][0]} is in two shards ({first['unit'][0]}, {first['unit'][1]}): a subject "
+            "must be in one shard of one dataset (convert datasets with colliding ids apart)"
+        )
+    subjects = subjects.sort("subject_id").with_columns(
+        pl.min_horizontal(pl.col("stop") - pl.col("start"), pl.lit(max_length)).alias("length")
     )
-    task_of = {t.name: t for t in suite.tasks}
-    hidden = later_stay_keys(suite.stays(events), labels)
-    finetune = []
-    for row, hidden_keys in zip(labels.iter_rows(named=True), hidden):
-        task = task_of[row["task"]]
-        history = sequences[row["subject_id"]].until(row["prediction_time"], hidden_keys, close=task.closes_visit)
-        prompted = history.prompted(task.token, config.max_length, config.prompt)
-        finetune.append({**row, **_arrays(prompted, vocab)})
-    schema = {**dict(labels.schema), **SEQUENCE_COLUMNS}
-    pl.DataFrame(finetune, schema=schema).write_parquet(out / "finetune.parquet")
-    labels.write_parquet(out / "labels.parquet")
-    counts = labels.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
-    return PrepareSummary(
-        output=out,
-        subjects=dict(splits.group_by("split").len().iter_rows()),
-        vocabulary=len(vocab),
-        samples={task: {"n": n, "positives": p} for task, n, p in counts.sort("task").iter_rows()},
-    )
-
-
-def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int) -> pl.DataFrame:
-    """At most `caps[task]` rows per (task, subject) (None: all), chosen uniformly at random (seeded) regardless of
-    the label, so the kept rows are an unbiased sample of each subject's prediction times."""
-    if any(cap is not None and cap < 1 for cap in caps.values()):
-        raise MedstateError(f"max_samples_per_subject must be at least 1, got {caps}")
-    # each row's draw depends only on (seed, task, subject, visit), so a change elsewhere in the labels never redraws it
-    text = labels.select(pl.format("{}|{}|{}|{}", pl.lit(seed), "task", "subject_id", "visit_key")).to_series()
-    keys = np.asarray([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") for t in text])
-    cap = pl.col("task").replace_strict({t: c or len(labels) for t, c in caps.items()}, return_dtype=pl.Int64)
-    ranked = labels.with_columns(pl.Series("_key", keys)).with_columns(
-        pl.col("_key").rank("ordinal").over("task", "subject_id").alias("_rank")
-    )
-    return ranked.filter(pl.col("_rank") <= cap).drop("_key", "_rank")
-
-
-def at_end_of_day(events: pl.DataFrame, date_only_codes: tuple[str, ...]) -> pl.DataFrame:
-    """Date-only events moved to the last microsecond of their day: those of `date_only_codes` dated at 00:00, and
-    those whose `time_precision` is "day" (FHIR dates without a time), birth excepted (it only gives the age)."""
-    matches = pl.any_horizontal(pl.lit(False), *(pl.col("code").str.contains(p) for p in date_only_codes))
-    if "time_precision" in events.columns:
-        matches = matches | ((pl.col("time_precision") == "day") & (pl.col("code") != "MEDS_BIRTH")).fill_null(False)
-    midnight = pl.col("time") == pl.col("time").dt.truncate("1d")
-    end_of_day = pl.col("time") + timedelta(days=1) - timedelta(microseconds=1)
-    return events.with_columns(pl.when(matches & midnight).then(end_of_day).otherwise(pl.col("time")).alias("time"))
-
-
-def read_datasets(meds_dirs: str | Path | list[str | Path]) -> pl.DataFrame:
-    """One or several MEDS datasets as one event table (each keeps its splits); subject ids must not collide."""
-    dirs = [meds_dirs] if isinstance(meds_dirs, (str, Path)) else list(meds_dirs)
-    frames = [scan_meds(d).collect() for d in dirs]
-    if len(frames) > 1:
-        seen: set[int] = set()
-        for directory, frame in zip(dirs, frames):
-            ids = set(frame["subject_id"].unique().to_list())
-            if ids & seen:
-                raise MedstateError(f"{directory} shares subject ids with another dataset; convert them apart")
-            seen |= ids
-    return pl.concat(frames, how="diagonal_relaxed")
-
-
-def _arrays(sequence: PatientSequence, vocab: Vocabulary) -> dict:
-    return {
-        "input_ids": vocab.encode(sequence.tokens),
-        "token_types": sequence.token_types.tolist(),
-        "ages": sequence.ages.tolist(),
-        "times": sequence.times.tolist(),
-        "visit_segments": sequence.visit_segments.tolist(),
-        "visit_orders": sequence.visit_orders.tolist(),
-    }
+    samples = pl.concat([pl.read_parquet(unit_dir(out, u.name) / "samples.parquet") for u in units])
+    samples = samples.join(subjects.drop("split", "length"), on="subject_id", how="left").sort(SAMPLE_SORT)
+    for frame, name in ((subjects, "subjects"), (samples, "samples")):
+        frame.write_parquet(out / f"{name}.partial.parquet")
+        os.replace(out / f"{name}.partial.parquet", out / f"{name}.parquet")
+    samples.select(*LABEL_SCHEMA, "split").write_parquet(out / "labels.parquet")
+    return subjects, samples
 
 
 def _plain(settings: dict) -> dict:

@@ -119,11 +119,14 @@ class PatientSequence:
             self.first_time,
         )
 
-    def until(self, moment: datetime, hidden_keys=(), close: bool = False) -> PatientSequence:
+    def until(
+        self, moment: datetime, hidden_keys=(), close: bool = False, closing: tuple = (VISIT_END, REGISTER)
+    ) -> PatientSequence:
         """The tokens known at `moment`: static facts and everything dated at or before it, less the events whose
         visit key is in `hidden_keys` (stays that start after `moment`). A visit left without events goes too.
-        `close`: a visit still open at `moment` gets its [VE] [REG] at `moment`; otherwise it stays open (no
-        [VE]/[REG] yet). The interval token before a visit appears with the visit."""
+        `close`: a visit still open at `moment` gets its [VE] [REG] at `moment` (`closing`: those two tokens as
+        this sequence writes its tokens, strings or vocabulary ids); otherwise it stays open (no [VE]/[REG] yet).
+        The interval token before a visit appears with the visit."""
         keep = self.timestamps <= _microseconds(moment)
         if len(hidden_keys) and self.visit_keys:
             keep &= ~np.isin(np.asarray(self.visit_keys, dtype=object), list(hidden_keys))
@@ -134,16 +137,16 @@ class PatientSequence:
         history = self._select(np.flatnonzero(keep))
         last = len(history) - 1
         if close and history.visit_orders[last] > 0 and history.token_types[last] != TYPE_REGISTER:
-            history = history._closed(moment)
+            history = history._closed(moment, closing)
         return history
 
-    def _closed(self, moment: datetime) -> PatientSequence:
+    def _closed(self, moment: datetime, closing: tuple) -> PatientSequence:
         """This history with [VE] [REG] at `moment` appended to its open last visit."""
         segment, order = int(self.visit_segments[-1]), int(self.visit_orders[-1])
         age, days = _age(self.birth, moment), _days(self.first_time, moment)
         return PatientSequence(
             self.subject_id,
-            [*self.tokens, VISIT_END, REGISTER],
+            [*self.tokens, *closing],
             np.r_[self.token_types, TYPE_VISIT_END, TYPE_REGISTER].astype(np.int8),
             np.r_[self.ages, age, age].astype(np.float32),
             np.r_[self.times, days, days].astype(np.float32),
@@ -210,13 +213,16 @@ class ValueBins:
     n_bins: int = 5
     edges: dict[str, list[float]] = field(default_factory=dict)
 
-    def fit(self, events: pl.DataFrame) -> ValueBins:
-        numeric = events.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
+    def fit(self, events: pl.DataFrame | pl.LazyFrame) -> ValueBins:
+        """Edges from the (code, numeric_value) columns, exact quantiles; a lazy frame is read in a streaming pass,
+        its other columns never loaded."""
+        numeric = events.lazy().filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
         quantiles = [q / self.n_bins for q in range(1, self.n_bins)]
         edges = numeric.group_by("code").agg(
             *(pl.col("numeric_value").quantile(q, "linear").alias(f"q{i}") for i, q in enumerate(quantiles))
         )
-        self.edges = {row[0]: [float(v) for v in row[1:]] for row in edges.sort("code").iter_rows()}
+        rows = edges.sort("code").collect(engine="streaming").iter_rows()
+        self.edges = {row[0]: [float(v) for v in row[1:]] for row in rows}
         return self
 
     def token(self, code: str, value: float | None) -> str:
@@ -376,3 +382,14 @@ def sequence_of(
         birth=birth,
         first_time=first_time,
     )
+
+
+def at_end_of_day(events: pl.DataFrame, date_only_codes: tuple[str, ...]) -> pl.DataFrame:
+    """Date-only events moved to the last microsecond of their day: those of `date_only_codes` dated at 00:00, and
+    those whose `time_precision` is "day" (FHIR dates without a time), birth excepted (it only gives the age)."""
+    matches = pl.any_horizontal(pl.lit(False), *(pl.col("code").str.contains(p) for p in date_only_codes))
+    if "time_precision" in events.columns:
+        matches = matches | ((pl.col("time_precision") == "day") & (pl.col("code") != "MEDS_BIRTH")).fill_null(False)
+    midnight = pl.col("time") == pl.col("time").dt.truncate("1d")
+    end_of_day = pl.col("time") + timedelta(days=1) - timedelta(microseconds=1)
+    return events.with_columns(pl.when(matches & midnight).then(end_of_day).otherwise(pl.col("time")).alias("time"))

@@ -26,11 +26,13 @@ the label.
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import yaml
 
@@ -117,6 +119,11 @@ class TaskSuite:
             text, where = resources.files("medstate.ehr").joinpath("resources/tasks.yaml").read_text(), "tasks.yaml"
         else:
             text, where = read_text(path, "task file"), f"task file {path}"
+        return cls.from_yaml(text, where)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "tasks.yaml") -> TaskSuite:
+        """A suite from a task file's text (`where` names it in errors)."""
         data = expect_mapping(parse_yaml(text, where) or {}, where)
         unknown = sorted(set(data) - {"tasks", "visit_sets", "code_sets"})
         if unknown:
@@ -266,3 +273,18 @@ def _drop_if_before(samples: pl.DataFrame, outcome: pl.DataFrame) -> pl.DataFram
     )
     joined = samples.join(first, on="subject_id", how="left")
     return joined.filter(pl.col("_first").is_null() | (pl.col("_first") > pl.col("prediction_time"))).drop("_first")
+
+
+def cap_per_subject(labels: pl.DataFrame, caps: dict[str, int | None], seed: int) -> pl.DataFrame:
+    """At most `caps[task]` rows per (task, subject) (None: all), chosen uniformly at random (seeded) regardless of
+    the label, so the kept rows are an unbiased sample of each subject's prediction times."""
+    if any(cap is not None and cap < 1 for cap in caps.values()):
+        raise MedstateError(f"max_samples_per_subject must be at least 1, got {caps}")
+    # each row's draw depends only on (seed, task, subject, visit), so a change elsewhere in the labels never redraws it
+    text = labels.select(pl.format("{}|{}|{}|{}", pl.lit(seed), "task", "subject_id", "visit_key")).to_series()
+    keys = np.asarray([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") for t in text])
+    cap = pl.col("task").replace_strict({t: c or len(labels) for t, c in caps.items()}, return_dtype=pl.Int64)
+    ranked = labels.with_columns(pl.Series("_key", keys)).with_columns(
+        pl.col("_key").rank("ordinal").over("task", "subject_id").alias("_rank")
+    )
+    return ranked.filter(pl.col("_rank") <= cap).drop("_key", "_rank")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from medstate.ehr.batching import collate, token_budget_batches
 from medstate.ehr.model import EhrMamba, EhrMambaConfig
-from medstate.ehr.sequences import ARRAYS
+from medstate.ehr.store import Samples
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.loading import PATH, expect_mapping, load_settings, read_json, read_yaml
@@ -79,28 +79,6 @@ def run_training(
     if stage == "pretrain":
         return pretrain(prepared, run_dir, model, train, settings.token_budget, progress)
     return finetune(prepared, run_dir, model, train, settings.tasks, settings.token_budget, progress)
-
-
-@dataclass
-class Samples:
-    frame: pl.DataFrame
-    arrays: list[dict]
-
-    @classmethod
-    def read(cls, path: Path, split: str, tasks: list[str] | None = None) -> Samples:
-        if not path.is_file():
-            raise MedstateError(f"{path} not found; run `medstate ehr prepare` first")
-        frame = pl.read_parquet(path).filter(pl.col("split") == split)
-        if tasks is not None:
-            frame = frame.filter(pl.col("task").is_in(tasks))
-        arrays = [
-            {name: np.asarray(row[name]) for name in ARRAYS} for row in frame.select(ARRAYS).iter_rows(named=True)
-        ]
-        return cls(frame, arrays)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(a["input_ids"]) for a in self.arrays]
 
 
 MODEL_KINDS = ("ehrmamba", "lstm", "bert", "bigbird")
@@ -213,7 +191,7 @@ def pretrain(
     progress=None,
 ) -> TrainResult:
     prepared = Path(prepared)
-    samples = Samples.read(prepared / "pretrain.parquet", "train")
+    samples = Samples.read(prepared, "pretrain", "train")
 
     def batches(epoch: int) -> list[list[int]]:
         order = np.random.default_rng([config.seed, epoch]).permutation(len(samples.arrays))
@@ -239,7 +217,7 @@ def finetune(
     progress=None,
 ) -> TrainResult:
     prepared = Path(prepared)
-    samples = Samples.read(prepared / "finetune.parquet", "train", tasks)
+    samples = Samples.read(prepared, "finetune", "train", tasks)
     if not samples.arrays:
         raise MedstateError(f"no training samples for tasks {tasks or 'all'} in {prepared}")
     labels = torch.tensor(samples.frame["label"].to_numpy(), dtype=torch.float32)
@@ -281,7 +259,7 @@ def predictions_for_report(
 def predict(
     model, prepared: str | Path, split: str, tasks: list[str] | None = None, token_budget: int = 16384
 ) -> pl.DataFrame:
-    samples = Samples.read(Path(prepared) / "finetune.parquet", split, tasks)
+    samples = Samples.read(prepared, "finetune", split, tasks)
     model.eval()
     scores = np.zeros(len(samples.arrays), dtype=np.float64)
     for indices in token_budget_batches(samples.lengths, token_budget):

@@ -22,7 +22,11 @@ class Vocabulary:
 
     @classmethod
     def fit(cls, sequences: Iterable[list[str]], min_count: int = 1, task_tokens: Iterable[str] = ()) -> Vocabulary:
-        counts = Counter(token for tokens in sequences for token in tokens)
+        return cls.from_counts(Counter(token for tokens in sequences for token in tokens), min_count, task_tokens)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int = 1, task_tokens: Iterable[str] = ()) -> Vocabulary:
+        """From training-token counts (summed over shards: the result does not depend on their order)."""
         reserved = [*SPECIAL_TOKENS, *(t for t in task_tokens if t not in SPECIAL_TOKENS)]
         codes = sorted(
             (t for t, n in counts.items() if n >= min_count and t not in reserved), key=lambda t: (-counts[t], t)

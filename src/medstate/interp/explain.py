@@ -14,7 +14,8 @@ import numpy as np
 import polars as pl
 
 from medstate.ehr.model import EhrMamba
-from medstate.ehr.training import Samples, predict
+from medstate.ehr.store import Samples
+from medstate.ehr.training import predict
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 from medstate.interp.attributions import Attribution, integrated_gradients, plot_timeline
@@ -67,7 +68,7 @@ def explain(
     if not isinstance(model, EhrMamba):
         raise MedstateError("explain needs an EhrMamba checkpoint")
     prepared, output = Path(prepared), Path(output)
-    samples = Samples.read(prepared / "finetune.parquet", split, [task])
+    samples = Samples.read(prepared, "finetune", split, [task])
     if not samples.arrays:
         raise MedstateError(f"no {task!r} samples in split {split!r} of {prepared}")
     chosen = choose_samples(model, prepared, samples, task, split, subject, count)

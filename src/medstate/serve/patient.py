@@ -28,7 +28,7 @@ import torch
 
 from medstate.ehr.batching import DTYPES, collate
 from medstate.ehr.model import EhrMamba
-from medstate.ehr.prepare import PrepareConfig, at_end_of_day
+from medstate.ehr.prepare import PrepareConfig
 from medstate.ehr.sequences import (
     ARRAYS,
     CLS,
@@ -38,6 +38,7 @@ from medstate.ehr.sequences import (
     TYPE_VISIT_START,
     PatientSequence,
     ValueBins,
+    at_end_of_day,
     build_sequence,
 )
 from medstate.ehr.streaming import Change, Row, StreamEvent, StreamingTokenizer

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
-from medstate.ehr.prepare import PrepareConfig, at_end_of_day
-from medstate.ehr.sequences import visit_key_columns
+from medstate.ehr.prepare import PrepareConfig
+from medstate.ehr.sequences import at_end_of_day, visit_key_columns
 from medstate.ehr.streaming import StreamEvent
 from medstate.errors import MedstateError
 from medstate.serve.patient import PatientStream, ServedModel, explain, predict_history

@@ -14,7 +14,7 @@ import polars as pl
 from scipy import sparse
 
 from medstate.ehr.sequences import SPECIAL_TOKENS, TYPE_EVENT
-from medstate.ehr.training import Samples
+from medstate.ehr.store import Samples
 from medstate.ehr.vocab import Vocabulary
 
 NAME = "xgboost"
@@ -50,7 +50,7 @@ def fit_predict(prepared: str | Path, seed: int = 0, n_estimators: int = 200) ->
 
     prepared = Path(prepared)
     vocab_size = len(Vocabulary.load(prepared / "vocab.json"))
-    splits = {split: Samples.read(prepared / "finetune.parquet", split) for split in ("train", "tuning", "held_out")}
+    splits = {split: Samples.read(prepared, "finetune", split) for split in ("train", "tuning", "held_out")}
     features = {split: count_features(samples, vocab_size) for split, samples in splits.items()}
     frames = []
     for task in sorted(splits["train"].frame["task"].unique()):

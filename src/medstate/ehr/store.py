@@ -1,0 +1,175 @@
+"""The prepared token store: every subject's whole sequence stored once, samples as references into it, read
+without loading it.
+
+Under a prepared directory:
+
+    shards/<unit>/<array>.npy   the unit's subjects end to end, one flat array per field (input_ids, token_types,
+                                ages, times, visit_segments, visit_orders, timestamps in µs, key_ids), memory-mapped
+    shards/<unit>/keys.json     the unit's visit keys ("hadm_id:7"), indexed by key_ids (-1: none)
+    subjects.parquet            one row per subject: unit, start, stop (offsets into the unit's arrays), split,
+                                birth and first time (what ages and days at a closing [VE] [REG] are computed from)
+    samples.parquet             one row per (task, prediction time): the label columns, the stays hidden from the
+                                input (`hidden`), the subject's unit and offsets, and the input's length
+
+A pretraining input is a subject's sequence truncated to `max_length`; a finetuning input is
+`sequence.until(prediction_time, hidden, close).prompted(task, max_length, layout)`, the same functions `prepare`
+used to count its length, applied to vocabulary ids instead of token strings. Flat arrays per field with offsets
+(rather than meds-torch-data's nested ragged tensors in safetensors) because a sample needs one subject's slice of
+each field and nothing else: `np.load(mmap_mode="r")` reads just those pages, and the layout needs no library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import yaml
+
+from medstate.ehr.sequences import ARRAYS, REGISTER, VISIT_END, PatientSequence
+from medstate.ehr.shards import STORED, unit_dir
+from medstate.ehr.tasks import TaskSuite
+from medstate.ehr.vocab import Vocabulary
+from medstate.errors import MedstateError
+
+KINDS = ("pretrain", "finetune")
+_EPOCH = datetime(1970, 1, 1)
+READ = (*ARRAYS, "timestamps", "key_ids")
+
+
+def finalize_unit(out: Path, name: str, vocab: Vocabulary) -> None:
+    """The unit's own token ids → vocabulary ids (`input_ids.npy`); done once, kept on a rerun."""
+    folder = unit_dir(out, name)
+    if (folder / "input_ids.npy").is_file():
+        (folder / "local_ids.npy").unlink(missing_ok=True)
+        return
+    tokens = json.loads((folder / "tokens.json").read_text())
+    table = np.asarray([vocab.index.get(t, vocab.unknown_id) for t in tokens] or [0], dtype=np.int32)
+    partial = folder / "input_ids.partial.npy"
+    np.save(partial, table[np.load(folder / "local_ids.npy")])
+    os.replace(partial, folder / "input_ids.npy")
+    (folder / "local_ids.npy").unlink()
+
+
+class TokenStore:
+    """Subjects' stored sequences, one memory-mapped slice at a time."""
+
+    def __init__(self, prepared: str | Path):
+        self.root = Path(prepared)
+        self._units: dict[str, tuple[dict[str, np.ndarray], list[str]]] = {}
+
+    def _unit(self, name: str) -> tuple[dict[str, np.ndarray], list[str]]:
+        if name not in self._units:
+            folder = unit_dir(self.root, name)
+            try:
+                arrays = {field: np.load(folder / f"{field}.npy", mmap_mode="r") for field in READ}
+                keys = json.loads((folder / "keys.json").read_text())
+            except (OSError, ValueError) as err:
+                message = f"{folder} is incomplete or unreadable ({err}); run `medstate ehr prepare` again"
+                raise MedstateError(message) from None
+            self._units[name] = (arrays, keys)
+        return self._units[name]
+
+    def sequence(self, unit: str, start: int, stop: int, birth: int | None, first: int | None) -> PatientSequence:
+        """A subject's whole sequence with vocabulary ids as its tokens; `birth`, `first`: µs since 1970 or None."""
+        arrays, keys = self._unit(unit)
+        part = {field: np.asarray(arrays[field][start:stop]) for field in READ}
+        return PatientSequence(
+            subject_id=-1,
+            tokens=part["input_ids"].tolist(),
+            token_types=part["token_types"],
+            ages=part["ages"],
+            times=part["times"],
+            visit_segments=part["visit_segments"],
+            visit_orders=part["visit_orders"],
+            timestamps=part["timestamps"],
+            visit_keys=[keys[k] if k >= 0 else None for k in part["key_ids"].tolist()],
+            birth=_moment(birth),
+            first_time=_moment(first),
+        )
+
+
+class SampleArrays(Sequence):
+    """The inputs of a samples frame, built from the store when asked for (a list to every consumer)."""
+
+    def __init__(self, prepared: Path, frame: pl.DataFrame, kind: str):
+        settings = yaml.safe_load((prepared / "prepare.yaml").read_text())
+        self.max_length, self.layout, self.kind = settings["max_length"], settings.get("prompt", "both"), kind
+        self.store = TokenStore(prepared)
+        self.units = frame["unit"].to_list()
+        self.starts, self.stops = frame["start"].to_numpy(), frame["stop"].to_numpy()
+        self.births = frame["birth"].cast(pl.Int64).to_list()
+        self.firsts = frame["first_time"].cast(pl.Int64).to_list()
+        if kind == "finetune":
+            vocab = Vocabulary.load(prepared / "vocab.json")
+            suite = TaskSuite.load(prepared / "tasks.yaml")
+            self.closing = (vocab.index[VISIT_END], vocab.index[REGISTER])
+            self.task_ids = {t.name: vocab.index[t.token] for t in suite.tasks}
+            self.closes = {t.name: t.closes_visit for t in suite.tasks}
+            self.tasks = frame["task"].to_list()
+            self.moments = frame["prediction_time"].cast(pl.Int64).to_list()
+            self.hidden = frame["hidden"]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices; IndexError past the end
+        sequence = self.store.sequence(
+            self.units[index], int(self.starts[index]), int(self.stops[index]), self.births[index], self.firsts[index]
+        )
+        if self.kind == "pretrain":
+            built = sequence.truncate(self.max_length)
+        else:
+            task = self.tasks[index]
+            hidden = self.hidden[index].to_list()
+            moment = _moment(self.moments[index])
+            history = sequence.until(moment, hidden, close=self.closes[task], closing=self.closing)
+            built = history.prompted(self.task_ids[task], self.max_length, self.layout)
+        arrays = {name: np.asarray(getattr(built, name), dtype=STORED[name]) for name in ARRAYS[1:]}
+        return {"input_ids": np.asarray(built.tokens, dtype=np.int32), **arrays}
+
+
+@dataclass
+class Samples:
+    """A split's inputs: `frame` one row per sample (labels, references, `length`), `arrays` their token arrays."""
+
+    frame: pl.DataFrame | None
+    arrays: Sequence[dict]
+
+    @classmethod
+    def read(cls, prepared: str | Path, kind: str, split: str | None = None, tasks: list[str] | None = None):
+        """Pretraining inputs (one per subject) or finetuning inputs (one per task and prediction time) of `split`
+        (None: all), in the prepared order; `tasks` keeps those tasks' samples only."""
+        prepared = Path(prepared)
+        if kind not in KINDS:
+            raise MedstateError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        index = prepared / ("subjects.parquet" if kind == "pretrain" else "samples.parquet")
+        if not index.is_file():
+            old = (prepared / f"{kind}.parquet").is_file()
+            hint = "it was prepared by an older medstate; " if old else ""
+            raise MedstateError(f"{index} not found; {hint}run `medstate ehr prepare` first")
+        frame = pl.read_parquet(index)
+        if split is not None:
+            frame = frame.filter(pl.col("split") == split)
+        if tasks is not None:
+            frame = frame.filter(pl.col("task").is_in(tasks))
+        return cls(frame, SampleArrays(prepared, frame, kind))
+
+    @property
+    def lengths(self) -> list[int]:
+        if self.frame is not None and "length" in self.frame.columns:
+            return self.frame["length"].to_list()
+        return [len(a["input_ids"]) for a in self.arrays]
+
+
+def _moment(microseconds: int | None) -> datetime | None:
+    return None if microseconds is None else _EPOCH + timedelta(microseconds=microseconds)
+
