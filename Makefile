@@ -46,7 +46,7 @@ BENCH_EHR := runs/ehr-benchmark
 bench-ehr: $(STAMP)
 	$(BIN)/medstate data convert -f fhir ../shared/data/synthea-fhir-r4-smart $(BENCH_EHR)/meds/synthea --split 0.6,0.2,0.2 --overwrite
 	$(BIN)/medstate data convert -f mimic-iv ../shared/data/mimic-iv-demo-2.2 $(BENCH_EHR)/meds/mimic --split 0.6,0.2,0.2 --overwrite
-	test -f $(BENCH_EHR)/prepared/finetune.parquet || $(BIN)/medstate ehr prepare $(BENCH_EHR)/meds/synthea $(BENCH_EHR)/meds/mimic --out $(BENCH_EHR)/prepared
+	test -f $(BENCH_EHR)/prepared/samples.parquet || $(BIN)/medstate ehr prepare $(BENCH_EHR)/meds/synthea $(BENCH_EHR)/meds/mimic --out $(BENCH_EHR)/prepared
 	$(BIN)/medstate ehr benchmark $(BENCH_EHR)/prepared $(BENCH_EHR)/run
 	$(BIN)/python benchmarks/ehr_long.py
 

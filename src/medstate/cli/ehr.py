@@ -100,6 +100,10 @@ def ehr_prepare(
         str,
         typer.Option(help="task token first and last (both: EhrMamba) or last only (last: one state per patient)"),
     ] = "both",
+    workers: Annotated[int, typer.Option(min=1, help="processes for the per-shard work (the output is the same)")] = 1,
+    shard_subjects: Annotated[
+        int, typer.Option(min=1, help="most subjects a worker holds at once (larger shards are split by subject)")
+    ] = 2000,
 ) -> None:
     """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
 
@@ -113,8 +117,8 @@ def ehr_prepare(
         seed,
         prompt=prompt,
     )
-    with counting("patient sequences") as progress:
-        done = prepare(meds_dir, output, config, progress=progress)
+    with counting("shards") as progress:
+        done = prepare(meds_dir, output, config, progress=progress, workers=workers, shard_subjects=shard_subjects)
     rows = [[name, f"{counts['n']:,}", f"{counts['positives']:,}"] for name, counts in done.samples.items()]
     table(f"tasks in {output}", ["task", "samples", "positives"], rows)
     summary(

@@ -143,7 +143,7 @@ def run_benchmark(
     settings = settings or BenchmarkSettings()
     settings.validate()
     prepared, run_dir = Path(prepared), Path(run_dir)
-    if not (prepared / "finetune.parquet").is_file():
+    if not (prepared / "samples.parquet").is_file():
         raise MedstateError(f"{prepared} is not a prepared dataset; run `medstate ehr prepare` first")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "benchmark.yaml").write_text(yaml.safe_dump({**asdict(settings), "prepared": str(prepared)}))

@@ -27,7 +27,7 @@ class Attribution:
 
 
 def integrated_gradients(model, sample: dict, tokens: list[str], steps: int = 64) -> Attribution:
-    """`sample`: one prompted sequence's arrays (as in finetune.parquet); `tokens` its token strings."""
+    """`sample`: one prompted sequence's arrays (a finetuning input, `Samples.read`); `tokens` its token strings."""
     from captum.attr import IntegratedGradients
 
     model.eval()
