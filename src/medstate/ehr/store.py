@@ -172,4 +172,3 @@ class Samples:
 
 def _moment(microseconds: int | None) -> datetime | None:
     return None if microseconds is None else _EPOCH + timedelta(microseconds=microseconds)
-

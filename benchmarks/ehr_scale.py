@@ -1,0 +1,100 @@
+"""The EHR path at growing cohort sizes: the MIMIC-IV demo replicated K times (new subject/admission/stay ids, times
+shifted by a day per copy: the same tables and codes, K x 100 patients), then `data convert`, `ehr prepare` on 1 and
+2 workers, 20 finetuning steps and `ehr evaluate`, each a separate process: wall time, the largest process's max
+RSS (wait4) and the peak RSS of its process tree. With `--baseline SRC` (the `src/` of an older checkout, e.g. a
+`git worktree` of fd5d7aa, the last whole-cohort `prepare`) the same prepare runs on that code for comparison, up
+to `--baseline-max-k`.
+
+    python benchmarks/ehr_scale.py --k 1,10,30,100 --baseline /tmp/oldprep/src
+
+Prints one row per K and writes benchmarks/results/ehr_scale.json; the prepared directory's size is compared with
+the token arrays alone (the six model inputs of every stored token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import harness  # noqa: F401  (this folder after the installed packages)
+from data import DEMO, MEDSTATE, REPO, measure, medstate_convert, replicate
+
+ARRAYS = ("input_ids", "token_types", "ages", "times", "visit_segments", "visit_orders")
+
+
+def directory_bytes(folder: Path, names: tuple[str, ...] | None = None) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and (names is None or p.stem in names))
+
+
+def scale(k: int, scratch: Path, steps: int, baseline: Path | None) -> dict:
+    work = scratch / f"k{k}"
+    shutil.rmtree(work, ignore_errors=True)
+    logs = work / "logs"
+    logs.mkdir(parents=True)
+    replicate(DEMO, work / "csv", k)
+    row: dict = {"k": k, "patients": 100 * k}
+    row["convert"] = measure(medstate_convert(work / "csv", work / "meds"), logs / "convert.log")
+    shutil.rmtree(work / "csv")
+    for workers in (1, 2):
+        out = work / f"prepared-{workers}"
+        cmd = [*MEDSTATE, "ehr", "prepare", str(work / "meds"), "--out", str(out), "--workers", str(workers)]
+        row[f"prepare_{workers}"] = measure(cmd, logs / f"prepare-{workers}.log")
+    if baseline is not None:
+        cmd = ["env", f"PYTHONPATH={baseline}", *MEDSTATE, "ehr", "prepare", str(work / "meds"), "--out",
+               str(work / "prepared-baseline")]  # fmt: skip
+        row["prepare_baseline"] = measure(cmd, logs / "prepare-baseline.log")
+        shutil.rmtree(work / "prepared-baseline")
+    prepared = work / "prepared-1"
+    row["prepared_mb"] = directory_bytes(prepared) / 2**20
+    row["token_arrays_mb"] = directory_bytes(prepared / "shards", ARRAYS) / 2**20
+    run = work / "finetune"
+    cmd = [*MEDSTATE, "ehr", "finetune", str(prepared), str(run), "--max-steps", str(steps), "--save-every",
+           str(steps), "--token-budget", "4096"]  # fmt: skip
+    row["finetune"] = measure(cmd, logs / "finetune.log")
+    cmd = [*MEDSTATE, "ehr", "evaluate", str(prepared), str(work / "evaluate"), "--model",
+           f"ehrmamba={run / 'checkpoints' / 'last'}"]  # fmt: skip
+    row["evaluate"] = measure(cmd, logs / "evaluate.log")
+    shutil.rmtree(work / "meds")
+    return row
+
+
+def show(rows: list[dict]) -> None:
+    def cell(step: dict | None) -> str:
+        return "-" if step is None else f"{step['wall_s']:.1f} s / {step['tree_peak_rss_mb'] / 1024:.2f} GB"
+
+    print("| K | patients | convert | prepare, 1 worker | prepare, 2 workers | 2 vs 1 | prepare ms/patient | "
+          "whole-cohort prepare | directory / token arrays | finetune 20 steps | evaluate |")  # fmt: skip
+    print("|---" * 11 + "|")
+    for r in rows:
+        one, two = r["prepare_1"], r["prepare_2"]
+        print(
+            f"| {r['k']} | {r['patients']:,} | {cell(r['convert'])} | {cell(one)} | {cell(two)} | "
+            f"{one['wall_s'] / two['wall_s']:.2f}x | {1000 * one['wall_s'] / r['patients']:.1f} | "
+            f"{cell(r.get('prepare_baseline'))} | {r['prepared_mb']:.1f} / {r['token_arrays_mb']:.1f} MB "
+            f"({r['prepared_mb'] / r['token_arrays_mb']:.2f}x) | {cell(r['finetune'])} | {cell(r['evaluate'])} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", default="1,10,30,100", help="comma-separated replica counts")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--baseline", type=Path, help="src/ of an older medstate for the comparison row")
+    parser.add_argument("--baseline-max-k", type=int, default=30, help="largest K the baseline runs at")
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "medstate-ehr-scale")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ehr_scale.json")
+    args = parser.parse_args()
+    rows = []
+    for k in (int(k) for k in args.k.split(",")):
+        baseline = args.baseline if args.baseline and k <= args.baseline_max_k else None
+        rows.append(scale(k, args.scratch, args.steps, baseline))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        show(rows)
+
+
+if __name__ == "__main__":
+    main()
