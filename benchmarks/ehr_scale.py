@@ -1,9 +1,9 @@
 """The EHR path at growing cohort sizes: the MIMIC-IV demo replicated K times (new subject/admission/stay ids, times
 shifted by a day per copy: the same tables and codes, K x 100 patients), then `data convert`, `ehr prepare` on 1 and
-2 workers, 20 finetuning steps and `ehr evaluate`, each a separate process: wall time, the largest process's max
-RSS (wait4) and the peak RSS of its process tree. With `--baseline SRC` (the `src/` of an older checkout, e.g. a
-`git worktree` of fd5d7aa, the last whole-cohort `prepare`) the same prepare runs on that code for comparison, up
-to `--baseline-max-k`.
+2 workers, 20 finetuning steps of a small EhrMamba (d_model 32, 2 layers) and `ehr evaluate` of it, each a
+separate process: wall time, the largest process's max RSS (wait4) and the peak RSS of its process tree. With
+`--baseline SRC` (the `src/` of an older checkout, e.g. a `git worktree` of fd5d7aa, the last whole-cohort
+`prepare`) the same prepare runs on that code for comparison, up to `--baseline-max-k`.
 
     python benchmarks/ehr_scale.py --k 1,10,30,100 --baseline /tmp/oldprep/src
 
@@ -51,8 +51,10 @@ def scale(k: int, scratch: Path, steps: int, baseline: Path | None) -> dict:
     row["prepared_mb"] = directory_bytes(prepared) / 2**20
     row["token_arrays_mb"] = directory_bytes(prepared / "shards", ARRAYS) / 2**20
     run = work / "finetune"
-    cmd = [*MEDSTATE, "ehr", "finetune", str(prepared), str(run), "--max-steps", str(steps), "--save-every",
-           str(steps), "--token-budget", "4096"]  # fmt: skip
+    settings = work / "finetune.yaml"  # a small model: the memory of the data path, not of the network, is measured
+    settings.write_text(f"sizes: {{d_model: 32, n_layer: 2}}\ntoken_budget: 4096\ntrain: {{max_steps: {steps}, "
+                        f"save_every: {steps}}}\n")  # fmt: skip
+    cmd = [*MEDSTATE, "ehr", "finetune", str(prepared), str(run), "--config", str(settings)]
     row["finetune"] = measure(cmd, logs / "finetune.log")
     cmd = [*MEDSTATE, "ehr", "evaluate", str(prepared), str(work / "evaluate"), "--model",
            f"ehrmamba={run / 'checkpoints' / 'last'}"]  # fmt: skip

@@ -216,3 +216,13 @@ def test_history_hides_later_stays_and_closes_the_current_one():
                                       (t(2050, 1, 9), "C", None, 3)]), ValueBins(5), visit="admission")  # fmt: skip
     assert alone.until(t(2050, 1, 6)).tokens[-5:] == ["[W0]", "[VS]", "B", "[VE]", "[REG]"]
     assert alone.until(t(2050, 1, 6), hidden_keys=["hadm_id:2"]).tokens == ["[CLS]", "[VS]", "A", "[VE]", "[REG]"]
+
+
+def test_a_value_on_an_edge_takes_the_bin_above():
+    from medstate.ehr.sequences import ValueBins
+
+    bins = ValueBins(5, {"LAB//A": [1.0, 2.0, 3.0, 4.0]})
+    cases = {0.5: "_Q1", 1.0: "_Q2", 2.0: "_Q3", 2.5: "_Q3", 4.0: "_Q5", 9.0: "_Q5"}  # bin k: edge[k-1] <= v < edge[k]
+    assert {v: bins.token("LAB//A", v).split("//")[-1] for v in cases} == cases
+    assert bins.token("LAB//A", float("nan")) == bins.token("LAB//A", None) == "LAB//A"
+    assert bins.token("LAB//B", 2.0) == "LAB//B"  # no edges: the bare code

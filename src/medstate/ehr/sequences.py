@@ -26,6 +26,7 @@ visit segment (1, 2, 1, 2, … per visit; 0 outside visits) and visit order (1, 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -229,7 +230,7 @@ class ValueBins:
         edges = self.edges.get(code)
         if edges is None or value is None or not np.isfinite(value):
             return code
-        return f"{code}//_Q{int(np.searchsorted(edges, value, side='right')) + 1}"
+        return f"{code}//_Q{bisect.bisect_right(edges, value) + 1}"  # as np.searchsorted(side="right")
 
 
 def visit_key_columns(visit: str) -> tuple[str, ...]:
