@@ -103,7 +103,7 @@ def ehr_prepare(
     workers: Annotated[int, typer.Option(min=1, help="processes for the per-shard work (the output is the same)")] = 1,
     shard_subjects: Annotated[
         int, typer.Option(min=1, help="most subjects a worker holds at once (larger shards are split by subject)")
-    ] = 2000,
+    ] = 1000,
 ) -> None:
     """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
 

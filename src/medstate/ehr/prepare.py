@@ -1,8 +1,8 @@
 """`prepare`: MEDS datasets → model-ready EHR data (the input of pretraining, finetuning and the baselines), as a map
 over shards and a small reduce, so that no process ever holds more than one shard.
 
-    1. plan     the units of work: each MEDS shard, split into subject buckets (`subject_id mod n`) where it has more
-                than `shard_subjects` subjects
+    1. plan     the units of work: each MEDS shard, split into ranges of subject ids where it has more than
+                `shard_subjects` subjects
     2. bins     per-code quantile edges of numeric values, from the training split's (code, value) columns alone
     3. map      per unit (`ehr.shards`, on `workers` processes): sequences, visits, episodes, labels, samples and
                 the training tokens' counts
@@ -91,7 +91,7 @@ def prepare(
     config: PrepareConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 1,
-    shard_subjects: int = 2000,
+    shard_subjects: int = 1000,
 ) -> PrepareSummary:
     """`progress(done, total)` counts units. `workers` processes run the map (the output does not depend on it, nor
     on `shard_subjects`, the most subjects a unit holds: a worker's memory)."""
@@ -149,14 +149,18 @@ def plan_units(dirs: list[str | Path], shard_subjects: int) -> list[Unit]:
             split = parts[0] if len(parts) > 1 else ""
             probe = Unit("", str(root), str(path), split)
             try:
-                n = probe.scan().select(pl.col("subject_id").n_unique()).collect().item()
+                ids = probe.scan().select(pl.col("subject_id").unique().sort()).collect()["subject_id"]
             except pl.exceptions.PolarsError as err:
                 raise MedstateError(f"{path} cannot be read ({str(err).splitlines()[0]})") from None
-            buckets = max(1, math.ceil(n / shard_subjects))
+            parts_of = max(1, math.ceil(len(ids) / shard_subjects))
             stem = "_".join(path.relative_to(root / "data").with_suffix("").parts)
-            for bucket in range(buckets):
-                name = f"d{number}-{stem}-{bucket + 1}of{buckets}"
-                units.append(Unit(name, str(root), str(path), split, bucket, buckets))
+            for part in range(parts_of):
+                name = f"d{number}-{stem}-{part + 1}of{parts_of}"
+                if parts_of == 1:
+                    units.append(Unit(name, str(root), str(path), split))
+                    continue
+                chunk = ids[part * len(ids) // parts_of : (part + 1) * len(ids) // parts_of]
+                units.append(Unit(name, str(root), str(path), split, int(chunk[0]), int(chunk[-1])))
     return units
 
 

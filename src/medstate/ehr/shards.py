@@ -1,7 +1,7 @@
-"""The map of `prepare`: one unit of work (a MEDS shard, or one subject-hash bucket of a shard too large to hold)
+"""The map of `prepare`: one unit of work (a MEDS shard, or one range of subject ids of a shard too large to hold)
 → its subjects' token arrays, its samples and its training-token counts, written under `shards/<unit>/`.
 
-A unit holds whole subjects (MEDS keeps each subject in one shard; a bucket is `subject_id mod n`), so everything
+A unit holds whole subjects (MEDS keeps each subject in one shard; a part of a shard is a range of ids), so everything
 per subject (sequences, visits, episodes, labels, the per-subject sample cap) is computed from the unit alone and
 equals what a pass over the whole cohort gives. Only the value bins (fitted before the map) and the vocabulary
 (reduced from the units' counts after it) need the training split as a whole.
@@ -52,19 +52,20 @@ SUBJECT_SCHEMA = {
 
 @dataclass(frozen=True)
 class Unit:
-    """One MEDS shard file, or bucket `bucket` of `buckets` (subject_id mod buckets) of it."""
+    """One MEDS shard file, or the subjects of it with ids in [low, high] (a range, so that a shard sorted by
+    subject, as MEDS shards are, is read only in the row groups that hold them)."""
 
     name: str
     root: str  # the MEDS dataset directory
     path: str  # the shard file
     split: str
-    bucket: int = 0
-    buckets: int = 1
+    low: int | None = None
+    high: int | None = None
 
     def scan(self) -> pl.LazyFrame:
         frame = scan_meds_file(Path(self.root), Path(self.path))
-        if self.buckets > 1:
-            frame = frame.filter(pl.col("subject_id") % self.buckets == self.bucket)
+        if self.low is not None:
+            frame = frame.filter(pl.col("subject_id").is_between(self.low, self.high))
         return frame
 
     def events(self) -> pl.DataFrame:
