@@ -144,3 +144,12 @@ def test_an_unreadable_shard_stops_the_run_naming_it(mimic_csv_meds, tmp_path):
     )
     assert result.returncode == 2
     assert "1.parquet" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_training_shard_is_no_training_split(mimic_csv_meds, tmp_path):
+    meds = tmp_path / "meds"
+    subprocess.run(["cp", "-r", str(mimic_csv_meds.summary.output), str(meds)], check=True)
+    for shard in (meds / "data" / "train").glob("*.parquet"):
+        pl.read_parquet(shard).head(0).write_parquet(shard)  # the columns, no rows
+    with pytest.raises(MedstateError, match="no train split"):
+        prepare(meds, tmp_path / "out", CONFIG)

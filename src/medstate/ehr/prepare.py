@@ -140,18 +140,17 @@ def _check(config: PrepareConfig, workers: int, shard_subjects: int) -> None:
 
 
 def plan_units(dirs: list[str | Path], shard_subjects: int) -> list[Unit]:
-    """Every shard of every dataset as units of at most `shard_subjects` subjects, in a fixed order."""
+    """Every shard of every dataset that holds subjects, as units of at most `shard_subjects` subjects, in a fixed
+    order."""
     units = []
     for number, root in enumerate(dirs):
         root = Path(root)
         for path in data_files(root):
             parts = path.relative_to(root / "data").parts
             split = parts[0] if len(parts) > 1 else ""
-            probe = Unit("", str(root), str(path), split)
-            try:
-                ids = probe.scan().select(pl.col("subject_id").unique().sort()).collect()["subject_id"]
-            except pl.exceptions.PolarsError as err:
-                raise MedstateError(f"{path} cannot be read ({str(err).splitlines()[0]})") from None
+            ids = Unit("", str(root), str(path), split).subject_ids()
+            if ids.is_empty():  # an empty shard holds no work
+                continue
             parts_of = max(1, math.ceil(len(ids) / shard_subjects))
             stem = "_".join(path.relative_to(root / "data").with_suffix("").parts)
             for part in range(parts_of):

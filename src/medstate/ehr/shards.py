@@ -69,8 +69,15 @@ class Unit:
         return frame
 
     def events(self) -> pl.DataFrame:
+        return self._collect(self.scan())
+
+    def subject_ids(self) -> pl.Series:
+        """The unit's subject ids, sorted."""
+        return self._collect(self.scan().select(pl.col("subject_id").unique().sort()))["subject_id"]
+
+    def _collect(self, frame: pl.LazyFrame) -> pl.DataFrame:
         try:
-            return self.scan().collect()
+            return frame.collect()
         except (pl.exceptions.PolarsError, OSError) as err:
             raise MedstateError(f"{self.path} cannot be read ({str(err).splitlines()[0]})") from None
 
@@ -145,7 +152,7 @@ def _write_unit(job: UnitJob, folder: Path) -> None:
         own = samples_of.get((subject_id,))
         for row in own.iter_rows(named=True) if own is not None else ():
             history = sequence.until(row["prediction_time"], row["hidden"], close=closes[row["task"]])
-            lengths[row["_index"]] = len(history.prompted("[TASK]", job.max_length, job.prompt))
+            lengths[row["_index"]] = min(len(history), job.max_length - 1) + 1  # the length `prompted` gives it
     for name, dtype in STORED.items():
         np.save(folder / f"{name}.npy", np.concatenate(columns[name]) if columns[name] else np.zeros(0, dtype))
     pl.DataFrame(subjects, schema=SUBJECT_SCHEMA, orient="row").write_parquet(folder / "subjects.parquet")

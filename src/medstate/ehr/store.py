@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import yaml
 
 from medstate.ehr.sequences import ARRAYS, REGISTER, VISIT_END, PatientSequence
 from medstate.ehr.shards import STORED, unit_dir
 from medstate.ehr.tasks import TaskSuite
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
+from medstate.loading import read_yaml
 
 KINDS = ("pretrain", "finetune")
 _EPOCH = datetime(1970, 1, 1)
@@ -98,7 +98,7 @@ class SampleArrays(Sequence):
     """The inputs of a samples frame, built from the store when asked for (a list to every consumer)."""
 
     def __init__(self, prepared: Path, frame: pl.DataFrame, kind: str):
-        settings = yaml.safe_load((prepared / "prepare.yaml").read_text())
+        settings = read_yaml(prepared / "prepare.yaml", "prepare settings")
         self.max_length, self.layout, self.kind = settings["max_length"], settings.get("prompt", "both"), kind
         self.store = TokenStore(prepared)
         self.units = frame["unit"].to_list()
