@@ -23,6 +23,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEMO = SHARED / "data" / "mimic-iv-demo-2.2"
+SYNTHEA = SHARED / "data" / "synthea-fhir-r4-smart" / "bundles"
 PEERS = SHARED / "peers"
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / ".cache" / "medstate-peers"))
 MEDSTATE = [sys.executable, "-m", "medstate.cli"]
@@ -83,8 +85,8 @@ def measure(cmd: list, log: Path) -> dict:
     return {"wall_s": wall, "maxrss_mb": usage.ru_maxrss / 1024, "tree_peak_rss_mb": peak[0] / 2**20}
 
 
-def medstate_convert(input: Path, output: Path, tables: str | None = None) -> list:
-    cmd = [*MEDSTATE, "data", "convert", "--format", "mimic-iv", str(input), str(output), "--overwrite"]
+def medstate_convert(input: Path, output: Path, tables: str | None = None, format: str = "mimic-iv") -> list:
+    cmd = [*MEDSTATE, "data", "convert", "--format", format, str(input), str(output), "--overwrite"]
     return cmd + (["--tables", tables] if tables else [])
 
 
@@ -128,6 +130,25 @@ def replicate(source: Path, target: Path, copies: int) -> int:
                 )
                 handle.write(shifted.write_csv(include_header=copy == 0).encode())
     return sum(p.stat().st_size for p in target.rglob("*.csv.gz"))
+
+
+UUID = re.compile(rb"\b([0-9a-f]{8})(-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+
+
+def replicate_fhir(source: Path, target: Path, copies: int) -> int:
+    """Copies of every FHIR bundle (*.json.gz) with every resource id (a UUID, as Synthea writes them) moved to a new
+    one per copy, so each copy is a new patient with the same records; returns bytes written."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.json.gz")):
+        text = gzip.decompress(path.read_bytes())
+        for copy in range(copies):
+
+            def moved(match: re.Match, copy: int = copy) -> bytes:
+                return b"%08x%s" % ((int(match[1], 16) + copy * 0x9E3779B1) % 2**32, match[2])
+
+            name = UUID.sub(moved, path.name.encode()).decode() if copy else path.name
+            (target / name).write_bytes(gzip.compress(UUID.sub(moved, text) if copy else text, compresslevel=1))
+    return sum(p.stat().st_size for p in target.glob("*.json.gz"))
 
 
 def _shift(column: str, days: int) -> pl.Expr:

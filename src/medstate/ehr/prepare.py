@@ -17,13 +17,14 @@ Writes to OUT:
     prepare.yaml        the resolved settings
     shards/<unit>/      every subject's whole sequence, stored once (`ehr.store`)
     subjects.parquet    one row per subject (pretraining inputs: the sequence truncated to max_length)
-    samples.parquet     one row per (task, sample): label, prediction time, visit, the stays hidden from it, and a
-                        reference into the store; its input is the history known at the prediction time in
-                        prompted form ([TASK] … [TASK])
+    samples.parquet     one row per (task, sample): label, prediction time, visit, and a reference into the store
+                        (the units' parts are folded into it once the index is written); its input is the history
+                        known at the prediction time in prompted form ([TASK] … [TASK])
     labels.parquet      the labels alone (subject_id, visit_key, prediction_time, label, task, split)
 
 Every row carries the subject's split, so no subject crosses from training into evaluation. A rerun into the same
-OUT with the same settings skips the finished units (a killed run resumes); with other settings it stops.
+OUT with the same settings skips the finished units (a killed run resumes) and returns at once once samples.parquet,
+written last, is there; with other settings it stops.
 
 Date-only events (codes matching `date_only_codes`: MIMIC-IV procedures and HCPCS, dated by `chartdate`, at 00:00;
 and FHIR dates without a time, which the data layer marks `time_precision` = "day") may have happened at any time
@@ -105,6 +106,22 @@ def prepare(
     out = Path(output)
     settings = yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": [str(d) for d in dirs]})
     bins = _start(out, settings, suite, config, units)
+    if not (out / "samples.parquet").is_file():
+        _build(out, units, bins, suite, config, workers, progress)
+    subjects = pl.read_parquet(out / "subjects.parquet", columns=["split"])
+    samples = pl.read_parquet(out / "samples.parquet", columns=["task", "label"])
+    counted = samples.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
+    return PrepareSummary(
+        output=out,
+        subjects=dict(subjects.group_by("split").len().iter_rows()),
+        vocabulary=len(Vocabulary.load(out / "vocab.json")),
+        samples={task: {"n": n, "positives": p} for task, n, p in counted.sort("task").iter_rows()},
+    )
+
+
+def _build(out: Path, units: list[Unit], bins: ValueBins, suite: TaskSuite, config: PrepareConfig, workers: int,
+           progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
+    """Steps 3 to 5: the map, the vocabulary, the index."""
     jobs = [
         UnitJob(unit, str(out), config.visit, config.max_length, config.prompt, tuple(config.date_only_codes),
                 config.max_samples_per_subject, config.seed, {"n_bins": bins.n_bins, "edges": bins.edges},
@@ -119,14 +136,7 @@ def prepare(
     vocab.save(out / "vocab.json")
     for unit in units:
         finalize_unit(out, unit.name, vocab)
-    subjects, samples = write_index(out, units, config.max_length)
-    counted = samples.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
-    return PrepareSummary(
-        output=out,
-        subjects=dict(subjects.group_by("split").len().iter_rows()),
-        vocabulary=len(vocab),
-        samples={task: {"n": n, "positives": p} for task, n, p in counted.sort("task").iter_rows()},
-    )
+    write_index(out, units, config.max_length)
 
 
 def _check(config: PrepareConfig, workers: int, shard_subjects: int) -> None:
@@ -165,7 +175,7 @@ def plan_units(dirs: list[str | Path], shard_subjects: int) -> list[Unit]:
 
 def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, units: list[Unit]) -> ValueBins:
     """A new OUT gets the settings, the task suite and the value bins; a resumed one must have the same settings
-    (its bins are read back), and loses the units of another shard plan."""
+    (its bins are read back), and, when unfinished, loses the units of another shard plan."""
     out.mkdir(parents=True, exist_ok=True)
     written = out / "prepare.yaml"
     if written.is_file() and (out / "value_bins.json").is_file():
@@ -182,7 +192,8 @@ def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, un
     for stale in ("pretrain.parquet", "finetune.parquet"):  # an older medstate's layout
         (out / stale).unlink(missing_ok=True)
     planned = {u.name for u in units}
-    for folder in (out / "shards").glob("*") if (out / "shards").is_dir() else []:
+    finished = (out / "samples.parquet").is_file()
+    for folder in (out / "shards").glob("*") if (out / "shards").is_dir() and not finished else []:
         if folder.name not in planned:
             shutil.rmtree(folder)
     return bins
@@ -210,8 +221,10 @@ def _limit_threads(threads: str) -> None:
     os.environ["POLARS_MAX_THREADS"] = threads  # read when polars is first imported, in the worker
 
 
-def write_index(out: Path, units: list[Unit], max_length: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """subjects.parquet, samples.parquet and labels.parquet from the units, in the order training reads them."""
+def write_index(out: Path, units: list[Unit], max_length: int) -> None:
+    """labels.parquet, subjects.parquet and samples.parquet (last: the mark of a finished prepare) from the units, in
+    the order training reads them; then what only the build needed goes: the units' own samples (samples.parquet
+    holds them), token tables and counts (input_ids.npy and vocab.json hold them)."""
     subjects = pl.concat(
         [pl.read_parquet(unit_dir(out, u.name) / "subjects.parquet").with_columns(pl.lit(u.name).alias("unit"))
          for u in units]
@@ -228,11 +241,13 @@ def write_index(out: Path, units: list[Unit], max_length: int) -> tuple[pl.DataF
     )
     samples = pl.concat([pl.read_parquet(unit_dir(out, u.name) / "samples.parquet") for u in units])
     samples = samples.join(subjects.drop("split", "length"), on="subject_id", how="left").sort(SAMPLE_SORT)
-    for frame, name in ((subjects, "subjects"), (samples, "samples")):
+    for frame, name in ((samples.select(*LABEL_SCHEMA, "split"), "labels"), (subjects, "subjects"),
+                        (samples, "samples")):  # fmt: skip
         frame.write_parquet(out / f"{name}.partial.parquet")
         os.replace(out / f"{name}.partial.parquet", out / f"{name}.parquet")
-    samples.select(*LABEL_SCHEMA, "split").write_parquet(out / "labels.parquet")
-    return subjects, samples
+    for unit in units:
+        for name in ("samples.parquet", "tokens.json", "counts.json"):
+            (unit_dir(out, unit.name) / name).unlink()
 
 
 def _plain(settings: dict) -> dict:

@@ -38,8 +38,9 @@ STORED = {
     "visit_segments": np.int8,
     "visit_orders": np.int32,
     "timestamps": np.int64,
-    "key_ids": np.int32,  # index into the unit's keys.json; -1: the token has no visit key
+    "key_ids": np.int32,  # index into the unit's keys.json and key_starts.npy; -1: the token has no visit key
 }
+NOT_A_STAY = np.iinfo(np.int64).min  # key_starts of a visit key that is no stay (or has no start): never hidden
 SUBJECT_SCHEMA = {
     "subject_id": pl.Int64,
     "split": pl.String,
@@ -122,26 +123,35 @@ def _write_unit(job: UnitJob, folder: Path) -> None:
     labels = suite.label(events).with_columns(pl.lit(job.unit.split).alias("split"))
     caps = {t.name: t.max_samples_per_subject or job.default_cap for t in suite.tasks}
     labels = cap_per_subject(labels, caps, job.seed)
-    hidden = later_stay_keys(suite.stays(events), labels)
-    samples = labels.with_columns(pl.Series("hidden", hidden, dtype=pl.List(pl.String)))
+    stays = suite.stays(events)
+    hidden = later_stay_keys(stays, labels)
+    stay_starts = {
+        (subject, key): start for subject, key, start in stays.select(
+            "subject_id", "visit_key", pl.col("start").dt.cast_time_unit("us").cast(pl.Int64)
+        ).iter_rows() if start is not None
+    }  # fmt: skip
     keep = ["subject_id", "time", "code", "numeric_value"]
     keep += [c for c in ("hadm_id", "encounter_id") if c in events.columns]
     by_subject = events.select(keep).partition_by("subject_id", as_dict=True, maintain_order=True)
     del events
-    samples_of = samples.with_row_index("_index").partition_by("subject_id", as_dict=True)
+    samples_of = (
+        labels.with_columns(pl.Series("hidden", hidden, dtype=pl.List(pl.String)))
+        .with_row_index("_index")
+        .partition_by("subject_id", as_dict=True)
+    )
     closes = {t.name: t.closes_visit for t in suite.tasks}
     tokens: dict[str, int] = {}  # the unit's own token ids
-    keys: dict[str, int] = {}
+    keys: dict[tuple[int, str], int] = {}  # (subject, visit key) → the unit's key id
     counts: Counter = Counter()
     columns: dict[str, list[np.ndarray]] = {name: [] for name in STORED}
-    subjects, lengths = [], np.zeros(len(samples), dtype=np.int64)
+    subjects, lengths = [], np.zeros(len(labels), dtype=np.int64)
     start = 0
     for (subject_id,), subject_events in sorted(by_subject.items()):
         sequence = build_sequence(subject_id, subject_events, bins, job.visit)
         if job.unit.split == "train":
             counts.update(sequence.tokens)
         local = np.fromiter((tokens.setdefault(t, len(tokens)) for t in sequence.tokens), np.int32, len(sequence))
-        key_ids = [-1 if k is None else keys.setdefault(k, len(keys)) for k in sequence.visit_keys]
+        key_ids = [-1 if k is None else keys.setdefault((subject_id, k), len(keys)) for k in sequence.visit_keys]
         for name, values in (("local_ids", local), ("key_ids", np.asarray(key_ids, dtype=np.int32))):
             columns[name].append(values)
         for name in ("token_types", "ages", "times", "visit_segments", "visit_orders", "timestamps"):
@@ -156,7 +166,9 @@ def _write_unit(job: UnitJob, folder: Path) -> None:
     for name, dtype in STORED.items():
         np.save(folder / f"{name}.npy", np.concatenate(columns[name]) if columns[name] else np.zeros(0, dtype))
     pl.DataFrame(subjects, schema=SUBJECT_SCHEMA, orient="row").write_parquet(folder / "subjects.parquet")
-    samples.with_columns(pl.Series("length", lengths)).write_parquet(folder / "samples.parquet")
+    labels.with_columns(pl.Series("length", lengths)).write_parquet(folder / "samples.parquet")
     (folder / "tokens.json").write_text(json.dumps(list(tokens)))
-    (folder / "keys.json").write_text(json.dumps(list(keys)))
+    (folder / "keys.json").write_text(json.dumps([key for _, key in keys]))
+    # a sample's hidden stays are read back from these: the subject's keys whose stay starts after its time
+    np.save(folder / "key_starts.npy", np.asarray([stay_starts.get(k, NOT_A_STAY) for k in keys], dtype=np.int64))
     (folder / "counts.json").write_text(json.dumps(counts))

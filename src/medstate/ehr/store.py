@@ -5,15 +5,18 @@ Under a prepared directory:
 
     shards/<unit>/<array>.npy   the unit's subjects end to end, one flat array per field (input_ids, token_types,
                                 ages, times, visit_segments, visit_orders, timestamps in µs, key_ids), memory-mapped
-    shards/<unit>/keys.json     the unit's visit keys ("hadm_id:7"), indexed by key_ids (-1: none)
+    shards/<unit>/keys.json     the unit's visit keys ("hadm_id:7") per subject, indexed by key_ids (-1: none)
+    shards/<unit>/key_starts.npy  the start (µs) of each key's stay (int64 min: not a stay)
     subjects.parquet            one row per subject: unit, start, stop (offsets into the unit's arrays), split,
                                 birth and first time (what ages and days at a closing [VE] [REG] are computed from)
-    samples.parquet             one row per (task, prediction time): the label columns, the stays hidden from the
-                                input (`hidden`), the subject's unit and offsets, and the input's length
+    samples.parquet             one row per (task, prediction time): the label columns, the subject's unit and
+                                offsets, and the input's length
 
 A pretraining input is a subject's sequence truncated to `max_length`; a finetuning input is
 `sequence.until(prediction_time, hidden, close).prompted(task, max_length, layout)`, the same functions `prepare`
-used to count its length, applied to vocabulary ids instead of token strings. Flat arrays per field with offsets
+used to count its length, applied to vocabulary ids instead of token strings; the hidden stays are the subject's keys
+whose stay starts after the prediction time (stored per key, not per sample: a list per sample grows with the
+square of a subject's visits). Flat arrays per field with offsets
 (rather than meds-torch-data's nested ragged tensors in safetensors) because a sample needs one subject's slice of
 each field and nothing else: `np.load(mmap_mode="r")` reads just those pages, and the layout needs no library.
 """
@@ -61,23 +64,31 @@ class TokenStore:
 
     def __init__(self, prepared: str | Path):
         self.root = Path(prepared)
-        self._units: dict[str, tuple[dict[str, np.ndarray], list[str]]] = {}
+        self._units: dict[str, tuple[dict[str, np.ndarray], list[str], np.ndarray]] = {}
 
-    def _unit(self, name: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    def _unit(self, name: str) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
         if name not in self._units:
             folder = unit_dir(self.root, name)
             try:
                 arrays = {field: np.load(folder / f"{field}.npy", mmap_mode="r") for field in READ}
                 keys = json.loads((folder / "keys.json").read_text())
+                starts = np.load(folder / "key_starts.npy")
             except (OSError, ValueError) as err:
                 message = f"{folder} is incomplete or unreadable ({err}); run `medstate ehr prepare` again"
                 raise MedstateError(message) from None
-            self._units[name] = (arrays, keys)
+            self._units[name] = (arrays, keys, starts)
         return self._units[name]
+
+    def later_stays(self, unit: str, start: int, stop: int, moment: int) -> list[str]:
+        """The visit keys of a subject's stays that start after `moment` (µs since 1970): hidden from its input."""
+        arrays, keys, starts = self._unit(unit)
+        ids = np.unique(arrays["key_ids"][start:stop])
+        ids = ids[ids >= 0]
+        return [keys[i] for i in ids[starts[ids] > moment].tolist()]
 
     def sequence(self, unit: str, start: int, stop: int, birth: int | None, first: int | None) -> PatientSequence:
         """A subject's whole sequence with vocabulary ids as its tokens; `birth`, `first`: µs since 1970 or None."""
-        arrays, keys = self._unit(unit)
+        arrays, keys, _ = self._unit(unit)
         part = {field: np.asarray(arrays[field][start:stop]) for field in READ}
         return PatientSequence(
             subject_id=-1,
@@ -113,7 +124,6 @@ class SampleArrays(Sequence):
             self.closes = {t.name: t.closes_visit for t in suite.tasks}
             self.tasks = frame["task"].to_list()
             self.moments = frame["prediction_time"].cast(pl.Int64).to_list()
-            self.hidden = frame["hidden"]
 
     def __len__(self) -> int:
         return len(self.units)
@@ -122,14 +132,13 @@ class SampleArrays(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]  # negative indices; IndexError past the end
-        sequence = self.store.sequence(
-            self.units[index], int(self.starts[index]), int(self.stops[index]), self.births[index], self.firsts[index]
-        )
+        unit, start, stop = self.units[index], int(self.starts[index]), int(self.stops[index])
+        sequence = self.store.sequence(unit, start, stop, self.births[index], self.firsts[index])
         if self.kind == "pretrain":
             built = sequence.truncate(self.max_length)
         else:
             task = self.tasks[index]
-            hidden = self.hidden[index].to_list()
+            hidden = self.store.later_stays(unit, start, stop, self.moments[index])
             moment = _moment(self.moments[index])
             history = sequence.until(moment, hidden, close=self.closes[task], closing=self.closing)
             built = history.prompted(self.task_ids[task], self.max_length, self.layout)
