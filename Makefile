@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install demo serve-demo demo-engine text-demo test lint bench bench-ehr clean
+.PHONY: install demo serve-demo demo-engine text-demo test lint bench bench-ehr meds-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ serve-demo: $(STAMP)
 
 demo-engine: $(STAMP)
 	$(BIN)/medstate ssm demo --out runs/engine-demo
+
+# the MEDS ecosystem's tools in their own environment (they pin an older polars): ACES (`aces-cli`, task labels in),
+# meds-evaluation (predictions out) and meds-torch-data (the tensorization benchmarks/ehr_scale.py compares with)
+MEDS_TOOLS := .venv-meds
+meds-tools: $(MEDS_TOOLS)/.installed
+$(MEDS_TOOLS)/.installed:
+	$(PYTHON) -m venv $(MEDS_TOOLS)
+	$(MEDS_TOOLS)/bin/python -m pip install --quiet torch==2.13.0
+	$(MEDS_TOOLS)/bin/python -m pip install --quiet "es-aces==0.7.3" "meds-evaluation==0.0.6" "meds-torch-data==0.9.0"
+	touch $@
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -153,3 +153,35 @@ def test_an_empty_training_shard_is_no_training_split(mimic_csv_meds, tmp_path):
         pl.read_parquet(shard).head(0).write_parquet(shard)  # the columns, no rows
     with pytest.raises(MedstateError, match="no train split"):
         prepare(meds, tmp_path / "out", CONFIG)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A local Ray cluster started as a user would (`ray start --head`), on loopback; stopped afterwards."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'medstate[ray]')")
+    cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = 20000 + os.getpid() % 20000
+    start = [cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    started = subprocess.run(start, capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        pytest.skip(f"a local Ray cluster did not start: {started.stderr.strip().splitlines()[-1:]}")
+    yield f"127.0.0.1:{port}"
+    ray.shutdown()
+    subprocess.run([cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow  # a Ray cluster's start and its workers' imports: about 2 minutes on 2 cores
+def test_the_shard_map_on_a_ray_cluster_gives_the_same_inputs(mimic_csv_meds, reference, tmp_path, ray_cluster):
+    out = tmp_path / "prepared"
+    prepare(mimic_csv_meds.summary.output, out, CONFIG, shard_subjects=7, executor="ray", address=ray_cluster)
+    assert len(list((out / "shards").iterdir())) == 16
+    assert_inputs_equal(out, *reference)
+
+
+def test_the_ray_executor_names_a_cluster_it_cannot_reach(mimic_csv_meds, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed")
+    with pytest.raises(MedstateError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:9"):
+        prepare(mimic_csv_meds.summary.output, tmp_path / "p", CONFIG, executor="ray", address="127.0.0.1:9")
+    with pytest.raises(MedstateError, match="an address is for the ray executor"):
+        prepare(mimic_csv_meds.summary.output, tmp_path / "p", CONFIG, address="127.0.0.1:9")

@@ -104,6 +104,12 @@ def ehr_prepare(
     shard_subjects: Annotated[
         int, typer.Option(min=1, help="most subjects a worker holds at once (larger shards are split by subject)")
     ] = 1000,
+    executor: Annotated[
+        str, typer.Option(help="local (--workers processes) or ray (Ray tasks; data and --out on a shared filesystem)")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="the Ray cluster (host:port) for --executor ray; default: start one here")
+    ] = None,
 ) -> None:
     """Build patient sequences, fit vocabulary and value bins on the training split, and label the tasks."""
 
@@ -118,7 +124,7 @@ def ehr_prepare(
         prompt=prompt,
     )
     with counting("shards") as progress:
-        done = prepare(meds_dir, output, config, progress=progress, workers=workers, shard_subjects=shard_subjects)
+        done = prepare(meds_dir, output, config, progress, workers, shard_subjects, executor, address)
     rows = [[name, f"{counts['n']:,}", f"{counts['positives']:,}"] for name, counts in done.samples.items()]
     table(f"tasks in {output}", ["task", "samples", "positives"], rows)
     summary(

@@ -41,6 +41,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -59,6 +60,7 @@ from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 
 SAMPLE_SORT = ["task", "subject_id", "prediction_time", "visit_key"]
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -93,11 +95,19 @@ def prepare(
     progress: Callable[[int, int], None] | None = None,
     workers: int = 1,
     shard_subjects: int = 1000,
+    executor: str = "local",
+    address: str | None = None,
 ) -> PrepareSummary:
     """`progress(done, total)` counts units. `workers` processes run the map (the output does not depend on it, nor
-    on `shard_subjects`, the most subjects a unit holds: a worker's memory)."""
+    on `shard_subjects`, the most subjects a unit holds: a worker's memory). `executor="ray"` runs the map as Ray
+    tasks instead, on the cluster at `address` (None: a Ray started on this machine); the MEDS data and OUT must be
+    at the same paths on every node (a shared filesystem)."""
     config = config or PrepareConfig()
     _check(config, workers, shard_subjects)
+    if executor not in EXECUTORS:
+        raise MedstateError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if address is not None and executor != "ray":
+        raise MedstateError("an address is for the ray executor (--executor ray)")
     suite = TaskSuite.load(config.tasks)
     dirs = [meds_dir] if isinstance(meds_dir, (str, Path)) else list(meds_dir)
     units = plan_units(dirs, shard_subjects)
@@ -107,7 +117,7 @@ def prepare(
     settings = yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": [str(d) for d in dirs]})
     bins = _start(out, settings, suite, config, units)
     if not (out / "samples.parquet").is_file():
-        _build(out, units, bins, suite, config, workers, progress)
+        _build(out, units, bins, suite, config, progress, workers if executor == "local" else ("ray", address))
     subjects = pl.read_parquet(out / "subjects.parquet", columns=["split"])
     samples = pl.read_parquet(out / "samples.parquet", columns=["task", "label"])
     counted = samples.group_by("task").agg(pl.len().alias("n"), pl.col("label").sum().alias("positives"))
@@ -119,16 +129,19 @@ def prepare(
     )
 
 
-def _build(out: Path, units: list[Unit], bins: ValueBins, suite: TaskSuite, config: PrepareConfig, workers: int,
-           progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
-    """Steps 3 to 5: the map, the vocabulary, the index."""
+def _build(out: Path, units: list[Unit], bins: ValueBins, suite: TaskSuite, config: PrepareConfig,
+           progress: Callable[[int, int], None] | None, workers: int | tuple[str, str | None]) -> None:  # fmt: skip
+    """Steps 3 to 5: the map (on `workers` local processes, or ("ray", address)), the vocabulary, the index."""
     jobs = [
         UnitJob(unit, str(out), config.visit, config.max_length, config.prompt, tuple(config.date_only_codes),
                 config.max_samples_per_subject, config.seed, {"n_bins": bins.n_bins, "edges": bins.edges},
                 suite.to_yaml())
         for unit in units
     ]  # fmt: skip
-    run_map(jobs, workers, progress)
+    if isinstance(workers, tuple):
+        run_map_on_ray(jobs, workers[1], progress)
+    else:
+        run_map(jobs, workers, progress)
     counts: Counter = Counter()
     for unit in units:
         counts.update(json.loads((unit_dir(out, unit.name) / "counts.json").read_text()))
@@ -215,6 +228,50 @@ def run_map(jobs: list[UnitJob], workers: int, progress: Callable[[int, int], No
         for done, future in enumerate(as_completed(futures), start=1):
             future.result()
             progress(done, len(jobs))
+
+
+def run_map_on_ray(jobs: list[UnitJob], address: str | None, progress: Callable[[int, int], None] | None) -> None:
+    """Each job once, as a Ray task of one CPU (polars on one thread in it) on the cluster at `address`."""
+    try:
+        import ray
+    except ImportError:
+        raise MedstateError("the ray executor needs Ray: pip install 'medstate[ray]'") from None
+    progress = progress or (lambda done, total: None)
+    progress(0, len(jobs))
+    started = not ray.is_initialized()
+    if started:
+        _reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise MedstateError(f"cannot reach a Ray cluster at {address or 'this machine'}: {err}") from None
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": {"POLARS_MAX_THREADS": "1"}})(run_unit)
+        pending = [task.remote(job) for job in jobs]
+        done = 0
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(finished[0])
+            except ray.exceptions.RayTaskError as err:
+                cause = err.as_instanceof_cause()
+                raise (cause if isinstance(cause, MedstateError) else MedstateError(str(cause))) from None
+            done += 1
+            progress(done, len(jobs))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _reachable(address: str | None) -> None:
+    """A `host:port` that answers within 5 s (Ray itself retries an unreachable head for minutes)."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit():
+        return  # None or "auto": Ray finds or starts one here
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise MedstateError(f"cannot reach a Ray cluster at {address}: {err}") from None
 
 
 def _limit_threads(threads: str) -> None:

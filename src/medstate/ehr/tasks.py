@@ -15,6 +15,9 @@ Kinds of label:
     next_visit_within  the next episode starts in (t, t + window_days]          e.g. 30-day readmission
     onset_next_visit   a code of `code_set` is recorded during the next         e.g. hypertension onset
                        episode, and none at or before t
+    meds_labels        the rows of a MEDS label file (`labels`: a parquet file or a folder of them, as ACES /
+                       `aces-cli` and the MEDS-DEV tasks write them): subject_id, prediction_time, boolean_value;
+                       the input is what is known at prediction_time (a visit still open stays open)
 
 `exclude_codes` (regular expressions): a sample is left out when such an event happened at or before t.
 
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
@@ -40,7 +43,7 @@ from medstate.ehr.visits import DEFAULT_VISIT_SETS, VisitSet, anchor_visits, fin
 from medstate.errors import MedstateError
 from medstate.loading import compile_pattern, expect_mapping, from_data, parse_yaml, read_text
 
-KINDS = ("event_within", "duration_over", "next_visit_within", "onset_next_visit")
+KINDS = ("event_within", "duration_over", "next_visit_within", "onset_next_visit", "meds_labels")
 LABEL_SCHEMA = {
     "subject_id": pl.Int64,
     "visit_key": pl.String,
@@ -65,6 +68,7 @@ class TaskSpec:
     visits: str = "inpatient"  # the name of a visit set: which visits are anchors (and "next visits")
     # keep at most this many samples per subject, drawn uniformly at random whatever their label (None: all)
     max_samples_per_subject: int | None = None
+    labels: str | None = None  # meds_labels: the label file or folder (relative: to the task file's folder)
     description: str = ""
 
     def __post_init__(self):
@@ -74,7 +78,8 @@ class TaskSpec:
         if self.prediction not in ("visit_start", "visit_end"):
             problems.append("prediction must be visit_start or visit_end")
         needs = {"event_within": ("window_days", "codes"), "duration_over": ("duration_days",),
-                 "next_visit_within": ("window_days",), "onset_next_visit": ("code_set",)}  # fmt: skip
+                 "next_visit_within": ("window_days",), "onset_next_visit": ("code_set",),
+                 "meds_labels": ("labels",)}  # fmt: skip
         for name in needs.get(self.kind, ()):
             if not getattr(self, name):
                 problems.append(f"{self.kind} needs {name}")
@@ -92,7 +97,7 @@ class TaskSpec:
     @property
     def closes_visit(self) -> bool:
         """Predicted at (or after) the visit's end: the input shows the visit closed, as pretraining does."""
-        return self.prediction == "visit_end" and self.offset_hours >= 0
+        return self.kind != "meds_labels" and self.prediction == "visit_end" and self.offset_hours >= 0
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,12 @@ class TaskSuite:
             text, where = resources.files("medstate.ehr").joinpath("resources/tasks.yaml").read_text(), "tasks.yaml"
         else:
             text, where = read_text(path, "task file"), f"task file {path}"
-        return cls.from_yaml(text, where)
+        return cls.from_yaml(text, where, Path(path).parent if path is not None else None)
 
     @classmethod
-    def from_yaml(cls, text: str, where: str = "tasks.yaml") -> TaskSuite:
-        """A suite from a task file's text (`where` names it in errors)."""
+    def from_yaml(cls, text: str, where: str = "tasks.yaml", base: Path | None = None) -> TaskSuite:
+        """A suite from a task file's text (`where` names it in errors; `base`: the folder relative label paths
+        start from)."""
         data = expect_mapping(parse_yaml(text, where) or {}, where)
         unknown = sorted(set(data) - {"tasks", "visit_sets", "code_sets"})
         if unknown:
@@ -131,7 +137,9 @@ class TaskSuite:
         entries = data.get("tasks") or []
         if not isinstance(entries, list) or not entries:
             raise MedstateError(f"{where} defines no tasks (expected a list under tasks:)")
-        tasks = tuple(from_data(TaskSpec, t, f"{where}: tasks[{i}]") for i, t in enumerate(entries))
+        tasks = tuple(
+            _with_label_path(from_data(TaskSpec, t, f"{where}: tasks[{i}]"), base, where) for i, t in enumerate(entries)
+        )
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise MedstateError(f"{where} repeats a task name: {names}")
@@ -187,6 +195,48 @@ class TaskSuite:
         return pl.concat(frames).unique(["subject_id", "visit_key"], keep="first").sort("subject_id", "start")
 
 
+def _with_label_path(task: TaskSpec, base: Path | None, where: str) -> TaskSpec:
+    """A meds_labels task with its label path made absolute and checked (units read it from other processes)."""
+    if task.labels is None:
+        return task
+    path = Path(task.labels) if base is None else (base / task.labels)
+    if not path.exists():
+        raise MedstateError(f"{where}: task {task.name!r}: label file {path} not found")
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    if not files:
+        raise MedstateError(f"{where}: task {task.name!r}: no .parquet label files under {path}")
+    try:
+        columns = pl.read_parquet_schema(files[0])
+    except (OSError, pl.exceptions.PolarsError) as err:
+        raise MedstateError(f"{where}: task {task.name!r}: {files[0]} is not a readable parquet file ({err})") from None
+    missing = [c for c in ("subject_id", "prediction_time", "boolean_value") if c not in columns]
+    if missing:
+        raise MedstateError(
+            f"{where}: task {task.name!r}: {files[0]} lacks {', '.join(missing)} (binary MEDS labels are read)"
+        )
+    return replace(task, labels=str(path.resolve()))
+
+
+def meds_labels(task: TaskSpec, events: pl.DataFrame) -> pl.DataFrame:
+    """The label file's rows of these events' subjects (a row without a value is left out)."""
+    path = Path(task.labels)
+    source = pl.scan_parquet(path if path.is_file() else path / "**" / "*.parquet")
+    subjects = events.select(pl.col("subject_id").unique())
+    rows = (
+        source.select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.col("boolean_value").cast(pl.Int8).alias("label"),
+        )
+        .filter(pl.col("label").is_not_null())
+        .join(subjects.lazy(), on="subject_id", how="semi")
+        .unique(["subject_id", "prediction_time"], keep="first", maintain_order=True)
+        .collect()
+    )
+    at = pl.concat_str(pl.lit("at:"), pl.col("prediction_time").dt.strftime("%Y-%m-%dT%H:%M:%S%.6f"))
+    return rows.select("subject_id", at.alias("visit_key"), "prediction_time", "label", pl.lit(task.name).alias("task"))
+
+
 def load_code_sets() -> dict[str, tuple[tuple[str, str], ...]]:
     text = resources.files("medstate.ehr").joinpath("resources/code_sets.csv").read_text()
     sets: dict[str, list] = {}
@@ -211,6 +261,8 @@ def _matches_any(patterns: tuple[str, ...]) -> pl.Expr:
 def label_task(
     task: TaskSpec, events: pl.DataFrame, visits: pl.DataFrame, code_sets: dict | None = None
 ) -> pl.DataFrame:
+    if task.kind == "meds_labels":
+        return meds_labels(task, events).cast(LABEL_SCHEMA)
     offset = timedelta(hours=task.offset_hours)
     anchor = pl.col("start") if task.prediction == "visit_start" else pl.col("end")
     episodes = visits.with_columns(
