@@ -25,12 +25,21 @@ from medstate.errors import MedstateError
 CONFIG = PrepareConfig(max_length=200, max_samples_per_subject=3)
 
 
+def one_pass_edges(train, n_bins):
+    """Value bins as the single in-memory pass computed them (polars' exact linear quantiles per code)."""
+    numeric = train.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
+    quantiles = [q / n_bins for q in range(1, n_bins)]
+    edges = numeric.group_by("code").agg(*(pl.col("numeric_value").quantile(q, "linear").alias(f"q{i}")
+                                           for i, q in enumerate(quantiles)))  # fmt: skip
+    return {row[0]: [float(v) for v in row[1:]] for row in edges.sort("code").iter_rows()}
+
+
 def whole_cohort(meds, config):
     """The inputs built from every event at once (one pass, no shards, no store): the definition of prepare."""
     events = at_end_of_day(scan_meds(meds).collect(), config.date_only_codes)
     split_of = dict(events.select("subject_id", "split").unique("subject_id").iter_rows())
     train = events.filter(pl.col("split") == "train")
-    bins = ValueBins(config.value_bins).fit(train)
+    bins = ValueBins(config.value_bins, one_pass_edges(train, config.value_bins))
     sequences = {
         sid: build_sequence(sid, frame, bins, config.visit)
         for (sid,), frame in events.partition_by("subject_id", as_dict=True, maintain_order=True).items()

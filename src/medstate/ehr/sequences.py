@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
+from medstate.ehr.quantiles import exact_quantiles
 from medstate.errors import MedstateError
 
 CLS, VISIT_START, VISIT_END, REGISTER, PAD, UNKNOWN, MASK = "[CLS]", "[VS]", "[VE]", "[REG]", "[PAD]", "[UNK]", "[MASK]"
@@ -215,15 +216,11 @@ class ValueBins:
     edges: dict[str, list[float]] = field(default_factory=dict)
 
     def fit(self, events: pl.DataFrame | pl.LazyFrame) -> ValueBins:
-        """Edges from the (code, numeric_value) columns, exact quantiles; a lazy frame is read in a streaming pass,
-        its other columns never loaded."""
+        """Edges from the (code, numeric_value) columns: exact linear quantiles (polars' and numpy's), found by
+        `exact_quantiles` in streaming passes whose memory does not grow with the rows."""
         numeric = events.lazy().filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
         quantiles = [q / self.n_bins for q in range(1, self.n_bins)]
-        edges = numeric.group_by("code").agg(
-            *(pl.col("numeric_value").quantile(q, "linear").alias(f"q{i}") for i, q in enumerate(quantiles))
-        )
-        rows = edges.sort("code").collect(engine="streaming").iter_rows()
-        self.edges = {row[0]: [float(v) for v in row[1:]] for row in rows}
+        self.edges = exact_quantiles(numeric, "code", "numeric_value", quantiles)
         return self
 
     def token(self, code: str, value: float | None) -> str:
