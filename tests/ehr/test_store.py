@@ -128,9 +128,13 @@ def test_a_killed_prepare_resumes_and_skips_its_finished_shards(mimic_csv_meds, 
         (shards / name / "kept").touch()  # gone if the unit were written again
     assert 3 <= len(finished) < 20 and not (out / "samples.parquet").exists()  # killed part-way
     done = []
-    prepare(mimic_csv_meds.summary.output, out, CONFIG, progress=lambda n, total: done.append(total),
+    prepare(mimic_csv_meds.summary.output, out, CONFIG, progress=lambda stage, n, total: done.append((stage, n, total)),
             shard_subjects=5)  # fmt: skip
     assert all((shards / name / "kept").is_file() for name in finished)  # not redone
+    units = len(list(shards.glob("d*")))
+    stages = list(dict.fromkeys(stage for stage, _, _ in done))
+    assert stages == ["shards", "token ids", "index"]  # the bins were read back, not fitted again
+    assert done[-1] == ("index", 3, 3) and ("shards", units, units) in done and ("token ids", units, units) in done
     assert not list(shards.glob(".*"))  # no partial unit left behind
     assert_inputs_equal(out, *reference)
     with pytest.raises(MedstateError, match="prepared with other settings"):

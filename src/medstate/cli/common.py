@@ -40,6 +40,31 @@ def counting(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 @contextlib.contextmanager
+def stages() -> Iterator[Callable[[str, int, int | None], None]]:
+    """One bar per stage for `progress(stage, done, total)` callbacks (total None: a count of unknown length), each
+    added when its stage first reports and kept on screen once done, with its time."""
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.fields[shown]}"),
+               TimeElapsedColumn()]  # fmt: skip
+    with Progress(*columns, console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                for earlier in tasks.values():  # a new stage: the ones before it are over
+                    finish(earlier)
+                tasks[stage] = bar.add_task(stage, total=None, shown="?")
+            bar.update(tasks[stage], completed=done, total=total, shown="?" if total is None else total)
+
+        def finish(task: int) -> None:
+            done = bar.tasks[task].completed
+            bar.update(task, total=done, shown=int(done))
+
+        yield progress
+        for task in tasks.values():
+            finish(task)
+
+
+@contextlib.contextmanager
 def spinner(description: str) -> Iterator[Callable[[str], None]]:
     """A spinner whose text the callback replaces (work of unknown length)."""
     with Progress(

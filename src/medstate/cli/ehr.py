@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from medstate.cli.common import console, counting, steps, summary, table
+from medstate.cli.common import console, counting, stages, steps, summary, table
 from medstate.ehr.benchmark import BenchmarkSettings, run_benchmark
 from medstate.ehr.demo import run_demo
 from medstate.ehr.evaluate import evaluate_models
@@ -123,7 +123,7 @@ def ehr_prepare(
         seed,
         prompt=prompt,
     )
-    with counting("shards") as progress:
+    with stages() as progress:
         done = prepare(meds_dir, output, config, progress, workers, shard_subjects, executor, address)
     rows = [[name, f"{counts['n']:,}", f"{counts['positives']:,}"] for name, counts in done.samples.items()]
     table(f"tasks in {output}", ["task", "samples", "positives"], rows)

@@ -36,6 +36,7 @@ at a discharge-time prediction the stay is closed with [VE] [REG], as pretrainin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -59,6 +60,7 @@ from medstate.ehr.tasks import LABEL_SCHEMA, TaskSuite
 from medstate.ehr.vocab import Vocabulary
 from medstate.errors import MedstateError
 
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total)
 SAMPLE_SORT = ["task", "subject_id", "prediction_time", "visit_key"]
 EXECUTORS = ("local", "ray")
 
@@ -92,17 +94,20 @@ def prepare(
     meds_dir: str | Path | list[str | Path],
     output: str | Path,
     config: PrepareConfig | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     workers: int = 1,
     shard_subjects: int = 1000,
     executor: str = "local",
     address: str | None = None,
 ) -> PrepareSummary:
-    """`progress(done, total)` counts units. `workers` processes run the map (the output does not depend on it, nor
+    """`progress(stage, done, total)` reports each stage as it goes ("value bins": passes over the training split,
+    total unknown; "shards": units mapped; "token ids": units rewritten to the vocabulary; "index": its three
+    tables). `workers` processes run the map (the output does not depend on it, nor
     on `shard_subjects`, the most subjects a unit holds: a worker's memory). `executor="ray"` runs the map as Ray
     tasks instead, on the cluster at `address` (None: a Ray started on this machine); the MEDS data and OUT must be
     at the same paths on every node (a shared filesystem)."""
     config = config or PrepareConfig()
+    progress = progress or (lambda stage, done, total: None)
     _check(config, workers, shard_subjects)
     if executor not in EXECUTORS:
         raise MedstateError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -115,7 +120,7 @@ def prepare(
         raise MedstateError(f"{meds_dir} has no train split: vocabulary and value bins are fitted on it")
     out = Path(output)
     settings = yaml.safe_dump({**_plain(asdict(config)), "meds_dirs": [str(d) for d in dirs]})
-    bins = _start(out, settings, suite, config, units)
+    bins = _start(out, settings, suite, config, units, progress)
     if not (out / "samples.parquet").is_file():
         _build(out, units, bins, suite, config, progress, workers if executor == "local" else ("ray", address))
     subjects = pl.read_parquet(out / "subjects.parquet", columns=["split"])
@@ -130,7 +135,7 @@ def prepare(
 
 
 def _build(out: Path, units: list[Unit], bins: ValueBins, suite: TaskSuite, config: PrepareConfig,
-           progress: Callable[[int, int], None] | None, workers: int | tuple[str, str | None]) -> None:  # fmt: skip
+           progress: Progress, workers: int | tuple[str, str | None]) -> None:  # fmt: skip
     """Steps 3 to 5: the map (on `workers` local processes, or ("ray", address)), the vocabulary, the index."""
     jobs = [
         UnitJob(unit, str(out), config.visit, config.max_length, config.prompt, tuple(config.date_only_codes),
@@ -138,18 +143,20 @@ def _build(out: Path, units: list[Unit], bins: ValueBins, suite: TaskSuite, conf
                 suite.to_yaml())
         for unit in units
     ]  # fmt: skip
+    mapped = functools.partial(progress, "shards")
     if isinstance(workers, tuple):
-        run_map_on_ray(jobs, workers[1], progress)
+        run_map_on_ray(jobs, workers[1], mapped)
     else:
-        run_map(jobs, workers, progress)
+        run_map(jobs, workers, mapped)
     counts: Counter = Counter()
     for unit in units:
         counts.update(json.loads((unit_dir(out, unit.name) / "counts.json").read_text()))
     vocab = Vocabulary.from_counts(counts, config.min_count, [t.token for t in suite.tasks])
     vocab.save(out / "vocab.json")
-    for unit in units:
+    for done, unit in enumerate(units, start=1):
         finalize_unit(out, unit.name, vocab)
-    write_index(out, units, config.max_length)
+        progress("token ids", done, len(units))
+    write_index(out, units, config.max_length, functools.partial(progress, "index"))
 
 
 def _check(config: PrepareConfig, workers: int, shard_subjects: int) -> None:
@@ -186,7 +193,8 @@ def plan_units(dirs: list[str | Path], shard_subjects: int) -> list[Unit]:
     return units
 
 
-def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, units: list[Unit]) -> ValueBins:
+def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, units: list[Unit],
+           progress: Progress) -> ValueBins:  # fmt: skip
     """A new OUT gets the settings, the task suite and the value bins; a resumed one must have the same settings
     (its bins are read back), and, when unfinished, loses the units of another shard plan."""
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +206,7 @@ def _start(out: Path, settings: str, suite: TaskSuite, config: PrepareConfig, un
         bins = ValueBins(saved["n_bins"], saved["edges"])
     else:
         train = [u.scan().select("code", "numeric_value") for u in units if u.split == "train"]
-        bins = ValueBins(config.value_bins).fit(pl.concat(train))
+        bins = ValueBins(config.value_bins).fit(pl.concat(train), functools.partial(progress, "value bins"))
         (out / "value_bins.json").write_text(json.dumps({"n_bins": bins.n_bins, "edges": bins.edges}) + "\n")
         (out / "tasks.yaml").write_text(suite.to_yaml())
         written.write_text(settings)
@@ -278,7 +286,7 @@ def _limit_threads(threads: str) -> None:
     os.environ["POLARS_MAX_THREADS"] = threads  # read when polars is first imported, in the worker
 
 
-def write_index(out: Path, units: list[Unit], max_length: int) -> None:
+def write_index(out: Path, units: list[Unit], max_length: int, progress: Callable[[int, int], None]) -> None:
     """labels.parquet, subjects.parquet and samples.parquet (last: the mark of a finished prepare) from the units, in
     the order training reads them; then what only the build needed goes: the units' own samples (samples.parquet
     holds them), token tables and counts (input_ids.npy and vocab.json hold them)."""
@@ -298,10 +306,11 @@ def write_index(out: Path, units: list[Unit], max_length: int) -> None:
     )
     samples = pl.concat([pl.read_parquet(unit_dir(out, u.name) / "samples.parquet") for u in units])
     samples = samples.join(subjects.drop("split", "length"), on="subject_id", how="left").sort(SAMPLE_SORT)
-    for frame, name in ((samples.select(*LABEL_SCHEMA, "split"), "labels"), (subjects, "subjects"),
-                        (samples, "samples")):  # fmt: skip
+    tables = ((samples.select(*LABEL_SCHEMA, "split"), "labels"), (subjects, "subjects"), (samples, "samples"))
+    for done, (frame, name) in enumerate(tables, start=1):
         frame.write_parquet(out / f"{name}.partial.parquet")
         os.replace(out / f"{name}.partial.parquet", out / f"{name}.parquet")
+        progress(done, len(tables))
     for unit in units:
         for name in ("samples.parquet", "tokens.json", "counts.json"):
             (unit_dir(out, unit.name) / name).unlink()

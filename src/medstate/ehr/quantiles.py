@@ -13,6 +13,7 @@ windows are gathered whatever their size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,17 +39,22 @@ def exact_quantiles(
     buckets: int = 1024,
     gather: int = 2_000_000,
     max_passes: int = 8,
+    progress: Callable[[int, None], None] | None = None,
 ) -> dict[str, list[float]]:
     """{group: [linear quantile of `column` at each q]} over the rows of `frame` (nulls and non-finite values
     must be filtered out before); equal to polars' `quantile(q, "linear")` per group, which interpolates in the
-    column's own precision (a Float32 column's quantiles are rounded to float32, as here)."""
+    column's own precision (a Float32 column's quantiles are rounded to float32, as here). `progress(passes, None)`
+    after each pass (how many it takes depends on the values)."""
+    progress = progress or (lambda done, total: None)
     rounded = np.float32 if frame.collect_schema()[column] == pl.Float32 else float
     values = frame.select(pl.col(by), pl.col(column).cast(pl.Float64))
     stats = values.group_by(by).agg(pl.len().alias("n"), pl.col(column).min().alias("lo"),
                                     pl.col(column).max().alias("hi"))  # fmt: skip
     targets: dict[tuple[str, int], _Target] = {}
     positions: dict[str, list[tuple[int, int, float]]] = {}  # group → per q: (rank ⌊h⌋, rank ⌈h⌉, h − ⌊h⌋)
-    for group, n, lo, hi in stats.collect(engine="streaming").iter_rows():
+    counted = stats.collect(engine="streaming")
+    progress(1, None)
+    for group, n, lo, hi in counted.iter_rows():
         positions[group] = []
         for q in quantiles:
             h = q * (n - 1)
@@ -66,8 +72,10 @@ def exact_quantiles(
         windows = {(t.group, t.lo, t.hi): t.count for t in open_}
         if sum(windows.values()) <= gather or done == max_passes:
             _gather(values, by, column, open_)
+            progress(done + 2, None)
             break
         _narrow(values, by, column, open_, buckets)
+        progress(done + 2, None)
     return {
         group: [float(rounded(_interpolate(targets[group, low].value, targets[group, high].value, fraction)))
                 for low, high, fraction in ranks]

@@ -27,6 +27,7 @@ visit segment (1, 2, 1, 2, … per visit; 0 outside visits) and visit order (1, 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -215,12 +216,14 @@ class ValueBins:
     n_bins: int = 5
     edges: dict[str, list[float]] = field(default_factory=dict)
 
-    def fit(self, events: pl.DataFrame | pl.LazyFrame) -> ValueBins:
+    def fit(
+        self, events: pl.DataFrame | pl.LazyFrame, progress: Callable[[int, None], None] | None = None
+    ) -> ValueBins:
         """Edges from the (code, numeric_value) columns: exact linear quantiles (polars' and numpy's), found by
-        `exact_quantiles` in streaming passes whose memory does not grow with the rows."""
+        `exact_quantiles` in streaming passes whose memory does not grow with the rows (`progress(passes, None)`)."""
         numeric = events.lazy().filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_finite())
         quantiles = [q / self.n_bins for q in range(1, self.n_bins)]
-        self.edges = exact_quantiles(numeric, "code", "numeric_value", quantiles)
+        self.edges = exact_quantiles(numeric, "code", "numeric_value", quantiles, progress=progress)
         return self
 
     def token(self, code: str, value: float | None) -> str:
