@@ -4,7 +4,9 @@ shifted by a day per copy: the same tables and codes, K x 100 patients) and the 
 2 workers, 20 finetuning steps of a small EhrMamba (d_model 32, 2 layers) and `ehr evaluate` of it, each a
 separate process: wall time, the largest process's max RSS (wait4) and the peak RSS of its process tree. With
 `--baseline SRC` (the `src/` of an older checkout, e.g. a `git worktree` of fd5d7aa, the last whole-cohort
-`prepare`) the same prepare runs on that code for comparison, up to `--baseline-max-k`.
+`prepare`) the same prepare runs on that code for comparison, up to `--baseline-max-k`. Where `make meds-tools`
+has built .venv-meds, meds-torch-data's `MTD_preprocess` (MEDS-Transforms stages: code metadata, vocabulary,
+normalisation, tokenisation, tensorisation into nested ragged tensors, one process) runs on the same MEDS copy.
 
     python benchmarks/ehr_scale.py --k 1,10,30,100 --synthea-k 1,10 --baseline /tmp/oldprep/src
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +28,7 @@ import polars as pl
 import harness  # noqa: F401  (this folder after the installed packages)
 from data import DEMO, MEDSTATE, REPO, SYNTHEA, measure, medstate_convert, replicate, replicate_fhir
 
+MTD = REPO / ".venv-meds" / "bin" / "MTD_preprocess"
 ARRAYS = ("input_ids", "token_types", "ages", "times", "visit_segments", "visit_orders")
 SOURCES = {"mimic-iv": (replicate, DEMO), "fhir": (replicate_fhir, SYNTHEA)}  # data convert --format: (copier, source)
 
@@ -65,23 +69,40 @@ def scale(format: str, k: int, scratch: Path, steps: int, baseline: Path | None)
     cmd = [*MEDSTATE, "ehr", "evaluate", str(prepared), str(work / "evaluate"), "--model",
            f"ehrmamba={run / 'checkpoints' / 'last'}"]  # fmt: skip
     row["evaluate"] = measure(cmd, logs / "evaluate.log")
+    if MTD.exists():
+        cmd = ["env", f"PATH={MTD.parent}:{os.environ['PATH']}", str(MTD), f"MEDS_dataset_dir={work / 'meds'}",
+               f"output_dir={work / 'mtd'}"]  # fmt: skip
+        row["meds_torch_data"] = measure(cmd, logs / "meds-torch-data.log")
+        row["meds_torch_data_mb"] = directory_bytes(work / "mtd" / "data") / 2**20  # the nested ragged tensors
+        shutil.rmtree(work / "mtd")
+    row["cpu"] = cpu_model()
     shutil.rmtree(work / "meds")
     return row
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def show(rows: list[dict]) -> None:
     def cell(step: dict | None) -> str:
         return "-" if step is None else f"{step['wall_s']:.1f} s / {step['tree_peak_rss_mb'] / 1024:.2f} GB"
 
-    print("| data | K | patients | convert | prepare, 1 worker | prepare, 2 workers | 2 vs 1 | prepare ms/patient | "
-          "whole-cohort prepare | directory / token arrays | finetune 20 steps | evaluate |")  # fmt: skip
-    print("|---" * 12 + "|")
+    print(
+        "| data | K | patients | convert | prepare, 1 worker | prepare, 2 workers | 2 vs 1 | prepare ms/patient | "
+        "whole-cohort prepare | meds-torch-data | directory / token arrays | finetune 20 steps | evaluate |"
+    )
+    print("|---" * 13 + "|")
     for r in rows:
         one, two = r["prepare_1"], r["prepare_2"]
         print(
             f"| {r['source']} | {r['k']} | {r['patients']:,} | {cell(r['convert'])} | {cell(one)} | {cell(two)} | "
             f"{one['wall_s'] / two['wall_s']:.2f}x | {1000 * one['wall_s'] / r['patients']:.1f} | "
-            f"{cell(r.get('prepare_baseline'))} | {r['prepared_mb']:.1f} / {r['token_arrays_mb']:.1f} MB "
+            f"{cell(r.get('prepare_baseline'))} | {cell(r.get('meds_torch_data'))} | "
+            f"{r['prepared_mb']:.1f} / {r['token_arrays_mb']:.1f} MB "
             f"({r['prepared_mb'] / r['token_arrays_mb']:.2f}x) | {cell(r['finetune'])} | {cell(r['evaluate'])} |"
         )
 

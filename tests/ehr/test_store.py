@@ -141,6 +141,17 @@ def test_a_killed_prepare_resumes_and_skips_its_finished_shards(mimic_csv_meds, 
         prepare(mimic_csv_meds.summary.output, out, PrepareConfig(max_length=100), shard_subjects=5)
 
 
+def test_a_worker_that_dies_is_one_error_not_a_traceback_of_the_pool(mimic_csv_meds, tmp_path):
+    script = tmp_path / "unguarded.py"  # no `if __name__ == "__main__":`: every spawned worker fails to start
+    script.write_text("import sys\nfrom medstate.ehr.prepare import prepare\n"
+                      "prepare(sys.argv[1], sys.argv[2], workers=2, shard_subjects=30)\n")  # fmt: skip
+    result = subprocess.run([sys.executable, str(script), str(mimic_csv_meds.summary.output), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "MedstateError: a prepare worker died" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "samples.parquet").exists()
+
+
 def test_an_unreadable_shard_stops_the_run_naming_it(mimic_csv_meds, tmp_path):
     meds = tmp_path / "meds"
     subprocess.run(["cp", "-r", str(mimic_csv_meds.summary.output), str(meds)], check=True)

@@ -46,6 +46,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -233,9 +234,16 @@ def run_map(jobs: list[UnitJob], workers: int, progress: Callable[[int, int], No
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(run_unit, job) for job in jobs]
-        for done, future in enumerate(as_completed(futures), start=1):
-            future.result()
-            progress(done, len(jobs))
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                future.result()
+                progress(done, len(jobs))
+        except BrokenProcessPool:
+            raise MedstateError(
+                "a prepare worker died (out of memory: try fewer --workers or a smaller --shard-subjects; from a "
+                "script: call prepare under `if __name__ == \"__main__\":`, as spawned workers import it); the "
+                "finished shards are kept, rerun to resume"
+            ) from None
 
 
 def run_map_on_ray(jobs: list[UnitJob], address: str | None, progress: Callable[[int, int], None] | None) -> None:
