@@ -116,7 +116,11 @@ def main() -> None:
     parser.add_argument("--baseline-max-k", type=int, default=30, help="largest K the baseline runs at")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "medstate-ehr-scale")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ehr_scale.json")
+    parser.add_argument("--table", action="store_true", help="print the table of --out's rows and stop")
     args = parser.parse_args()
+    if args.table:
+        show(json.loads(args.out.read_text()))
+        return
     rows = []
     runs = [("mimic-iv", int(k)) for k in args.k.split(",") if k] + [
         ("fhir", int(k)) for k in args.synthea_k.split(",") if k

@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from medstate.cli import app
+from medstate.ehr.benchmark import BenchmarkSettings
 
 runner = CliRunner()
 MODELS = "xgboost,ehrmamba,ehrmamba-single,lstm,bert,multibird"
@@ -64,6 +65,8 @@ def test_every_model_seed_and_task_is_reported(benchmark, prepared):
     shared = timings.filter(pl.col("stage").str.starts_with("pretrain"))  # timed once, by the first model of a kind
     assert sorted(shared["model"]) == ["bert", "ehrmamba", "multibird"]
     assert (out / "report.html").is_file() and "xgboost" in output
+    recorded = BenchmarkSettings.from_yaml(out / "benchmark.yaml")  # a run's record is a settings file
+    assert (recorded.d_model, recorded.pretrain_steps, recorded.seeds) == (16, 2, [0])
 
 
 def test_rerun_skips_finished_cells_and_adds_seeds(benchmark):

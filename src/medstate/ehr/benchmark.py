@@ -146,7 +146,8 @@ def run_benchmark(
     if not (prepared / "samples.parquet").is_file():
         raise MedstateError(f"{prepared} is not a prepared dataset; run `medstate ehr prepare` first")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "benchmark.yaml").write_text(yaml.safe_dump({**asdict(settings), "prepared": str(prepared)}))
+    record = f"# prepared: {prepared} (the settings below load with --settings)\n{yaml.safe_dump(asdict(settings))}"
+    (run_dir / "benchmark.yaml").write_text(record)
     (run_dir / "predictions").mkdir(exist_ok=True)
     tasks = sorted(pl.read_parquet(prepared / "labels.parquet", columns=["task"])["task"].unique())
     timings = _Timings(run_dir / "timings.csv", say)
