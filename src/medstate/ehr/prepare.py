@@ -241,7 +241,7 @@ def run_map(jobs: list[UnitJob], workers: int, progress: Callable[[int, int], No
         except BrokenProcessPool:
             raise MedstateError(
                 "a prepare worker died (out of memory: try fewer --workers or a smaller --shard-subjects; from a "
-                "script: call prepare under `if __name__ == \"__main__\":`, as spawned workers import it); the "
+                'script: call prepare under `if __name__ == "__main__":`, as spawned workers import it); the '
                 "finished shards are kept, rerun to resume"
             ) from None
 
