@@ -173,36 +173,28 @@ class PatientStream:
 
     @torch.no_grad()
     def predictions(self) -> dict[str, float]:
-        """Each task's probability from the history so far (state branching: the kept state is not changed)."""
+        """Each task's probability from the history so far (state branching: the kept state is not changed), every
+        task in one model call: a task predicted at a visit's end reads [VE] [REG] [TASK] after the state, the
+        others [TASK] (rows padded at the end, each read at its own last token)."""
         served, committed = self.served, self.tokenizer.committed
-        out: dict[str, float] = {}
-        for closes in (True, False):
-            tasks = [(i, t) for i, t in enumerate(served.tasks) if t.closes_visit == closes]
-            if not tasks:
-                continue
-            rows = served.heads()
-            state = self.state.select([0 if len(rows) == 1 else i for i, _ in tasks])
-            tail = self.tokenizer.closing() if closes else []
-            last = (tail or committed)[-1]
-            for row in tail:  # [VE] [REG]: the same for every task
-                state = self._step(self._one(row, len(tasks)), state)[1]
-            tokens = self._one(last, len(tasks))
-            tokens["input_ids"] = torch.tensor(served.vocab.encode([t.token for _, t in tasks]))
-            tokens["token_types"][:] = TYPE_TASK
-            tokens["visit_segments"][:], tokens["visit_orders"][:] = 0, 0
-            hidden, _ = self._step(tokens, state)
-            probabilities = torch.sigmoid(served.model.class_logits(hidden).double())
-            out.update({t.name: float(p) for (_, t), p in zip(tasks, probabilities)})
-        return {t.name: out[t.name] for t in served.tasks}
+        tail = self.tokenizer.closing()
+        rows = []
+        for task in served.tasks:
+            before = tail if task.closes_visit else []
+            last = (before or committed)[-1]
+            rows.append([*before, (task.token, TYPE_TASK, last[2], last[3], 0, 0)])
+        width = max(len(r) for r in rows)
+        columns = [list(zip(*(r + [r[-1]] * (width - len(r))))) for r in rows]  # per task: the six arrays
+        batch = {name: torch.tensor([list(c[k]) for c in columns], dtype=DTYPES[name])
+                 for k, name in enumerate(ARRAYS) if k > 0}  # fmt: skip
+        batch["input_ids"] = torch.tensor([served.vocab.encode(list(c[0])) for c in columns])
+        state = self.state.select([0] * len(rows) if len(served.heads()) == 1 else range(len(rows)))
+        hidden, _ = served.model.prefill(batch, state)
+        ends = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+        probabilities = torch.sigmoid(served.model.class_logits(ends).double())
+        return {t.name: float(p) for t, p in zip(served.tasks, probabilities)}
 
     # ----- feeding the state ------------------------------------------------------------------------------------
-    def _one(self, row: Row, n: int) -> dict[str, torch.Tensor]:
-        values = (self.served.vocab.encode([row[0]])[0], *row[1:])
-        return {name: torch.full((n,), value, dtype=DTYPES[name]) for name, value in zip(ARRAYS, values)}
-
-    def _step(self, tokens: dict[str, torch.Tensor], state: SSMState):
-        return self.served.model.step(tokens, state)
-
     @torch.no_grad()
     def _catch_up(self) -> None:
         """Feed the committed tokens not yet in the state, snapshotting at each visit start on the way."""
