@@ -101,6 +101,22 @@ def test_every_stored_input_equals_the_whole_cohort_build(mimic_csv_meds, refere
     assert_inputs_equal(out, vocab, bins, pretrain, finetune)
 
 
+def test_columns_the_sequences_do_not_use_still_reach_the_labels(mimic_csv_meds, tmp_path):
+    """A unit reads only the columns sequences, visits and tasks use: a death known only from
+    hospital_expire_flag (no //DIED code, no MEDS_DEATH row) must still end the stay in death."""
+    meds = tmp_path / "meds"
+    subprocess.run(["cp", "-r", str(mimic_csv_meds.summary.output), str(meds)], check=True)
+    for shard in (meds / "data").rglob("*.parquet"):
+        events = pl.read_parquet(shard).filter(pl.col("code") != "MEDS_DEATH")
+        events.with_columns(pl.col("code").str.replace("//DIED$", "//OTHER")).write_parquet(shard)
+    vocab, bins, pretrain, finetune = whole_cohort(meds, CONFIG)
+    out = tmp_path / "prepared"
+    prepare(meds, out, CONFIG, shard_subjects=30)
+    assert_inputs_equal(out, vocab, bins, pretrain, finetune)
+    stays = TaskSuite.load(None).stays(scan_meds(meds).collect())
+    assert stays["died"].sum() > 0  # the test has something to find
+
+
 PREPARE_SLOWLY = """
 import sys, time
 import medstate.ehr.shards as shards

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from medstate.data.meds import scan_meds_file
-from medstate.ehr.sequences import ValueBins, at_end_of_day, build_sequence
+from medstate.ehr.sequences import ValueBins, at_end_of_day, build_sequence, visit_key_columns
 from medstate.ehr.tasks import TaskSuite, cap_per_subject
 from medstate.ehr.visits import later_stay_keys
 from medstate.errors import MedstateError
@@ -40,6 +40,7 @@ STORED = {
     "timestamps": np.int64,
     "key_ids": np.int32,  # index into the unit's keys.json and key_starts.npy; -1: the token has no visit key
 }
+READ_COLUMNS = ("subject_id", "time", "code", "numeric_value", "time_precision")  # and what visits and tasks read
 NOT_A_STAY = np.iinfo(np.int64).min  # key_starts of a visit key that is no stay (or has no start): never hidden
 SUBJECT_SCHEMA = {
     "subject_id": pl.Int64,
@@ -69,8 +70,12 @@ class Unit:
             frame = frame.filter(pl.col("subject_id").is_between(self.low, self.high))
         return frame
 
-    def events(self) -> pl.DataFrame:
-        return self._collect(self.scan())
+    def events(self, columns: set[str] | None = None) -> pl.DataFrame:
+        """The unit's events: every column, or those of `columns` the shard has."""
+        frame = self.scan()
+        if columns is not None:
+            frame = frame.select(c for c in frame.collect_schema().names() if c in columns)
+        return self._collect(frame)
 
     def subject_ids(self) -> pl.Series:
         """The unit's subject ids, sorted."""
@@ -119,7 +124,8 @@ def run_unit(job: UnitJob) -> str:
 def _write_unit(job: UnitJob, folder: Path) -> None:
     suite = TaskSuite.from_yaml(job.tasks_yaml)
     bins = ValueBins(job.bins["n_bins"], job.bins["edges"])
-    events = at_end_of_day(job.unit.events(), job.date_only_codes)
+    wanted = {*READ_COLUMNS, *visit_key_columns(job.visit), *suite.columns()}
+    events = at_end_of_day(job.unit.events(wanted), job.date_only_codes)
     labels = suite.label(events).with_columns(pl.lit(job.unit.split).alias("split"))
     caps = {t.name: t.max_samples_per_subject or job.default_cap for t in suite.tasks}
     labels = cap_per_subject(labels, caps, job.seed)

@@ -189,6 +189,10 @@ class TaskSuite:
         frames = [label_task(task, events, visits[task.visits], self.code_sets) for task in self.tasks]
         return pl.concat(frames).sort(["task", "subject_id", "prediction_time", "visit_key"])
 
+    def columns(self) -> set[str]:
+        """The event columns the visit rules read besides subject_id, time and code (keys, death signals)."""
+        return {c for s in self.visit_sets.values() for r in s.rules for c in (r.key, *r.died)}
+
     def stays(self, events: pl.DataFrame) -> pl.DataFrame:
         """Every stay of every visit set, unmerged (subject_id, visit_key, start, end, died)."""
         frames = [find_stays(events, s.rules) for s in self.visit_sets.values()]
