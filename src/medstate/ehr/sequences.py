@@ -130,18 +130,29 @@ class PatientSequence:
         `close`: a visit still open at `moment` gets its [VE] [REG] at `moment` (`closing`: those two tokens as
         this sequence writes its tokens, strings or vocabulary ids); otherwise it stays open (no [VE]/[REG] yet).
         The interval token before a visit appears with the visit."""
+        kept = self._known(moment, hidden_keys)
+        history = self._select(kept)
+        return history._closed(moment, closing) if close and self._open_at(kept[-1]) else history
+
+    def known_length(self, moment: datetime, hidden_keys=(), close: bool = False) -> int:
+        """len(self.until(moment, hidden_keys, close)), without building it."""
+        kept = self._known(moment, hidden_keys)
+        return len(kept) + (2 if close and self._open_at(kept[-1]) else 0)
+
+    def _known(self, moment: datetime, hidden_keys) -> np.ndarray:
+        """Indices of the tokens `until` keeps (before any closing)."""
         keep = self.timestamps <= _microseconds(moment)
         if len(hidden_keys) and self.visit_keys:
             keep &= ~np.isin(np.asarray(self.visit_keys, dtype=object), list(hidden_keys))
-        orders_with_events = set(self.visit_orders[keep & (self.token_types == TYPE_EVENT)].tolist())
-        empty_visit = (self.visit_orders > 0) & ~np.isin(self.visit_orders, list(orders_with_events))
+        orders_with_events = np.unique(self.visit_orders[keep & (self.token_types == TYPE_EVENT)])
+        empty_visit = (self.visit_orders > 0) & ~np.isin(self.visit_orders, orders_with_events)
         keep &= ~empty_visit
         keep[:-1] &= ~((self.token_types[:-1] == TYPE_INTERVAL) & empty_visit[1:])  # its interval token too
-        history = self._select(np.flatnonzero(keep))
-        last = len(history) - 1
-        if close and history.visit_orders[last] > 0 and history.token_types[last] != TYPE_REGISTER:
-            history = history._closed(moment, closing)
-        return history
+        return np.flatnonzero(keep)
+
+    def _open_at(self, index: int) -> bool:
+        """A history ending at token `index` ends inside a visit not yet closed."""
+        return bool(self.visit_orders[index] > 0 and self.token_types[index] != TYPE_REGISTER)
 
     def _closed(self, moment: datetime, closing: tuple) -> PatientSequence:
         """This history with [VE] [REG] at `moment` appended to its open last visit."""

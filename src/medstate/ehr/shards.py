@@ -167,8 +167,8 @@ def _write_unit(job: UnitJob, folder: Path) -> None:
         start += len(sequence)
         own = samples_of.get((subject_id,))
         for row in own.iter_rows(named=True) if own is not None else ():
-            history = sequence.until(row["prediction_time"], row["hidden"], close=closes[row["task"]])
-            lengths[row["_index"]] = min(len(history), job.max_length - 1) + 1  # the length `prompted` gives it
+            known = sequence.known_length(row["prediction_time"], row["hidden"], close=closes[row["task"]])
+            lengths[row["_index"]] = min(known, job.max_length - 1) + 1  # the length `prompted` gives it
     for name, dtype in STORED.items():
         np.save(folder / f"{name}.npy", np.concatenate(columns[name]) if columns[name] else np.zeros(0, dtype))
     pl.DataFrame(subjects, schema=SUBJECT_SCHEMA, orient="row").write_parquet(folder / "subjects.parquet")
