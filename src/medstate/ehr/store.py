@@ -83,7 +83,7 @@ class _NpySlices:
 
 
 class TokenStore:
-    """Subjects' stored sequences, one memory-mapped slice at a time."""
+    """Subjects' stored sequences, one slice at a time."""
 
     def __init__(self, prepared: str | Path):
         self.root = Path(prepared)
