@@ -138,7 +138,7 @@ class SampleArrays(Sequence):
         # numpy columns, not Python lists: a training process's memory per sample stays a few dozen bytes
         self.unit_names, self.units = _codes(frame["unit"])
         self.starts, self.stops = frame["start"].to_numpy(), frame["stop"].to_numpy()
-        self.births, self.firsts = _microseconds(frame["birth"]), _microseconds(frame["first_time"])
+        self.births, self.firsts = _us_column(frame["birth"]), _us_column(frame["first_time"])
         if kind == "finetune":
             vocab = Vocabulary.load(prepared / "vocab.json")
             suite = TaskSuite.load(prepared / "tasks.yaml")
@@ -146,7 +146,7 @@ class SampleArrays(Sequence):
             self.task_ids = {t.name: vocab.index[t.token] for t in suite.tasks}
             self.closes = {t.name: t.closes_visit for t in suite.tasks}
             self.task_names, self.tasks = _codes(frame["task"])
-            self.moments = _microseconds(frame["prediction_time"])
+            self.moments = _us_column(frame["prediction_time"])
 
     def __len__(self) -> int:
         return len(self.units)
@@ -211,7 +211,8 @@ def _codes(column: pl.Series) -> tuple[list[str], np.ndarray]:
     return names.tolist(), codes.astype(np.int32)
 
 
-def _microseconds(column: pl.Series) -> np.ndarray:
+def _us_column(column: pl.Series) -> np.ndarray:
+    """A datetime column as µs since 1970, nulls as _NULL."""
     return column.cast(pl.Datetime("us")).cast(pl.Int64).fill_null(_NULL).to_numpy()
 
 

@@ -91,17 +91,19 @@ class ServedModel:
         """The first token of each kept state: [CLS] once (layout last), or each task's token (both)."""
         return [CLS] if self.layout == "last" else [t.token for t in self.tasks]
 
+    def batch(self, rows: list[list[Row]]) -> dict[str, torch.Tensor]:
+        """Token rows, one list per batch row, all of one length → the model's arrays [B, L]."""
+        columns = [list(zip(*row)) for row in rows]  # per batch row: the six arrays' values
+        batch = {name: torch.tensor([c[k] for c in columns], dtype=DTYPES[name]) for k, name in enumerate(ARRAYS)
+                 if k > 0}  # fmt: skip
+        batch["input_ids"] = torch.tensor([self.vocab.encode(list(c[0])) for c in columns], dtype=DTYPES["input_ids"])
+        return batch
+
     def arrays(self, rows: list[Row], start: int) -> dict[str, torch.Tensor]:
         """Committed token rows from position `start` → the model's arrays [R, L] for the R kept states (position
         0 takes each state's head token)."""
-        columns = list(zip(*rows))
-        values = {
-            "input_ids": self.vocab.encode(list(columns[0])),
-            "token_types": columns[1], "ages": columns[2], "times": columns[3],
-            "visit_segments": columns[4], "visit_orders": columns[5],
-        }  # fmt: skip
         heads = self.heads()
-        batch = {name: torch.tensor([list(values[name])], dtype=DTYPES[name]).repeat(len(heads), 1) for name in ARRAYS}
+        batch = {name: values.repeat(len(heads), 1) for name, values in self.batch([rows]).items()}
         if start == 0 and self.layout == "both":
             batch["input_ids"][:, 0] = torch.tensor(self.vocab.encode(heads))
             batch["token_types"][:, 0] = TYPE_TASK
@@ -184,10 +186,7 @@ class PatientStream:
             last = (before or committed)[-1]
             rows.append([*before, (task.token, TYPE_TASK, last[2], last[3], 0, 0)])
         width = max(len(r) for r in rows)
-        columns = [list(zip(*(r + [r[-1]] * (width - len(r))))) for r in rows]  # per task: the six arrays
-        batch = {name: torch.tensor([list(c[k]) for c in columns], dtype=DTYPES[name])
-                 for k, name in enumerate(ARRAYS) if k > 0}  # fmt: skip
-        batch["input_ids"] = torch.tensor([served.vocab.encode(list(c[0])) for c in columns])
+        batch = served.batch([r + [r[-1]] * (width - len(r)) for r in rows])
         state = self.state.select([0] * len(rows) if len(served.heads()) == 1 else range(len(rows)))
         hidden, _ = served.model.prefill(batch, state)
         ends = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
